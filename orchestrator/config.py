@@ -1,0 +1,284 @@
+"""Configuration: structured dataclasses, YAML groups in conf/, and command-line overrides.
+
+The grammar follows Hydra's basic override syntax:
+  group=option   pick a YAML file from conf/<group>/ (e.g. strategy=krum)
+  a.b=value      set one field (value parsed as YAML: 3, 0.1, true, null, [a, b])
+Every field carries a one-line help text and its allowed range; `squall train --help` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+GROUPS = ("strategy", "data", "model", "cloud")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line meant for the terminal."""
+
+
+def opt(default: Any, help: str, *, choices: list[str] | None = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with its help text and allowed values."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class StrategyConfig:
+    name: str = opt("mean", "aggregation rule; pick it with strategy=<name>")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("digits", "data set; pick it with data=<name>")
+    root: str = opt("~/.cache/squall/data", "directory holding torchvision data sets")
+    download: bool = opt(False, "download torchvision data sets into data.root (needs internet)")
+    batch_size: int = opt(32, "mini-batch size per worker", ge=1)
+    partition: str = opt("iid", "how training data is split across workers",
+                         choices=["iid", "classes_per_worker", "dirichlet"])
+    classes_per_worker: int = opt(2, "classes each worker holds (partition=classes_per_worker)",
+                                  ge=1)
+    alpha: float = opt(0.5, "Dirichlet concentration (partition=dirichlet); small = skewed", gt=0)
+    test_fraction: float = opt(0.2, "held-out test fraction for data sets without a test split",
+                               gt=0, lt=1)
+    samples: int = opt(4096, "training samples to generate (data=fake)", ge=1)
+    shape: list[int] = opt([3, 32, 32], "image shape C,H,W to generate (data=fake)")
+    num_classes: int = opt(10, "classes to generate (data=fake)", ge=2)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("cnn", "model architecture; pick it with model=<name>")
+    width: int = opt(32, "channels of the first conv layer (cnn)", ge=1)
+    hidden: int = opt(128, "hidden units (mlp, and the cnn's classifier)", ge=1)
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("sgd", "optimizer run by the driver", choices=["sgd", "adam"])
+    lr: float = opt(0.05, "learning rate", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = opt(0.0, "L2 weight decay", ge=0)
+
+
+@dataclass
+class CloudConfig:
+    name: str = opt("local", "where workers run; pick it with cloud=<name>")
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("", "run name; the run directory is <run.dir>/<run.name> (default: timestamp)")
+    dir: str = opt("runs", "parent directory of run directories")
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(50, "evaluate test accuracy every N steps (0: only at the end)", ge=0)
+    batch_size: int = opt(1000, "evaluation batch size", ge=1)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = opt(None, "Ray cluster to join (default: $RAY_ADDRESS, else start one)")
+    num_cpus: int | None = opt(None, "CPUs of a locally started Ray (default: enough for workers)",
+                               ge=1)
+    dashboard: bool = opt(False, "start the Ray dashboard with a local cluster")
+
+
+@dataclass
+class WorkerConfig:
+    device: str = opt("auto", "worker device: auto uses a GPU when the cluster has one",
+                      choices=["auto", "cpu", "cuda"])
+    num_cpus: float = opt(1.0, "CPUs reserved per worker actor", gt=0)
+    step_timeout_s: float = opt(120.0, "a worker silent this long in one step counts as lost",
+                                gt=0)
+    start_timeout_s: float = opt(300.0, "give up when the workers have not all started by then",
+                                 gt=0)
+
+
+@dataclass
+class LogConfig:
+    progress: bool = opt(True, "show a progress bar on stderr")
+
+
+@dataclass
+class Config:
+    workers: int = opt(4, "number of worker actors", ge=1)
+    steps: int = opt(300, "training steps", ge=1)
+    seed: int = opt(0, "random seed (data split, model init, sampling)", ge=0)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --------------------------------------------------------------------------- introspection
+@dataclass(frozen=True)
+class FieldInfo:
+    key: str
+    type: Any
+    help: str
+    meta: dict
+
+
+def schema_fields(cls: type = Config, prefix: str = "") -> dict[str, FieldInfo]:
+    """Every leaf field of the schema by its dotted key."""
+    hints = get_type_hints(cls)
+    out: dict[str, FieldInfo] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(schema_fields(hints[f.name], key + "."))
+        else:
+            out[key] = FieldInfo(key, hints[f.name], f.metadata.get("help", ""), dict(f.metadata))
+    return out
+
+
+def type_name(tp: Any) -> str:
+    if get_origin(tp) is Union:
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return f"{type_name(inner[0])} or null"
+    if get_origin(tp) is list:
+        return f"list of {type_name(get_args(tp)[0])}"
+    return {int: "integer", float: "number", bool: "boolean (true/false)", str: "string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def group_options(group: str) -> list[str]:
+    folder = resources.files("conf") / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(*parts: str) -> dict:
+    path = resources.files("conf").joinpath(*parts)
+    return yaml.safe_load(path.read_text()) or {}
+
+
+# --------------------------------------------------------------------------- overrides
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', parsed value); malformed text raises ConfigError."""
+    key, sep, raw = text.partition("=")
+    if not sep or not _KEY.match(key):
+        raise ConfigError(f"malformed override '{text}': expected key=value, e.g. workers=8 or "
+                          "strategy=krum")
+    if "," in raw and raw.strip()[:1] not in ("[", "{", "'", '"'):
+        raise ConfigError(f"'{text}': a comma-separated value is a sweep; use "
+                          f"`squall sweep {text}` or a list in brackets [a,b]")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"malformed value in '{text}': not valid YAML") from None
+    return key, value
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:  # a misspelt last part: workers.nmu_cpus -> worker.num_cpus
+        tail = key.rsplit(".", 1)[-1]
+        close = [k for k in known if k.endswith("." + tail) or k == tail][:1]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_range(info: FieldInfo, value: Any) -> None:
+    m = info.meta
+    if value is None:
+        return
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"{info.key}={value}: not allowed; valid: {', '.join(m['choices'])}")
+    for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        if m.get(bound) is not None and not test(value, m[bound]):
+            raise ConfigError(f"{info.key}={value}: must be {word} {m[bound]}")
+
+
+def _set(cfg: DictConfig, info: FieldInfo, value: Any, origin: str) -> None:
+    try:
+        OmegaConf.update(cfg, info.key, value, merge=False)
+    except OmegaConfBaseException:
+        raise ConfigError(f"{origin}: expected {type_name(info.type)}") from None
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Build the validated Config from conf/config.yaml, group choices and overrides."""
+    fields = schema_fields()
+    base = _read_yaml("config.yaml")
+    choices = {g: base.get("defaults", {}).get(g) for g in GROUPS}
+    sets: list[tuple[str, Any, str]] = []
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key in GROUPS:
+            valid = group_options(key)
+            if value not in valid:
+                raise ConfigError(f"{key}={value}: unknown option; valid: {', '.join(valid)}")
+            choices[key] = value
+        elif key in fields:
+            if key.endswith(".name") and key.split(".")[0] in GROUPS:
+                raise ConfigError(f"{key}: pick it with {key.split('.')[0]}=<option>")
+            sets.append((key, value, text))
+        else:
+            raise ConfigError(f"unknown key '{key}'{_suggest(key, [*fields, *GROUPS])}")
+
+    cfg = OmegaConf.structured(Config)
+    top = {k: v for k, v in base.items() if k != "defaults"}
+    for group, option in choices.items():
+        top[group] = {**_read_yaml(group, f"{option}.yaml"), "name": option}
+    cfg = OmegaConf.merge(cfg, top)
+    for key, value, text in sets:
+        _set(cfg, fields[key], value, text)
+
+    for key, info in fields.items():
+        _check_range(info, OmegaConf.select(cfg, key))
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# --------------------------------------------------------------------------- help
+def help_text(command: str = "train") -> str:
+    defaults = load_config()
+    lines = [f"usage: squall {command} [group=option ...] [key=value ...]", "",
+             "Groups (pick one option each; * marks the default):"]
+    for g in GROUPS:
+        current = getattr(defaults, g).name
+        opts = [o + ("*" if o == current else "") for o in group_options(g)]
+        lines.append(f"  {g:<10} {' | '.join(opts)}")
+    lines += ["", "Fields (key=value; default in brackets):"]
+    for key, info in schema_fields().items():
+        if key.endswith(".name") and key.split(".")[0] in GROUPS:
+            continue
+        value = OmegaConf.select(OmegaConf.structured(defaults), key)
+        allowed = f" ({'|'.join(info.meta['choices'])})" if info.meta.get("choices") else ""
+        lines.append(f"  {key:<28} {info.help}{allowed} [{value}]")
+    lines += ["", "Examples:", f"  squall {command} workers=8 steps=500",
+              f"  squall {command} strategy=mean data.partition=classes_per_worker "
+              "data.classes_per_worker=2"]
+    return "\n".join(lines)

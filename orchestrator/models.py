@@ -1,0 +1,95 @@
+"""Models, and their parameters as one flat float32 vector (what travels between driver and
+workers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from orchestrator.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    channels = input_shape[0]
+    if cfg.name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(channels, cfg.width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(cfg.width, 2 * cfg.width, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(2 * cfg.width * 16, cfg.hidden), nn.ReLU(),
+            nn.Linear(cfg.hidden, num_classes))
+    if cfg.name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), cfg.hidden),
+                             nn.ReLU(), nn.Linear(cfg.hidden, num_classes))
+    if cfg.name == "resnet20":
+        return ResNet20(channels, num_classes)
+    if cfg.name == "resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(num_classes=num_classes)
+        if channels != 3:
+            model.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
+        return model
+    raise ValueError(f"unknown model '{cfg.name}'")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # projection shortcut (option B)
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """He et al. 2016, CIFAR variant: 3 stages x 3 blocks, 16/32/64 channels."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, 16, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        blocks, c_in = [], 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                blocks.append(BasicBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+# --------------------------------------------------------------------------- flat vectors
+def float_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Floating-point buffers (BatchNorm running statistics); counters are left out."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def flatten(tensors: list[torch.Tensor]) -> np.ndarray:
+    if not tensors:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).float().cpu().numpy()
+
+
+def unflatten_into(vector: np.ndarray | torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy a flat vector into tensors (in place), in order."""
+    vec = torch.as_tensor(vector)
+    total = sum(t.numel() for t in tensors)
+    if vec.numel() != total:
+        raise ValueError(f"flat vector has {vec.numel()} values, the model {total}")
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(vec[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

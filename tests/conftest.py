@@ -1,0 +1,27 @@
+"""Shared fixtures. A Ray session is started once per test module that asks for one."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import Config, load_config
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """load_config with quiet, small defaults writing into tmp_path."""
+
+    def make(*overrides: str) -> Config:
+        base = [f"run.dir={tmp_path}", "log.progress=false", "eval.every=0"]
+        return load_config([*base, *overrides])
+
+    return make

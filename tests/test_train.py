@@ -1,0 +1,125 @@
+"""The training job end to end on a real local Ray cluster (one Ray session for the module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.data import batch_indices, load_dataset, partition
+from orchestrator.job import build_optimizer, train
+from orchestrator.models import build_model
+
+SUMMARY_KEYS = {"test_acc", "steps_done", "wall_s", "live_workers_mean", "bytes_sent",
+                "cost_usd", "preemptions", "skipped_steps"}
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_default_job_learns_digits(ray_session, make_config):
+    cfg = make_config("eval.every=100")
+    summary = train(cfg)
+    assert summary["test_acc"] >= 0.95
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["steps_done"] == cfg.steps and summary["skipped_steps"] == 0
+    assert summary["live_workers_mean"] == 4
+    rows = read_metrics(summary["run_dir"])
+    assert [r["step"] for r in rows] == list(range(1, cfg.steps + 1))
+    assert {"step", "loss", "live_workers", "step_s"} <= set(rows[0])
+    assert [r["step"] for r in rows if "test_acc" in r] == [100, 200, 300]
+    n_params = sum(p.numel() for p in torch.load(os.path.join(summary["run_dir"], "model.pt"),
+                                                  weights_only=True).values())
+    assert summary["bytes_sent"] == cfg.steps * 4 * n_params * 4  # float32 gradients
+    on_disk = json.load(open(os.path.join(summary["run_dir"], "summary.json")))
+    assert on_disk["test_acc"] == summary["test_acc"]
+    assert os.path.exists(os.path.join(summary["run_dir"], "config.yaml"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["workers=1"],
+    ["workers=8"],
+    ["data.partition=classes_per_worker", "data.classes_per_worker=2"],
+])
+def test_job_variants_run(ray_session, make_config, overrides):
+    summary = train(make_config("steps=40", *overrides))
+    assert summary["steps_done"] == 40
+    assert summary["test_acc"] > 0.5  # learning, well above chance (0.1)
+
+
+def test_parameter_server_step_matches_a_local_reference(ray_session, make_config):
+    """Mean-aggregated PS SGD over 3 actors equals single-process SGD on the same batches."""
+    cfg = make_config("workers=3", "steps=6", "model=mlp", "optim.lr=0.1")
+    summary = train(cfg)
+    got = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=True)
+
+    data = load_dataset(cfg.data, cfg.seed)
+    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    optimizer = build_optimizer(cfg.optim, list(model.parameters()))
+    for step in range(1, cfg.steps + 1):
+        grads = []
+        for rank, shard in enumerate(shards):
+            idx = shard[batch_indices(len(shard), cfg.data.batch_size, step, cfg.seed, rank)]
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.from_numpy(data.x_train[idx])),
+                                              torch.from_numpy(data.y_train[idx])).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for i, p in enumerate(model.parameters()):
+            p.grad = sum(g[i] for g in grads) / len(grads)
+        optimizer.step()
+    for name, value in model.state_dict().items():
+        assert torch.allclose(got[name], value, atol=1e-6), name
+
+
+def test_killed_worker_drops_out_and_training_continues(ray_session, make_config):
+    """SIGKILL one worker process mid-run: later steps use the workers that answer."""
+    cfg = make_config("steps=400", "run.name=kill")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train(cfg)))
+    thread.start()
+    metrics = os.path.join(cfg.run.dir, "kill", "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and
+                                          len(open(metrics).readlines()) >= 20):
+        time.sleep(0.2)
+    pids = subprocess.run(["pgrep", "-f", "ray::Worker"], capture_output=True,
+                          text=True).stdout.split()
+    assert len(pids) == 4
+    os.kill(int(pids[0]), signal.SIGKILL)
+    thread.join(timeout=300)
+    assert result["steps_done"] == 400
+    live = [r["live_workers"] for r in read_metrics(os.path.join(cfg.run.dir, "kill"))]
+    assert live[0] == 4 and live[-1] == 3
+    assert result["test_acc"] >= 0.9
+
+
+def test_ctrl_c_stops_cleanly_with_summary(tmp_path):
+    """SIGINT to a real `squall train` process: summary written, Ray shut down, exit 130."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "train", "steps=100000", "workers=2",
+         f"run.dir={tmp_path}", "run.name=stop", "log.progress=false", "eval.every=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stop" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and
+                                          len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["steps_done"] >= 5
+    assert "interrupted" in out and "Traceback" not in err
+    assert np.isfinite(summary["test_acc"])
