@@ -58,6 +58,7 @@ def train(cfg: Config) -> dict:
 
     # ---- the cluster and the workers
     owns_ray = connect_ray(cfg)
+    ray_address = ray.get_runtime_context().gcs_address
     steps_done = skipped_steps = bytes_sent = 0
     live_counts: list[int] = []
     loss = float("nan")
@@ -100,6 +101,7 @@ def train(cfg: Config) -> dict:
     test_acc = evaluate(model, data, cfg.eval.batch_size)
     summary = {
         "run_dir": str(log.dir),
+        "ray_address": ray_address,
         "test_acc": test_acc,
         "loss": loss,
         "steps_done": steps_done,

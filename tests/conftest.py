@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Keep every Ray process of the tests on loopback: with this switch Ray takes 127.0.0.1 as the
+# node address instead of the machine's routable one (set before Ray is imported; inherited by
+# the subprocesses the tests start).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from orchestrator.config import Config, load_config
 

@@ -1,0 +1,67 @@
+"""`squall train` runs unchanged on a Ray cluster started with `ray start`: through
+RAY_ADDRESS, through ray.address=, and as a `ray job submit` entrypoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node with Ray's token authentication, as a production cluster would have."""
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    gcs, dashboard = free_port(), free_port()
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=120)
+    yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        os.environ.pop(name)
+
+
+def squall_args(run_dir: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator", "train", "steps=20", "workers=2",
+            "log.progress=false", "eval.every=0", f"run.dir={run_dir}", f"run.name={name}"]
+
+
+def test_ray_address_env_and_config_key(cluster, tmp_path):
+    gcs, _ = cluster
+    env = {**os.environ, "RAY_ADDRESS": gcs}
+    proc = subprocess.run(squall_args(tmp_path, "env"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "env" / "summary.json").read_text())["ray_address"] == gcs
+
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.run([*squall_args(tmp_path, "key"), f"ray.address={gcs}"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "key" / "summary.json").read_text())["ray_address"] == gcs
+
+
+def test_ray_job_submit(cluster, tmp_path):
+    gcs, dashboard = cluster
+    proc = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--",
+                           *squall_args(tmp_path, "job")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert summary["ray_address"] == gcs and summary["steps_done"] == 20
