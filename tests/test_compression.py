@@ -1,0 +1,434 @@
+"""Moniqua and CHOCO compressors: recovery bounds, real sizes, simulated gossip."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from strategies.compression import (
+    COMPRESSORS,
+    DenseMessage,
+    MoniquaMessage,
+    QSGDMessage,
+    SignMessage,
+    centred_mod,
+    choco_compress,
+    choco_step,
+    dense_encode,
+    get_compressor,
+    moniqua_decode,
+    moniqua_delta,
+    moniqua_encode,
+    moniqua_modulus,
+    moniqua_theta,
+    qsgd_compress,
+    qsgd_tau,
+    sign_compress,
+    wrapped,
+)
+from strategies.topology import mixing_matrix
+
+F64 = torch.float64
+SETTINGS = [(1, "nearest"), (2, "nearest"), (2, "stochastic"), (4, "nearest")]
+SETTINGS += [(4, "stochastic"), (8, "nearest"), (8, "stochastic")]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ Moniqua basics
+
+
+def test_delta_and_modulus_follow_the_paper() -> None:
+    assert moniqua_delta(2, "stochastic") == 0.25
+    assert moniqua_delta(2, "nearest") == 0.125
+    assert moniqua_delta(1, "nearest") == 0.25
+    assert moniqua_delta(8, "nearest") == 2.0**-9
+    assert moniqua_modulus(1.0, 2, "stochastic") == pytest.approx(4.0, rel=1e-15)
+    assert moniqua_modulus(1.5, 2, "nearest") == pytest.approx(4.0, rel=1e-15)
+    assert moniqua_modulus(0.5, 1, "nearest") == pytest.approx(2.0, rel=1e-15)
+    assert moniqua_modulus(0.1, 8, "nearest") * (1 - 2**-8) / 2 >= 0.1
+
+
+def test_one_bit_stochastic_is_rejected_naming_the_setting() -> None:
+    with pytest.raises(ValueError, match="strategy.rounding"):
+        moniqua_encode(torch.zeros(3), 1.0, 1, "stochastic")
+    with pytest.raises(ValueError, match="strategy.rounding"):
+        moniqua_delta(2, "floor")
+    with pytest.raises(ValueError, match="strategy.bits"):
+        moniqua_encode(torch.zeros(3), 1.0, 3, "nearest")
+    with pytest.raises(ValueError, match="theta"):
+        moniqua_encode(torch.zeros(3), 0.0, 2, "nearest")
+
+
+def test_centred_mod_range() -> None:
+    v = torch.linspace(-10, 10, 2001, dtype=F64)
+    r = centred_mod(v, 4.0)
+    assert bool((r >= -2).all() and (r < 2).all())
+    shifts = (r - v) / 4.0  # r = v - 4k for an integer k
+    torch.testing.assert_close(shifts, shifts.round(), rtol=0, atol=1e-12)
+    assert centred_mod(torch.tensor([2.0, -2.0, 1.0]), 4.0).tolist() == [-2.0, -2.0, 1.0]
+
+
+@st.composite
+def _bounded_pair(draw: st.DrawFn) -> tuple:
+    bits, rounding = draw(st.sampled_from(SETTINGS))
+    theta = draw(st.floats(1e-3, 1e2))
+    d = draw(st.integers(1, 24))
+    centre = st.floats(-1e3, 1e3)
+    y = draw(st.lists(centre, min_size=d, max_size=d))
+    t = draw(st.lists(st.floats(-1.0, 1.0), min_size=d, max_size=d))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return bits, rounding, theta, torch.tensor(y, dtype=F64), torch.tensor(t, dtype=F64), seed
+
+
+@settings(max_examples=300, deadline=None)
+@given(_bounded_pair())
+# Found by hypothesis: with B rounded down, x = theta lands on a tie that rounds up.
+@example((4, "nearest", 70.875, torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64), 0))
+def test_moniqua_recovery_error_is_at_most_delta_b(case: tuple) -> None:
+    bits, rounding, theta, x_local, t, seed = case
+    x = x_local + theta * t
+    # |x - x_local| <= theta, up to the float64 rounding of the sum itself.
+    assert float((x - x_local).abs().max()) <= theta * (1 + 1e-12) + 1e-13 * 1e3
+    msg = moniqua_encode(x, theta, bits, rounding, generator=_gen(seed))
+    x_hat = moniqua_decode(msg, x_local)
+    bound = moniqua_delta(bits, rounding) * msg.modulus
+    slack = 1e-12 * (1 + float(x.abs().max()))  # float64 rounding, no wrap
+    assert float((x_hat - x).abs().max()) <= bound + slack
+
+
+def test_moniqua_recovery_on_float32_models() -> None:
+    gen = _gen(3)
+    for bits, rounding in SETTINGS:
+        x_local = torch.randn(5000, generator=gen)
+        theta = 0.01
+        x = x_local + theta * (2 * torch.rand(5000, generator=gen) - 1)
+        msg = moniqua_encode(x, theta, bits, rounding, generator=gen)
+        x_hat = moniqua_decode(msg, x_local)
+        assert x_hat.dtype == torch.float32
+        bound = moniqua_delta(bits, rounding) * msg.modulus
+        assert float((x_hat - x).abs().max()) <= bound + 1e-6
+
+
+def test_nearest_ties_round_down_so_the_closed_bound_holds() -> None:
+    # 2-bit nearest, theta = 1.5: B = 4 (+2 ulps), s B = 1. At |x - y| = 3/8 B (= theta)
+    # (x / B) mod 1 sits exactly halfway between two levels. Rounding that tie up would
+    # land on q B - y = +B/2, which the centred modulo wraps to -B/2 (error B - delta B).
+    modulus = moniqua_modulus(1.5, 2, "nearest")
+    assert modulus == pytest.approx(4.0, rel=1e-15) and modulus >= 4.0
+    x = torch.tensor([0.375, -0.375, 0.125, -0.125], dtype=F64) * modulus
+    assert ((x / modulus) * 8).tolist() == [3.0, -3.0, 1.0, -1.0]  # exact ties
+    x_hat = moniqua_decode(moniqua_encode(x, 1.5, 2, "nearest"), torch.zeros(4, dtype=F64))
+    expected = torch.tensor([0.25, -0.5, 0.0, -0.25], dtype=F64) * modulus
+    torch.testing.assert_close(x_hat, expected, rtol=0, atol=1e-12)
+    assert float((x_hat - x).abs().max()) == pytest.approx(0.125 * modulus)  # delta B
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_is_deterministic() -> None:
+    gen = _gen(7)
+    x_local = torch.randn(64, dtype=F64, generator=gen)
+    x = x_local + 0.2 * (2 * torch.rand(64, dtype=F64, generator=gen) - 1)
+    draws = torch.stack(
+        [
+            moniqua_decode(moniqua_encode(x, 0.25, 2, "stochastic", gen), x_local)
+            for _ in range(4000)
+        ]
+    )
+    step = 2.0**-2 * moniqua_modulus(0.25, 2, "stochastic")  # s B: std <= step / 2
+    assert float((draws.mean(0) - x).abs().max()) < 5 * (step / 2) / math.sqrt(4000)
+    assert float(draws.std(0).max()) > 0.1 * step
+    a = moniqua_encode(x, 0.25, 2, "nearest")
+    b = moniqua_encode(x, 0.25, 2, "nearest")
+    assert torch.equal(a.payload, b.payload)
+
+
+def test_moniqua_message_is_really_packed() -> None:
+    x = torch.randn(1000)
+    two = moniqua_encode(x, 1.0, 2, "stochastic")
+    assert two.payload.dtype == torch.uint8 and two.payload.numel() == 250
+    assert two.nbytes == 250 + MoniquaMessage.HEADER_BYTES
+    assert MoniquaMessage.HEADER_BYTES <= 16
+    assert moniqua_encode(torch.randn(1001), 1.0, 1, "nearest").payload.numel() == 126
+    assert moniqua_encode(x, 1.0, 8, "nearest").payload.numel() == 1000
+    assert dense_encode(x).nbytes == 4000
+    assert two.nbytes < dense_encode(x).nbytes / 15
+
+
+def test_moniqua_message_pickles_and_keeps_shape_and_dtype() -> None:
+    x_local = torch.randn(3, 5)
+    x = x_local + 0.01
+    msg = moniqua_encode(x, 0.05, 4, "nearest")
+    clone = pickle.loads(pickle.dumps(msg))
+    assert isinstance(clone, MoniquaMessage) and clone.count == 15
+    out = clone.decode(x_local)
+    assert out.shape == (3, 5) and out.dtype == torch.float32
+    torch.testing.assert_close(out, moniqua_decode(msg, x_local))
+    with pytest.raises(ValueError, match="15 values"):
+        moniqua_decode(msg, torch.zeros(14))
+
+
+def test_decodes_agree_across_receivers_within_the_bound() -> None:
+    # Any receiver within theta recovers the same value: the mean-preservation of the
+    # Moniqua update relies on it.
+    gen = _gen(11)
+    x = torch.randn(200, dtype=F64, generator=gen)
+    msg = moniqua_encode(x, 0.1, 2, "stochastic", gen)
+    a = moniqua_decode(msg, x + 0.09)
+    b = moniqua_decode(msg, x - 0.05 * torch.rand(200, dtype=F64, generator=gen))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------- theta and wraps
+
+
+def test_moniqua_theta() -> None:
+    assert moniqua_theta(0.3) == pytest.approx(0.6)
+    assert moniqua_theta(0.3, margin=1.5) == pytest.approx(0.45)
+    assert moniqua_theta(0.0) == 1e-8
+    assert moniqua_theta(0.0, floor=1e-3) == 1e-3
+    with pytest.raises(ValueError, match="margin"):
+        moniqua_theta(0.3, margin=0.5)
+    with pytest.raises(ValueError, match="max_abs_diff"):
+        moniqua_theta(float("nan"))
+
+
+def test_violating_the_bound_wraps_and_is_detected() -> None:
+    gen = _gen(5)
+    theta, bits, rounding = 0.1, 4, "nearest"
+    x_local = torch.randn(100, dtype=F64, generator=gen)
+    neighbour = x_local + 0.05 * torch.randn(100, dtype=F64, generator=gen).clamp(-1, 1)
+    first = moniqua_decode(moniqua_encode(neighbour, theta, bits, rounding), x_local)
+    assert not wrapped(first, None, theta, bits=bits, rounding=rounding)
+
+    # Healthy next step: the neighbour moved a little.
+    moved = neighbour + 0.01
+    second = moniqua_decode(moniqua_encode(moved, theta, bits, rounding), x_local)
+    modulus = moniqua_modulus(theta, bits, rounding)
+    assert float((second - moved).abs().max()) <= moniqua_delta(bits, rounding) * modulus
+    assert not wrapped(second, first, theta, bits=bits, rounding=rounding)
+
+    # Bound badly violated on some coordinates: those decode a multiple of B away.
+    jumped = moved.clone()
+    jumped[:30] += 5 * torch.randn(30, dtype=F64, generator=gen)
+    third = moniqua_decode(moniqua_encode(jumped, theta, bits, rounding), x_local)
+    turns = (third - jumped)[:30] / modulus  # whole turns of B, up to the rounding error
+    assert float((turns - turns.round()).abs().max()) <= moniqua_delta(bits, rounding) + 1e-9
+    assert int((turns.round() != 0).sum()) >= 25
+    torch.testing.assert_close(third[30:], second[30:])
+    assert wrapped(third, second, theta, bits=bits, rounding=rounding)
+
+
+def test_wrapped_rule_thresholds() -> None:
+    prev = torch.zeros(4)
+    theta = 1.0
+    assert not wrapped(prev + 0.99, prev, theta)  # bits=None: limit theta
+    assert wrapped(prev + 1.01, prev, theta)
+    # 2-bit stochastic: limit B/2 = 2 theta.
+    assert not wrapped(prev + 1.99, prev, theta, bits=2, rounding="stochastic")
+    assert wrapped(prev + 2.01, prev, theta, bits=2, rounding="stochastic")
+    assert wrapped(torch.tensor([0.0, float("nan")]), None, theta)
+    assert not wrapped(prev + 100.0, None, theta)
+
+
+# ------------------------------------------------ simulated D-PSGD vs Moniqua
+
+
+def _quadratic(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f_i(x) = 1/2 sum_c a_ic (x_c - c_ic)^2 with different curvatures per node, so that
+    no-communication (each node at its own optimum) averages to the wrong point."""
+    gen = _gen(seed)
+    a = 0.5 + 1.5 * torch.rand(n, d, dtype=F64, generator=gen)
+    c = 2.0 * torch.randn(n, d, dtype=F64, generator=gen)
+    return a, c, (a * c).sum(0) / a.sum(0)
+
+
+def _simulate(
+    compressor: str,
+    *,
+    bits: int = 2,
+    rounding: str = "stochastic",
+    gamma: float = 1.0,
+    theta: float | None = None,
+    steps: int = 400,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """Run 8 nodes on a ring; return (max error of the averaged model, wrap alarms).
+
+    compressor: ``fp`` (plain D-PSGD), ``moniqua``, or ``silent`` (no communication).
+    theta None: tracked as moniqua_theta(max neighbour distance) every step.
+    """
+    n, d = 8, 16
+    a, c, optimum = _quadratic(n, d, seed)
+    w = mixing_matrix(range(n), "ring")
+    nbrs = [[j for j in range(n) if j != i and w[i, j] > 0] for i in range(n)]
+    x = torch.zeros(n, d, dtype=F64)
+    gen = _gen(seed + 1)
+    last: dict[tuple[int, int], torch.Tensor] = {}
+    alarms = 0
+    for step in range(steps):
+        lr = 0.2 / (1 + step / 50)
+        grad = a * (x - c)
+        if compressor == "fp":
+            x = w @ x - lr * grad
+            continue
+        if compressor == "silent":
+            x = x - lr * grad
+            continue
+        spread = max(float((x[i] - x[j]).abs().max()) for i in range(n) for j in nbrs[i])
+        th = theta if theta is not None else moniqua_theta(spread)
+        msgs = [moniqua_encode(x[i], th, bits, rounding, gen) for i in range(n)]
+        new = x.clone()
+        for i in range(n):
+            own = moniqua_decode(msgs[i], x[i])
+            hats = []
+            for j in nbrs[i]:
+                hat = moniqua_decode(msgs[j], x[i])
+                alarms += wrapped(hat, last.get((i, j)), th, bits=bits, rounding=rounding)
+                last[(i, j)] = hat
+                hats.append(hat)
+            new[i] = choco_step(x[i], own, hats, [float(w[i, j]) for j in nbrs[i]], gamma)
+        x = new - lr * grad
+    return float((x.mean(0) - optimum).abs().max()), alarms
+
+
+def test_two_bit_moniqua_converges_close_to_dpsgd() -> None:
+    exact, _ = _simulate("fp")
+    silent, _ = _simulate("silent")
+    assert exact < 0.03 and silent > 0.3  # the problem needs communication
+    for seed in (0, 1):
+        err, _ = _simulate("moniqua", gamma=0.3, seed=seed)
+        assert err < 0.15, (seed, err)
+        assert err < 0.4 * _simulate("silent", seed=seed)[0]
+
+
+def test_moniqua_with_a_tiny_theta_fails_and_wrap_detection_fires() -> None:
+    silent, _ = _simulate("silent")
+    # 4-bit nearest: healthy runs raise no alarm; a tiny theta wraps constantly.
+    err, alarms = _simulate("moniqua", bits=4, rounding="nearest")
+    assert err < 0.03 and alarms == 0
+    err, alarms = _simulate("moniqua", bits=4, rounding="nearest", theta=1e-3)
+    assert err > 0.8 * silent  # no better than not communicating at all
+    assert alarms > 500
+    # 2-bit stochastic (delta = 1/4): the rule is coarse, healthy runs raise some alarms
+    # (decode jitter alone can reach the B/2 limit), a tiny theta raises far more.
+    _, healthy_alarms = _simulate("moniqua", gamma=0.3)
+    err, alarms = _simulate("moniqua", gamma=0.3, theta=1e-3)
+    assert err > 0.8 * silent
+    assert alarms > 3 * healthy_alarms
+
+
+def test_two_bit_moniqua_failure_modes_on_a_ring() -> None:
+    # theta tracks the spread, and the quantization noise (delta B = theta) is then too
+    # large for the ring's spectral gap (0.195) when the full step gamma = 1 is taken.
+    err, _ = _simulate("moniqua", gamma=1.0, steps=150)
+    assert not err < 10.0
+    # Nearest rounding: neighbour differences below the grid step s B round to zero, so
+    # on this noiseless problem gossip stalls and the result equals no communication.
+    silent, _ = _simulate("silent")
+    err, _ = _simulate("moniqua", rounding="nearest", gamma=0.3)
+    assert err == pytest.approx(silent, rel=0.01)
+
+
+# ------------------------------------------------------------------------- CHOCO
+
+
+def test_sign_compress_values_and_size() -> None:
+    v = torch.tensor([1.0, -3.0, 0.0, 2.0, -2.0])
+    msg = sign_compress(v)
+    assert isinstance(msg, SignMessage)
+    assert msg.scale == pytest.approx(8.0 / 5)
+    torch.testing.assert_close(msg.decompress(), torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0]) * 1.6)
+    big = sign_compress(torch.randn(1000))
+    assert big.payload.numel() == 125 and big.nbytes == 125 + SignMessage.HEADER_BYTES
+    assert sign_compress(torch.zeros(9)).decompress().abs().max() == 0
+
+
+def test_qsgd_is_unbiased() -> None:
+    gen = _gen(2)
+    v = torch.randn(32, generator=gen)
+    v[3] = 0.0
+    draws = torch.stack([qsgd_compress(v, 4, gen).decompress() for _ in range(6000)])
+    scale = float(v.norm()) / 4
+    assert float((draws.mean(0) - v).abs().max()) < 5 * (scale / 2) / math.sqrt(6000)
+    assert float(draws.std(0).max()) > 0.1 * scale  # really random
+    assert float(draws[:, 3].abs().max()) == 0.0
+
+
+def test_qsgd_levels_signs_and_sizes() -> None:
+    gen = _gen(4)
+    v = torch.randn(1000, generator=gen)
+    msg = qsgd_compress(v, 3, gen)
+    assert isinstance(msg, QSGDMessage) and msg.bits == 2
+    assert msg.signs.numel() == 125 and msg.level_codes.numel() == 250
+    assert msg.nbytes == 125 + 250 + QSGDMessage.HEADER_BYTES
+    out = msg.decompress()
+    levels = out.abs() / (msg.scale / 3)
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+    assert bool((out * v >= 0).all())
+    assert qsgd_compress(v, 15, gen).bits == 4 and qsgd_compress(v, 16, gen).bits == 8
+    assert qsgd_compress(v, 1, gen).level_codes.numel() == 125
+    rescaled = qsgd_compress(v, 3, gen, rescale=True)
+    assert rescaled.scale == pytest.approx(float(v.norm()) / qsgd_tau(1000, 3), rel=1e-6)
+    assert qsgd_compress(torch.zeros(5), 4, gen).decompress().abs().max() == 0
+    with pytest.raises(ValueError, match="levels"):
+        qsgd_compress(v, 256, gen)
+
+
+def test_choco_step_formula() -> None:
+    x_half = torch.tensor([1.0, 2.0])
+    own = torch.tensor([0.5, 0.5])
+    nbrs = [torch.tensor([1.5, 0.5]), torch.tensor([0.5, 2.5])]
+    out = choco_step(x_half, own, nbrs, [0.25, 0.5], gamma=0.4)
+    torch.testing.assert_close(out, x_half + 0.4 * torch.tensor([0.25, 1.0]))
+    with pytest.raises(ValueError, match="weights"):
+        choco_step(x_half, own, nbrs, [0.25], gamma=0.4)
+
+
+@pytest.mark.parametrize("kind", ["sign", "qsgd"])
+def test_choco_gossip_reaches_consensus_and_preserves_the_mean(kind: str) -> None:
+    n, d = 8, 50
+    gen = _gen(0)
+    w = mixing_matrix(range(n), "ring")
+    nbrs = [[j for j in range(n) if j != i and w[i, j] > 0] for i in range(n)]
+    x = torch.randn(n, d, generator=gen)
+    mean, start = x.mean(0), (x - x.mean(0)).norm()
+    hat = torch.zeros(n, d)
+    for _ in range(200):
+        for i in range(n):
+            hat[i] += choco_compress(x[i] - hat[i], kind, levels=4, generator=gen).decompress()
+        rows = []
+        for i in range(n):
+            weights = [float(w[i, j]) for j in nbrs[i]]
+            rows.append(choco_step(x[i], hat[i], [hat[j] for j in nbrs[i]], weights, 0.2))
+        x = torch.stack(rows)
+    assert (x - mean).norm() < 1e-2 * start
+    torch.testing.assert_close(x.mean(0), mean, rtol=0, atol=1e-5)
+
+
+def test_messages_pickle() -> None:
+    v = torch.randn(33)
+    for msg in (sign_compress(v), qsgd_compress(v, 4), dense_encode(v)):
+        clone = pickle.loads(pickle.dumps(msg))
+        assert type(clone) is type(msg) and clone.nbytes == msg.nbytes
+        torch.testing.assert_close(clone.decompress(), msg.decompress())
+
+
+# ---------------------------------------------------------------------- registry
+
+
+def test_registry_and_errors() -> None:
+    assert list(COMPRESSORS) == ["none", "moniqua", "choco"]
+    assert isinstance(get_compressor("none")(torch.ones(3)), DenseMessage)
+    assert isinstance(get_compressor("moniqua")(torch.ones(3), 1.0, 2, "nearest"), MoniquaMessage)
+    assert isinstance(get_compressor("choco")(torch.ones(3)), SignMessage)
+    with pytest.raises(KeyError, match="unknown compressor 'zip'; valid: none, moniqua, choco"):
+        get_compressor("zip")
+    with pytest.raises(KeyError, match="valid: sign, qsgd"):
+        choco_compress(torch.ones(3), "topk")
