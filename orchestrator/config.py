@@ -77,6 +77,28 @@ class OptimConfig:
 @dataclass
 class CloudConfig:
     name: str = opt("local", "where workers run; pick it with cloud=<name>")
+    preempt_prob: float = opt(0.0, "chance each spot worker is reclaimed in a step (simulated)",
+                              ge=0, lt=1)
+    trace: str = opt("", "spot price history CSV (EC2 layout); workers live while price <= bid")
+    bid: float = opt(0.0, "bid in $/h against cloud.trace (0: the on-demand price)", ge=0)
+    time_scale: float = opt(1.0, "trace seconds per wall-clock second", gt=0)
+    instance_type: str = opt("", "trace rows to use (default: the first type in the file)")
+    notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
+    replace_delay_s: float = opt(2.0, "seconds until a replacement machine joins", ge=0)
+    max_nodes: int = opt(0, "most machines the pool may start in a run (0: no cap)", ge=0)
+    on_demand_workers: int = opt(0, "workers placed on on-demand machines, never reclaimed",
+                                 ge=0)
+    spot_price: float = opt(0.1, "spot price in $/h when there is no trace", ge=0)
+    on_demand_price: float = opt(0.4, "on-demand price in $/h", ge=0)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = opt("", "local path or s3://bucket/prefix (default: <run dir>/checkpoints)")
+    every_steps: int = opt(100, "checkpoint every N steps (0: off)", ge=0)
+    every_s: float = opt(0.0, "checkpoint when this many seconds passed since the last (0: off)",
+                         ge=0)
+    keep: int = opt(3, "checkpoints to keep", ge=1)
 
 
 @dataclass
@@ -127,6 +149,7 @@ class Config:
     cloud: CloudConfig = field(default_factory=CloudConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -251,7 +274,27 @@ def load_config(overrides: list[str] | None = None) -> Config:
 
     for key, info in fields.items():
         _check_range(info, OmegaConf.select(cfg, key))
-    return OmegaConf.to_object(cfg)
+    config = OmegaConf.to_object(cfg)
+    _check_combinations(config)
+    return config
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Rules that involve several fields."""
+    cloud = cfg.cloud
+    if cloud.name != "simulated":
+        for key in ("preempt_prob", "trace", "notice_s", "on_demand_workers"):
+            if getattr(cloud, key) != getattr(CloudConfig, key):
+                raise ConfigError(f"cloud.{key} needs cloud=simulated (got cloud={cloud.name})")
+    if cloud.trace and cloud.preempt_prob:
+        raise ConfigError("cloud.trace and cloud.preempt_prob are two preemption models; "
+                          "set one of them")
+    if cloud.on_demand_workers > cfg.workers:
+        raise ConfigError(f"cloud.on_demand_workers={cloud.on_demand_workers}: must be <= "
+                          f"workers={cfg.workers}")
+    if cloud.max_nodes and cloud.max_nodes < cfg.workers:
+        raise ConfigError(f"cloud.max_nodes={cloud.max_nodes}: must be >= workers={cfg.workers} "
+                          "(or 0 for no cap)")
 
 
 def to_yaml(cfg: Config) -> str:

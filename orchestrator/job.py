@@ -2,22 +2,48 @@
 
 Each step the driver publishes its parameters once (ray.put), every live worker returns the
 gradient of its own mini-batch, the driver aggregates the gradients that arrived and steps
-its optimizer. A worker that vanishes mid-step simply does not contribute to that step.
+its optimizer. A worker that vanishes mid-step simply does not contribute to that step; the
+spot pool brings a replacement, which joins without restarting anything. Checkpoints let a
+run that lost its driver resume where it left off (same run.name).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray
 import torch
 
-from orchestrator.config import Config, OptimConfig
+from cloud import make_pool
+from orchestrator.checkpoint import CheckpointStore, capture_rng_state, restore_rng_state
+from orchestrator.config import Config, ConfigError, OptimConfig, to_dict
 from orchestrator.data import Dataset, load_dataset, partition
 from orchestrator.metrics import RunLog
 from orchestrator.models import build_model, flatten, float_buffers, unflatten_into
-from orchestrator.workers import WorkerPool, connect_ray
+from orchestrator.workers import WorkerPool
+
+# Settings that may change when a run resumes; anything else must match its checkpoint.
+RESUMABLE_CHANGES = ("steps", "run", "log", "eval", "checkpoint", "ray", "worker", "cloud")
+
+
+@dataclass
+class Progress:
+    """Everything the summary counts; saved in checkpoints so a resumed run continues it."""
+
+    step: int = 0
+    loss: float = math.nan
+    bytes_sent: int = 0
+    skipped_steps: int = 0
+    preemptions: int = 0
+    joins: int = 0
+    lost_steps: int = 0
+    cost_usd: float = 0.0
+    on_demand_cost_usd: float = 0.0
+    wall_s: float = 0.0
+    live: list[int] = field(default_factory=list)  # live workers in each step
 
 
 def build_optimizer(cfg: OptimConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -40,8 +66,17 @@ def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int) -> float:
     return correct / len(data.y_test)
 
 
+def check_resumable(saved: dict, cfg: Config) -> None:
+    current = to_dict(cfg)
+    for key in sorted(set(saved) | set(current)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            raise ConfigError(f"run.name={cfg.run.name} has a checkpoint made with other "
+                              f"'{key}' settings ({saved.get(key)} vs {current.get(key)}); "
+                              "use another run.name")
+
+
 def train(cfg: Config) -> dict:
-    """Run one training job and return its summary (also written to summary.json)."""
+    """Run (or resume) one training job and return its summary (also in summary.json)."""
     t_start = time.perf_counter()
 
     # ---- data, model and optimizer live on the driver; all checked before Ray starts
@@ -54,23 +89,51 @@ def train(cfg: Config) -> dict:
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer = build_optimizer(cfg.optim, params)
-    log = RunLog(cfg)
 
-    # ---- the cluster and the workers
-    owns_ray = connect_ray(cfg)
-    ray_address = ray.get_runtime_context().gcs_address
-    steps_done = skipped_steps = bytes_sent = 0
-    live_counts: list[int] = []
-    loss = float("nan")
-    interrupted = False
+    # ---- resume from the newest valid checkpoint of this run, if there is one
+    log = RunLog(cfg)
+    store = CheckpointStore(cfg.checkpoint.dir or str(log.dir / "checkpoints"),
+                            keep=cfg.checkpoint.keep)
+    progress = Progress()
+    checkpoint = store.load_latest()
+    if checkpoint is not None:
+        check_resumable(checkpoint.manifest["config"], cfg)
+        model.load_state_dict(checkpoint.state["model"])
+        optimizer.load_state_dict(checkpoint.state["optimizer"])
+        restore_rng_state(checkpoint.state["rng"])
+        progress = Progress(**checkpoint.state["progress"])
+    progress.lost_steps += log.open_metrics(progress.step)
+
+    def save_checkpoint() -> None:
+        snapshot = asdict(progress)
+        snapshot["wall_s"] += time.perf_counter() - t_start
+        store.save(progress.step, {"model": model.state_dict(), "optimizer":
+                                   optimizer.state_dict(), "rng": capture_rng_state(),
+                                   "progress": snapshot}, {"config": to_dict(cfg)})
+
+    # ---- the machines and the workers on them
+    pool = make_pool(cfg)
+    interrupted, ray_address = False, ""
+    cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     try:
-        pool = WorkerPool(cfg, data, shards)
+        machines = pool.start(cfg.workers)
+        workers = WorkerPool(cfg, data, shards, pool)
+        workers.start(machines)
+        ray_address = ray.get_runtime_context().gcs_address
+        last_save = time.monotonic()
 
         # ---- the training loop
-        for step in range(1, cfg.steps + 1):
+        for step in range(progress.step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
+            events = pool.poll(step)  # machines that joined, got a notice, or go this step
+            for machine in events.joined:
+                workers.add(machine)
+            progress.joins += workers.admit()
+            progress.preemptions += workers.drain(events.noticed)
+
             state_ref = ray.put(flatten(params + buffers))  # published once, read by all
-            results, _ = pool.gradients(state_ref, step)
+            results, lost = workers.gradients(state_ref, step, reclaim=events.reclaim_now)
+            progress.preemptions += lost
 
             if results:
                 grads = torch.from_numpy(np.stack([r.grad for r in results]))
@@ -78,40 +141,51 @@ def train(cfg: Config) -> dict:
                 optimizer.step()
                 if buffers:
                     unflatten_into(np.mean([r.buffers for r in results], axis=0), buffers)
-                loss = float(np.mean([r.loss for r in results]))
+                progress.loss = float(np.mean([r.loss for r in results]))
             else:
-                skipped_steps += 1  # nobody answered: no update, time still passes
+                progress.skipped_steps += 1  # nobody answered: no update, time still passes
 
-            steps_done = step
-            live_counts.append(len(results))
-            bytes_sent += sum(r.nbytes for r in results)
-            record = {"step": step, "loss": loss, "live_workers": len(results),
-                      "step_s": time.perf_counter() - t0, "bytes_sent": bytes_sent}
+            progress.step = step
+            progress.live.append(len(results))
+            progress.bytes_sent += sum(r.nbytes for r in results)
+            record = {"step": step, "loss": progress.loss, "live_workers": len(results),
+                      "step_s": time.perf_counter() - t0, "bytes_sent": progress.bytes_sent}
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.steps:
                 record["test_acc"] = evaluate(model, data, cfg.eval.batch_size)
             log.step(record)
+
+            ckpt = cfg.checkpoint
+            if (ckpt.every_steps and step % ckpt.every_steps == 0) or step == cfg.steps or (
+                    ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
+                save_checkpoint()
+                last_save = time.monotonic()
     except KeyboardInterrupt:
         interrupted = True
+        save_checkpoint()
     finally:
-        if owns_ray:
-            ray.shutdown()
+        spot, on_demand = pool.costs()
+        progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
+        pool.shutdown()
 
     # ---- summary and the trained model
     torch.save(model.state_dict(), log.dir / "model.pt")
-    test_acc = evaluate(model, data, cfg.eval.batch_size)
+    live = progress.live
     summary = {
         "run_dir": str(log.dir),
         "ray_address": ray_address,
-        "test_acc": test_acc,
-        "loss": loss,
-        "steps_done": steps_done,
-        "wall_s": time.perf_counter() - t_start,
-        "live_workers_mean": float(np.mean(live_counts)) if live_counts else 0.0,
-        "bytes_sent": bytes_sent,
-        "cost_usd": 0.0,
-        "preemptions": 0,
-        "skipped_steps": skipped_steps,
+        "test_acc": evaluate(model, data, cfg.eval.batch_size),
+        "loss": progress.loss,
+        "steps_done": progress.step,
+        "wall_s": progress.wall_s + time.perf_counter() - t_start,
+        "live_workers_mean": float(np.mean(live)) if live else 0.0,
+        "bytes_sent": progress.bytes_sent,
+        "cost_usd": progress.cost_usd,
+        "on_demand_cost_usd": progress.on_demand_cost_usd,
+        "preemptions": progress.preemptions,
+        "joins": progress.joins,
+        "lost_steps": progress.lost_steps,
+        "skipped_steps": progress.skipped_steps,
         "interrupted": interrupted,
     }
-    log.finish(summary)
+    log.finish(summary, live)
     return summary

@@ -1,5 +1,5 @@
-"""The run directory: config.yaml, metrics.jsonl (one line per step), summary.json, and the
-progress bar."""
+"""The run directory: config.yaml, metrics.jsonl (one line per step), summary.json, and what
+the user sees: a progress bar on stderr and a short report at the end."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from orchestrator.config import Config, to_yaml
+
+BARS = " ▁▂▃▄▅▆▇█"
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -26,17 +28,37 @@ def make_run_dir(cfg: Config) -> Path:
     return path
 
 
+def sparkline(values: list[int], top: int, width: int = 60) -> str:
+    """Values (0..top) averaged into at most `width` buckets, one block character each."""
+    if not values:
+        return ""
+    n = min(width, len(values))
+    buckets = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]
+    return "".join(BARS[round(sum(b) / len(b) / max(top, 1) * (len(BARS) - 1))] for b in buckets)
+
+
 class RunLog:
     """Writes a run's files and shows its progress on stderr."""
 
     def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
         self.dir = make_run_dir(cfg)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
-        self._metrics = open(self.dir / "metrics.jsonl", "w")
-        self._bar = tqdm(total=cfg.steps, file=sys.stderr, disable=not cfg.log.progress,
-                         desc="train", unit="step", dynamic_ncols=True)
-        self._total = cfg.steps
+
+    def open_metrics(self, start_step: int) -> int:
+        """Start logging after `start_step`: lines past it (steps a resumed run redoes) are
+        dropped. Returns how many steps are redone."""
+        path = self.dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()
+                if line.strip()] if path.exists() and start_step else []
+        kept = [r for r in rows if r["step"] <= start_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._metrics = open(path, "a")
+        self._bar = tqdm(total=self.cfg.steps, initial=start_step, file=sys.stderr,
+                         disable=not self.cfg.log.progress, desc="train", unit="step",
+                         dynamic_ncols=True)
+        return max([r["step"] for r in rows], default=start_step) - start_step
 
     def step(self, record: dict) -> None:
         self._metrics.write(json.dumps(record) + "\n")
@@ -51,14 +73,22 @@ class RunLog:
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: dict, live: list[int]) -> None:
         self._bar.close()
         self._metrics.close()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        status = "interrupted" if summary["interrupted"] else "done"
-        print(f"squall: run {self.dir} {status} in {summary['wall_s']:.1f} s\n"
-              f"  steps {summary['steps_done']}/{self._total} | "
-              f"test_acc {summary['test_acc']:.4f} | loss {summary['loss']:.4f} | "
-              f"live workers {summary['live_workers_mean']:.2f} (mean) | "
-              f"sent {summary['bytes_sent'] / 1e6:.1f} MB | cost ${summary['cost_usd']:.2f} | "
-              f"skipped steps {summary['skipped_steps']}")
+        s = summary
+        status = "interrupted" if s["interrupted"] else "done"
+        lines = [f"squall: run {self.dir} {status} in {s['wall_s']:.1f} s",
+                 f"  steps {s['steps_done']}/{self.cfg.steps} | test_acc {s['test_acc']:.4f} | "
+                 f"loss {s['loss']:.4f} | sent {s['bytes_sent'] / 1e6:.1f} MB | "
+                 f"skipped steps {s['skipped_steps']}",
+                 f"  live workers {s['live_workers_mean']:.2f} mean of {self.cfg.workers} "
+                 f"|{sparkline(live, self.cfg.workers)}|",
+                 f"  preemptions {s['preemptions']} | joins {s['joins']} | "
+                 f"steps redone {s['lost_steps']}"]
+        if s["on_demand_cost_usd"] > 0:
+            saved = 1 - s["cost_usd"] / s["on_demand_cost_usd"]
+            lines.append(f"  cost ${s['cost_usd']:.4f} vs ${s['on_demand_cost_usd']:.4f} on "
+                         f"demand ({saved:.0%} saved)")
+        print("\n".join(lines))

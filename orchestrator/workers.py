@@ -1,9 +1,7 @@
-"""Ray side: joining or starting a cluster, and the worker actors that compute gradients."""
+"""The worker actors that compute gradients, and the pool of them the training loop drives."""
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -11,31 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 
+from cloud.pool import Machine, Pool
 from orchestrator.config import Config, ConfigError
 from orchestrator.data import Dataset, batch_indices
 from orchestrator.models import build_model, flatten, float_buffers, unflatten_into
 
 # Parameters arrive as read-only numpy views of the object store; they are only read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
-def connect_ray(cfg: Config) -> bool:
-    """Join ray.address / $RAY_ADDRESS, or start a local Ray sized for the workers.
-
-    Returns True when this call connected (so the caller shuts Ray down at the end)."""
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1,
-                                       math.ceil(cfg.workers * cfg.worker.num_cpus))
-        ray.init(num_cpus=cpus, include_dashboard=cfg.ray.dashboard,
-                 logging_level=logging.WARNING)
-    return True
 
 
 @dataclass
@@ -64,8 +46,8 @@ class Worker:
         self.buffers = float_buffers(self.model)
         self.n_params = sum(p.numel() for p in self.params)
 
-    def ready(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+    def ready(self) -> int:
+        return os.getpid()
 
     def gradient(self, state: np.ndarray, step: int) -> GradientResult:
         """Load the driver's parameters and buffers, return the gradient on this step's batch."""
@@ -96,33 +78,89 @@ def worker_device(cfg: Config) -> tuple[str, float]:
 
 
 class WorkerPool:
-    """The live worker actors by rank. A worker whose actor dies or times out is dropped."""
+    """The worker actors by rank (= data shard), each on a machine of the spot pool.
 
-    def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray]) -> None:
-        self.timeout = cfg.worker.step_timeout_s
-        device, gpus = worker_device(cfg)
-        x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
-        self.actors = {
-            rank: RemoteWorker.options(num_cpus=cfg.worker.num_cpus, num_gpus=gpus).remote(
-                rank, x_ref, y_ref, shards[rank], cfg, data.input_shape, data.num_classes, device)
-            for rank in range(cfg.workers)}
-        try:
-            ray.get([a.ready.remote() for a in self.actors.values()],
-                    timeout=cfg.worker.start_timeout_s)
-        except GetTimeoutError:
+    Workers on machines that join later start in the background and take part from the first
+    step after they are ready; a worker that dies or hangs is dropped and its machine replaced.
+    """
+
+    def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray], pool: Pool) -> None:
+        self.cfg, self.pool, self.shards = cfg, pool, shards
+        self.device, self.gpus = worker_device(cfg)
+        self.args = (ray.put(data.x_train), ray.put(data.y_train))
+        self.shape = (data.input_shape, data.num_classes)
+        self.live: dict[int, tuple[ray.actor.ActorHandle, Machine]] = {}
+        self.starting: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, Machine]] = {}
+        self.idle: list[Machine] = []  # machines without a worker (no vacant rank yet)
+
+    def start(self, machines: list[Machine]) -> None:
+        """Start the first workers and wait until all of them are ready."""
+        self.idle.extend(machines)
+        self.fill()
+        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting),
+                            timeout=self.cfg.worker.start_timeout_s)
+        if len(ready) < len(machines):
             raise ConfigError(
-                f"workers={cfg.workers} did not all start within worker.start_timeout_s="
-                f"{cfg.worker.start_timeout_s}: each needs {cfg.worker.num_cpus} CPU(s), the "
-                f"cluster has {ray.cluster_resources().get('CPU', 0):g}") from None
+                f"workers={self.cfg.workers} did not all start within worker.start_timeout_s="
+                f"{self.cfg.worker.start_timeout_s:g}: each needs {self.cfg.worker.num_cpus:g} "
+                f"CPU(s), the cluster has {ray.cluster_resources().get('CPU', 0):g}")
+        self.admit()
 
-    def __len__(self) -> int:
-        return len(self.actors)
+    def add(self, machine: Machine) -> None:
+        """A machine joined; it takes the next vacant rank (it waits as a spare until then)."""
+        self.idle.append(machine)
 
-    def gradients(self, state_ref: ray.ObjectRef, step: int) -> tuple[list[GradientResult], int]:
-        """Ask every live worker for its gradient; return those that answered (sorted by rank)
-        and how many workers were lost during the step."""
-        pending = {self.actors[r].gradient.remote(state_ref, step): r for r in self.actors}
-        ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.timeout)
+    def fill(self) -> None:
+        """Start workers on idle machines for the vacant ranks."""
+        self.idle = [m for m in self.idle if m.id in self.pool.alive]
+        taken = set(self.live) | {rank for rank, _, _ in self.starting.values()}
+        for rank in sorted(set(range(self.cfg.workers)) - taken)[:len(self.idle)]:
+            machine = self.idle.pop(0)
+            actor = RemoteWorker.options(num_cpus=self.cfg.worker.num_cpus, num_gpus=self.gpus,
+                                         **self.pool.placement(machine)).remote(
+                rank, *self.args, self.shards[rank], self.cfg, *self.shape, self.device)
+            self.starting[actor.ready.remote()] = (rank, actor, machine)
+
+    def admit(self) -> int:
+        """Workers that finished starting join; returns how many did."""
+        self.fill()
+        if not self.starting:
+            return 0
+        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        joined = 0
+        for ref in ready:
+            rank, actor, machine = self.starting.pop(ref)
+            try:
+                machine.worker_pid = ray.get(ref)
+                self.live[rank] = (actor, machine)
+                joined += 1
+            except RayActorError:  # its machine went away while it started
+                self.pool.lost(machine)
+        return joined
+
+    def drain(self, machines: list[Machine]) -> int:
+        """Workers on machines under notice leave cleanly: no more steps, process exits."""
+        ids = {m.id for m in machines}
+        drained = [rank for rank, (_, m) in self.live.items() if m.id in ids]
+        for rank in drained:
+            actor, _ = self.live.pop(rank)
+            actor.__ray_terminate__.remote()
+        for ref, (_, _, m) in list(self.starting.items()):
+            if m.id in ids:
+                del self.starting[ref]
+        return len(drained)
+
+    def gradients(self, state_ref: ray.ObjectRef, step: int,
+                  reclaim: list[Machine]) -> tuple[list[GradientResult], int]:
+        """Ask every live worker for its gradient; machines in `reclaim` vanish while the step
+        is in flight. Returns the results that arrived (by rank) and how many workers were
+        lost."""
+        pending = {actor.gradient.remote(state_ref, step): rank
+                   for rank, (actor, _) in self.live.items()}
+        if reclaim:
+            self.pool.reclaim(reclaim)
+        ready, late = ray.wait(list(pending), num_returns=len(pending),
+                               timeout=self.cfg.worker.step_timeout_s)
         results, lost = [], [pending[ref] for ref in late]
         for ref in ready:
             try:
@@ -130,5 +168,7 @@ class WorkerPool:
             except RayActorError:
                 lost.append(pending[ref])
         for rank in lost:
-            ray.kill(self.actors.pop(rank), no_restart=True)
+            actor, machine = self.live.pop(rank)
+            ray.kill(actor, no_restart=True)
+            self.pool.lost(machine)
         return sorted(results, key=lambda r: r.rank), len(lost)

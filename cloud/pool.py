@@ -1,0 +1,185 @@
+"""Spot pools: which machines exist now, what they cost, and who is about to go.
+
+Every pool speaks the same small protocol to the training loop:
+  start(n)      provision n machines and connect Ray
+  poll(step)    once per step: which machines joined, got a notice, or are reclaimed in this step
+  lost(m)       the loop lost the worker on machine m (crash, hang): replace it
+  placement(m)  Ray actor options that put a worker on machine m
+  costs()       (cost so far, what the same wall time would cost on demand), in USD
+  shutdown()
+Machines are only reclaimed by the pool; replacements are requested automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from orchestrator.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Machine:
+    id: int
+    market: str  # "spot" or "on_demand"
+    joined_at: float  # time.monotonic()
+    node: Any = None  # the pool's handle for it (a Ray node for the simulated pool)
+    reclaim_at: float | None = None  # set once a notice was given
+    worker_pid: int | None = None  # the worker process on it, once started
+
+
+@dataclass
+class PollResult:
+    joined: list[Machine] = field(default_factory=list)  # ready for a worker
+    noticed: list[Machine] = field(default_factory=list)  # drain now, reclaimed at reclaim_at
+    reclaim_now: list[Machine] = field(default_factory=list)  # reclaimed during this step
+
+
+class Pool:
+    """Machines that never vanish on their own: the local machine (cloud=local) or an existing
+    cluster (cloud=static). A lost worker is replaced at once wherever Ray finds room."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.alive: dict[int, Machine] = {}
+        self._next_id = 0
+        self._requests: list[tuple[float, str]] = []  # (ready_at, market) of replacements
+        self._accrued_at = time.monotonic()
+        self._started_at = self._accrued_at
+        self.cost_usd = 0.0
+        self.machines_started = 0
+        self.owns_ray = False  # True when the pool connected Ray (and so shuts it down)
+
+    # ---- protocol
+    def start(self, n: int) -> list[Machine]:
+        if not ray.is_initialized():  # else: a session the caller already started
+            self._connect()
+            self.owns_ray = True
+        markets = ["on_demand"] * self.cfg.cloud.on_demand_workers
+        markets += ["spot"] * (n - len(markets))
+        machines = self._launch(markets)
+        self._accrued_at = self._started_at = time.monotonic()
+        return machines
+
+    def poll(self, step: int) -> PollResult:
+        now = time.monotonic()
+        self._accrue(now)
+        result = PollResult()
+        due = [r for r in self._requests if r[0] <= now and self._may_join(r[1], now)]
+        if due:
+            self._requests = [r for r in self._requests if r not in due]
+            result.joined = self._launch([market for _, market in due])
+        return result
+
+    def reclaim(self, machines: list[Machine]) -> None:
+        """Take these machines away now (called while their step is in flight)."""
+        for machine in machines:
+            self._reclaim(machine)
+            self._request(machine.market)
+
+    def _reclaim(self, machine: Machine) -> None:
+        if self.alive.pop(machine.id, None) is not None:
+            self._accrue(time.monotonic())
+            self._remove(machine)
+
+    def lost(self, machine: Machine) -> None:
+        """The loop lost the worker on this machine (crash, hang): let it go, ask for another."""
+        if machine.id in self.alive:
+            self.reclaim([machine])
+
+    def placement(self, machine: Machine) -> dict:
+        return {}
+
+    def price(self, machine: Machine, now: float) -> float:
+        """$/h of a machine; the local machine is free."""
+        return 0.0
+
+    def on_demand_price(self) -> float:
+        return 0.0
+
+    def costs(self) -> tuple[float, float]:
+        self._accrue(time.monotonic())
+        hours = (time.monotonic() - self._started_at) / 3600
+        return self.cost_usd, self.cfg.workers * hours * self.on_demand_price()
+
+    def shutdown(self) -> None:
+        if self.owns_ray:
+            ray.shutdown()
+
+    # ---- helpers for subclasses
+    def _connect(self) -> None:
+        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            cpus = self.cfg.ray.num_cpus or max(
+                os.cpu_count() or 1, math.ceil(self.cfg.workers * self.cfg.worker.num_cpus))
+            ray.init(address="local", num_cpus=cpus, include_dashboard=self.cfg.ray.dashboard,
+                     logging_level=logging.WARNING)
+
+    def _launch(self, markets: list[str]) -> list[Machine]:
+        """Start machines for these markets; returns them once they can take a worker."""
+        machines = []
+        for market in markets:
+            machine = Machine(self._next_id, market, time.monotonic())
+            self._next_id += 1
+            self.machines_started += 1
+            self._provision(machine)
+            self.alive[machine.id] = machine
+            machines.append(machine)
+        return machines
+
+    def _provision(self, machine: Machine) -> None:
+        """Bring the machine up (nothing to do when Ray already has the capacity)."""
+
+    def _remove(self, machine: Machine) -> None:
+        """Take the machine away (nothing to do for capacity the pool does not own)."""
+
+    def _request(self, market: str) -> None:
+        cap = self.cfg.cloud.max_nodes
+        if cap and self.machines_started + len(self._requests) >= cap:
+            log.warning("cloud.max_nodes=%d reached: no replacement machine", cap)
+            return
+        self._requests.append((time.monotonic() + self._replace_delay(), market))
+
+    def _replace_delay(self) -> float:
+        return 0.0
+
+    def _may_join(self, market: str, now: float) -> bool:
+        return True
+
+    def _accrue(self, now: float) -> None:
+        hours = (now - self._accrued_at) / 3600
+        self.cost_usd += sum(self.price(m, now) for m in self.alive.values()) * hours
+        self._accrued_at = now
+
+
+class StaticPool(Pool):
+    """An existing Ray cluster (ray.address / $RAY_ADDRESS): priced as on-demand machines."""
+
+    def _connect(self) -> None:
+        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ConfigError("cloud=static needs the cluster's address: ray.address=<host:port> "
+                              "or $RAY_ADDRESS")
+        ray.init(address=address, logging_level=logging.WARNING)
+
+    def price(self, machine: Machine, now: float) -> float:
+        return self.cfg.cloud.on_demand_price
+
+    def on_demand_price(self) -> float:
+        return self.cfg.cloud.on_demand_price
+
+
+def spot_rng(seed: int, step: int) -> random.Random:
+    """Per-step preemption draws that depend only on (seed, step)."""
+    return random.Random(seed * 1_000_003 + step)

@@ -1,0 +1,138 @@
+"""cloud=simulated: a spot pool on this machine, made of real Ray nodes.
+
+A local multi-node Ray cluster (ray.cluster_utils.Cluster): the head node runs the driver and is
+never reclaimed; every machine is one more Ray node with the resource {"squall_worker": 1}, so
+exactly one worker lands on it. A reclaim removes the node: its raylet and the worker's process
+die, exactly as when a cloud takes an instance back. Replacements join as new nodes after
+cloud.replace_delay_s.
+
+Preemption follows cloud.preempt_prob (each spot machine independently in each step, the
+volatile-instances model) or a price trace against a bid (a machine lives while price <= bid;
+trace time = cloud.time_scale x wall time). With cloud.notice_s the machine gets a notice that
+long before its reclaim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cloud.pool import Machine, PollResult, Pool, spot_rng
+from cloud.traces import PriceTrace, load_trace
+from orchestrator.config import Config, ConfigError
+
+WORKER_RESOURCE = "squall_worker"
+
+
+class SimulatedPool(Pool):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.cluster: Cluster | None = None
+        self.trace: PriceTrace | None = None
+        if cfg.cloud.trace:
+            try:
+                self.trace = load_trace(cfg.cloud.trace, cfg.cloud.instance_type)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        self.bid = cfg.cloud.bid or cfg.cloud.on_demand_price
+
+    # ---- Ray nodes
+    def start(self, n: int) -> list[Machine]:
+        if ray.is_initialized():
+            raise ConfigError("cloud=simulated starts its own Ray cluster; call it without a "
+                              "Ray session already running")
+        return super().start(n)
+
+    def _connect(self) -> None:
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": self.cfg.ray.dashboard})
+        # Reclaims kill raylets on purpose: keep Ray's per-node death reports off the terminal
+        # (worker exceptions still reach the driver through ray.get).
+        ray.init(address=self.cluster.address, logging_level=logging.WARNING,
+                 log_to_driver=False)
+
+    def _provision(self, machine: Machine) -> None:
+        machine.node = self.cluster.add_node(
+            num_cpus=max(1, round(self.cfg.worker.num_cpus)),
+            resources={WORKER_RESOURCE: 1}, wait=False)
+
+    def _remove(self, machine: Machine) -> None:
+        """Everything on the machine dies at once: the worker's process and the Ray node."""
+        if machine.worker_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(machine.worker_pid, signal.SIGKILL)
+        if machine.node is not None:
+            self.cluster.remove_node(machine.node, allow_graceful=False)
+            machine.node = None
+
+    def placement(self, machine: Machine) -> dict:
+        return {"resources": {WORKER_RESOURCE: 1},
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(machine.node.node_id,
+                                                                      soft=False)}
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+
+    # ---- preemption
+    def poll(self, step: int) -> PollResult:
+        result = super().poll(step)
+        now = time.monotonic()
+        for machine in list(self.alive.values()):  # notices whose time is up
+            if machine.reclaim_at is not None and machine.reclaim_at <= now:
+                self._reclaim(machine)
+        for machine in self._doomed(step, now):
+            if self.cfg.cloud.notice_s > 0:
+                machine.reclaim_at = now + self.cfg.cloud.notice_s
+                result.noticed.append(machine)
+                self._request(machine.market)  # the replacement is asked for at the notice
+            else:
+                result.reclaim_now.append(machine)
+        return result
+
+    def _doomed(self, step: int, now: float) -> list[Machine]:
+        """Spot machines without a notice yet that the preemption model takes in this step."""
+        spot = [m for m in self.alive.values() if m.market == "spot" and m.reclaim_at is None]
+        if self.trace is None:
+            rng = spot_rng(self.cfg.seed, step)
+            draws = {m.id: rng.random() for m in sorted(spot, key=lambda m: m.id)}
+            return [m for m in spot if draws[m.id] < self.cfg.cloud.preempt_prob]
+        t = self._trace_time(now)
+        if self.trace.price_at(t) > self.bid:
+            return spot
+        rise = self.trace.next_change_above(t, self.bid)
+        lead = self.cfg.cloud.notice_s * self.cfg.cloud.time_scale
+        if rise is not None and self.cfg.cloud.notice_s > 0 and rise - t <= lead:
+            return spot  # the price will pass the bid within the notice period
+        return []
+
+    # ---- prices
+    def _trace_time(self, now: float) -> float:
+        return (now - self._started_at) * self.cfg.cloud.time_scale
+
+    def price(self, machine: Machine, now: float) -> float:
+        if machine.market == "on_demand":
+            return self.cfg.cloud.on_demand_price
+        if self.trace is not None:
+            return self.trace.price_at(self._trace_time(now))
+        return self.cfg.cloud.spot_price
+
+    def on_demand_price(self) -> float:
+        return self.cfg.cloud.on_demand_price
+
+    def _replace_delay(self) -> float:
+        return self.cfg.cloud.replace_delay_s
+
+    def _may_join(self, market: str, now: float) -> bool:
+        """A spot request is fulfilled only while the price is at or below the bid."""
+        if market == "on_demand" or self.trace is None:
+            return True
+        return self.trace.price_at(self._trace_time(now)) <= self.bid
