@@ -42,6 +42,7 @@ class SimulatedPool(Pool):
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.bid = cfg.cloud.bid or cfg.cloud.on_demand_price
+        self._trace_start: float | None = None
 
     # ---- Ray nodes
     def start(self, n: int) -> list[Machine]:
@@ -101,10 +102,10 @@ class SimulatedPool(Pool):
     def _doomed(self, step: int, now: float) -> list[Machine]:
         """Spot machines without a notice yet that the preemption model takes in this step."""
         spot = [m for m in self.alive.values() if m.market == "spot" and m.reclaim_at is None]
-        if self.trace is None:
+        if self.trace is None:  # each working spot worker independently, with probability q
             rng = spot_rng(self.cfg.seed, step)
-            draws = {m.id: rng.random() for m in sorted(spot, key=lambda m: m.id)}
-            return [m for m in spot if draws[m.id] < self.cfg.cloud.preempt_prob]
+            working = sorted((m for m in spot if m.worker_pid is not None), key=lambda m: m.id)
+            return [m for m in working if rng.random() < self.cfg.cloud.preempt_prob]
         t = self._trace_time(now)
         if self.trace.price_at(t) > self.bid:
             return spot
@@ -116,7 +117,10 @@ class SimulatedPool(Pool):
 
     # ---- prices
     def _trace_time(self, now: float) -> float:
-        return (now - self._started_at) * self.cfg.cloud.time_scale
+        """Trace clock: starts with the first training step, runs time_scale x wall time."""
+        if self._trace_start is None:
+            self._trace_start = now
+        return (now - self._trace_start) * self.cfg.cloud.time_scale
 
     def price(self, machine: Machine, now: float) -> float:
         if machine.market == "on_demand":

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg)
     except ConfigError as e:
         return _fail(str(e))
+    if summary["error"]:
+        print(f"squall: stopped: {summary['error']}", file=sys.stderr)
+        return 1
     return 130 if summary["interrupted"] else 0
 
 

@@ -39,6 +39,30 @@ def opt(default: Any, help: str, *, choices: list[str] | None = None, ge: float 
 @dataclass
 class StrategyConfig:
     name: str = opt("mean", "aggregation rule; pick it with strategy=<name>")
+    f: int | None = opt(None, "Byzantine workers the rule must tolerate (default: byzantine.f)",
+                        ge=0)
+    m: int = opt(0, "multi_krum: average the m best-scored gradients (0: n - f)", ge=0)
+    pre: list[str] = opt([], "pre-aggregation steps before the rule, e.g. [nnm] or [bucketing]")
+    bucket_size: int = opt(2, "bucketing: gradients averaged per bucket", ge=1)
+    tau: float = opt(1.0, "centered_clip: clipping radius", gt=0)
+    iters: int = opt(3, "centered_clip: clipping iterations per step", ge=1)
+    tol: float = opt(1e-6, "geomed: relative tolerance of the Weiszfeld iterations", gt=0)
+    noise: float = opt(0.0, "median/sign_vote: workers add noise*N(0,I) first (Chen et al.)",
+                       ge=0)
+    on_too_few: str = opt("skip", "when too few live workers remain for the rule's guarantee",
+                          choices=["skip", "fail"])
+
+
+@dataclass
+class ByzantineConfig:
+    f: int = opt(0, "simulated Byzantine workers (which ones is fixed by seed)", ge=0)
+    attack: str = opt("sign_flip", "what the Byzantine workers send",
+                      choices=["sign_flip", "gaussian", "label_flip", "alie", "ipm",
+                               "bulyan_coord", "nan"])
+    std: float = opt(200.0, "gaussian: standard deviation of the noise sent", gt=0)
+    eps: float = opt(0.1, "ipm: the attackers send -eps x the honest mean", gt=0)
+    z: float | None = opt(None, "alie: z (default: from n and f as in Baruch et al.)")
+    scale: float = opt(1.0, "bulyan_coord: shift of one coordinate, x sqrt(d) honest stds", gt=0)
 
 
 @dataclass
@@ -146,6 +170,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -281,6 +306,24 @@ def load_config(overrides: list[str] | None = None) -> Config:
 
 def _check_combinations(cfg: Config) -> None:
     """Rules that involve several fields."""
+    from strategies.aggregators import check_workers
+    from strategies.preaggregation import PREAGGREGATORS
+
+    st, byz = cfg.strategy, cfg.byzantine
+    if byz.f >= cfg.workers:
+        raise ConfigError(f"byzantine.f={byz.f}: must be < workers={cfg.workers}")
+    for step in st.pre:
+        if step not in PREAGGREGATORS:
+            raise ConfigError(f"strategy.pre={st.pre}: unknown step '{step}'; valid: "
+                              f"{', '.join(PREAGGREGATORS)}")
+    f = byz.f if st.f is None else st.f
+    n = -(-cfg.workers // st.bucket_size) if "bucketing" in st.pre else cfg.workers
+    if reason := check_workers(st.name, n, f):
+        raise ConfigError(f"strategy={st.name} with workers={cfg.workers}: {reason}")
+    if st.noise and st.name not in ("median", "sign_vote"):
+        raise ConfigError(f"strategy.noise needs strategy=median or sign_vote (got {st.name})")
+    if st.m and st.m > cfg.workers - f:
+        raise ConfigError(f"strategy.m={st.m}: must be <= workers - f = {cfg.workers - f}")
     cloud = cfg.cloud
     if cloud.name != "simulated":
         for key in ("preempt_prob", "trace", "notice_s", "on_demand_workers"):

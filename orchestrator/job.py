@@ -18,12 +18,14 @@ import ray
 import torch
 
 from cloud import make_pool
+from orchestrator.aggregation import Aggregation, TooFewWorkers
 from orchestrator.checkpoint import CheckpointStore, capture_rng_state, restore_rng_state
 from orchestrator.config import Config, ConfigError, OptimConfig, to_dict
 from orchestrator.data import Dataset, load_dataset, partition
 from orchestrator.metrics import RunLog
 from orchestrator.models import build_model, flatten, float_buffers, unflatten_into
 from orchestrator.workers import WorkerPool
+from strategies.bitpack import unpack_signs
 
 # Settings that may change when a run resumes; anything else must match its checkpoint.
 RESUMABLE_CHANGES = ("steps", "run", "log", "eval", "checkpoint", "ray", "worker", "cloud")
@@ -37,6 +39,7 @@ class Progress:
     loss: float = math.nan
     bytes_sent: int = 0
     skipped_steps: int = 0
+    rejected_updates: int = 0
     preemptions: int = 0
     joins: int = 0
     lost_steps: int = 0
@@ -85,10 +88,12 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
     buffers = float_buffers(model)
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer = build_optimizer(cfg.optim, params)
+    aggregation = Aggregation(cfg)
 
     # ---- resume from the newest valid checkpoint of this run, if there is one
     log = RunLog(cfg)
@@ -102,25 +107,30 @@ def train(cfg: Config) -> dict:
         optimizer.load_state_dict(checkpoint.state["optimizer"])
         restore_rng_state(checkpoint.state["rng"])
         progress = Progress(**checkpoint.state["progress"])
+        aggregation.prev = checkpoint.state["aggregation_prev"]
     progress.lost_steps += log.open_metrics(progress.step)
 
     def save_checkpoint() -> None:
         snapshot = asdict(progress)
         snapshot["wall_s"] += time.perf_counter() - t_start
+        snapshot["rejected_updates"] = aggregation.rejected
         store.save(progress.step, {"model": model.state_dict(), "optimizer":
                                    optimizer.state_dict(), "rng": capture_rng_state(),
-                                   "progress": snapshot}, {"config": to_dict(cfg)})
+                                   "progress": snapshot, "aggregation_prev": aggregation.prev},
+                   {"config": to_dict(cfg)})
 
     # ---- the machines and the workers on them
+    aggregation.rejected = progress.rejected_updates
     pool = make_pool(cfg)
-    interrupted, ray_address = False, ""
+    interrupted, ray_address, error = False, "", ""
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     try:
         machines = pool.start(cfg.workers)
-        workers = WorkerPool(cfg, data, shards, pool)
+        workers = WorkerPool(cfg, data, shards, pool, aggregation.byzantine)
         workers.start(machines)
         ray_address = ray.get_runtime_context().gcs_address
         last_save = time.monotonic()
+        typical_step_s = 0.05  # running mean of step time: how long a skipped step waits
 
         # ---- the training loop
         for step in range(progress.step + 1, cfg.steps + 1):
@@ -135,17 +145,26 @@ def train(cfg: Config) -> dict:
             results, lost = workers.gradients(state_ref, step, reclaim=events.reclaim_now)
             progress.preemptions += lost
 
+            update = None
             if results:
                 grads = torch.from_numpy(np.stack([r.grad for r in results]))
-                unflatten_into(grads.mean(0), [p.grad for p in params])
+                if cfg.strategy.name == "sign_vote":  # 1-bit messages back to +-1
+                    grads = torch.stack([unpack_signs(g, n_params) for g in grads])
+                update = aggregation(grads, [r.rank for r in results], step)
+                progress.loss = float(np.mean([r.loss for r in results]))
+            if update is not None:
+                unflatten_into(update, [p.grad for p in params])
                 optimizer.step()
                 if buffers:
                     unflatten_into(np.mean([r.buffers for r in results], axis=0), buffers)
-                progress.loss = float(np.mean([r.loss for r in results]))
-            else:
-                progress.skipped_steps += 1  # nobody answered: no update, time still passes
+            else:  # nobody (or too few) answered: no update, and the step's time still passes
+                progress.skipped_steps += 1
+                if not results:
+                    time.sleep(typical_step_s)
 
             progress.step = step
+            if results:
+                typical_step_s = 0.9 * typical_step_s + 0.1 * (time.perf_counter() - t0)
             progress.live.append(len(results))
             progress.bytes_sent += sum(r.nbytes for r in results)
             record = {"step": step, "loss": progress.loss, "live_workers": len(results),
@@ -159,9 +178,12 @@ def train(cfg: Config) -> dict:
                     ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
                 save_checkpoint()
                 last_save = time.monotonic()
+        typical_step_s = 0.05  # running mean of step time: how long a skipped step waits
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint()
+    except TooFewWorkers as e:
+        error = str(e)
     finally:
         spot, on_demand = pool.costs()
         progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
@@ -185,7 +207,10 @@ def train(cfg: Config) -> dict:
         "joins": progress.joins,
         "lost_steps": progress.lost_steps,
         "skipped_steps": progress.skipped_steps,
+        "rejected_updates": aggregation.rejected,
+        "byzantine_ranks": sorted(aggregation.byzantine),
         "interrupted": interrupted,
+        "error": error,
     }
     log.finish(summary, live)
     return summary

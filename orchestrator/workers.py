@@ -15,6 +15,8 @@ from cloud.pool import Machine, Pool
 from orchestrator.config import Config, ConfigError
 from orchestrator.data import Dataset, batch_indices
 from orchestrator.models import build_model, flatten, float_buffers, unflatten_into
+from strategies.attacks import flip_labels
+from strategies.bitpack import pack_signs
 
 # Parameters arrive as read-only numpy views of the object store; they are only read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -23,7 +25,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 @dataclass
 class GradientResult:
     rank: int
-    grad: np.ndarray  # flat float32 gradient of the mini-batch loss
+    grad: np.ndarray  # flat float32 gradient of the mini-batch loss (uint8 packed signs for
+    # strategy=sign_vote)
     buffers: np.ndarray  # flat BatchNorm statistics after the forward pass (empty if none)
     loss: float
 
@@ -36,11 +39,14 @@ class Worker:
     """One worker slot: holds its shard of the training data and a model replica."""
 
     def __init__(self, rank: int, x: np.ndarray, y: np.ndarray, shard: np.ndarray, cfg: Config,
-                 input_shape: tuple[int, ...], num_classes: int, device: str) -> None:
+                 input_shape: tuple[int, ...], num_classes: int, device: str,
+                 byzantine: bool = False) -> None:
         torch.set_num_threads(max(1, int(cfg.worker.num_cpus)))
         self.rank, self.cfg, self.device = rank, cfg, torch.device(device)
         self.x = torch.from_numpy(x[shard]).to(self.device)  # fancy indexing copies the shard
         self.y = torch.from_numpy(y[shard]).to(self.device)
+        if byzantine and cfg.byzantine.attack == "label_flip":  # the data-side attack
+            self.y = flip_labels(self.y, num_classes)
         self.model = build_model(cfg.model, input_shape, num_classes).to(self.device)
         self.params = list(self.model.parameters())
         self.buffers = float_buffers(self.model)
@@ -60,8 +66,15 @@ class Worker:
         self.model.zero_grad(set_to_none=False)
         loss = torch.nn.functional.cross_entropy(self.model(self.x[idx_t]), self.y[idx_t])
         loss.backward()
-        return GradientResult(self.rank, flatten([p.grad for p in self.params]),
-                              flatten(self.buffers), loss.item())
+        grad = torch.cat([p.grad.reshape(-1) for p in self.params])
+        strategy = self.cfg.strategy
+        if strategy.noise:  # Chen et al. 2020: symmetric noise before the sign or the median
+            gen = torch.Generator(device=self.device).manual_seed(
+                self.cfg.seed * 1_000_003 + step * 1009 + self.rank)
+            grad += strategy.noise * torch.randn(grad.shape, generator=gen, device=self.device)
+        payload = pack_signs(grad) if strategy.name == "sign_vote" else grad  # 1 bit per value
+        return GradientResult(self.rank, payload.cpu().numpy(), flatten(self.buffers),
+                              loss.item())
 
 
 RemoteWorker = ray.remote(Worker)
@@ -84,8 +97,9 @@ class WorkerPool:
     step after they are ready; a worker that dies or hangs is dropped and its machine replaced.
     """
 
-    def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray], pool: Pool) -> None:
-        self.cfg, self.pool, self.shards = cfg, pool, shards
+    def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray], pool: Pool,
+                 byzantine: set[int]) -> None:
+        self.cfg, self.pool, self.shards, self.byzantine = cfg, pool, shards, byzantine
         self.device, self.gpus = worker_device(cfg)
         self.args = (ray.put(data.x_train), ray.put(data.y_train))
         self.shape = (data.input_shape, data.num_classes)
@@ -118,7 +132,8 @@ class WorkerPool:
             machine = self.idle.pop(0)
             actor = RemoteWorker.options(num_cpus=self.cfg.worker.num_cpus, num_gpus=self.gpus,
                                          **self.pool.placement(machine)).remote(
-                rank, *self.args, self.shards[rank], self.cfg, *self.shape, self.device)
+                rank, *self.args, self.shards[rank], self.cfg, *self.shape, self.device,
+                rank in self.byzantine)
             self.starting[actor.ready.remote()] = (rank, actor, machine)
 
     def admit(self) -> int:
@@ -153,15 +168,18 @@ class WorkerPool:
     def gradients(self, state_ref: ray.ObjectRef, step: int,
                   reclaim: list[Machine]) -> tuple[list[GradientResult], int]:
         """Ask every live worker for its gradient; machines in `reclaim` vanish while the step
-        is in flight. Returns the results that arrived (by rank) and how many workers were
-        lost."""
+        is in flight (their workers' answers are dropped). Returns the results that arrived,
+        by rank, and how many workers were lost."""
         pending = {actor.gradient.remote(state_ref, step): rank
                    for rank, (actor, _) in self.live.items()}
-        if reclaim:
-            self.pool.reclaim(reclaim)
-        ready, late = ray.wait(list(pending), num_returns=len(pending),
+        reclaimed = {m.id for m in reclaim}
+        lost = [rank for rank, (_, m) in self.live.items() if m.id in reclaimed]
+        self.pool.reclaim(reclaim)
+        waiting = [ref for ref, rank in pending.items() if rank not in lost]
+        ready, late = ray.wait(waiting, num_returns=len(waiting),
                                timeout=self.cfg.worker.step_timeout_s)
-        results, lost = [], [pending[ref] for ref in late]
+        lost += [pending[ref] for ref in late]
+        results = []
         for ref in ready:
             try:
                 results.append(ray.get(ref))

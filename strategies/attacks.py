@@ -1,0 +1,160 @@
+"""Simulated Byzantine attacks.
+
+The f Byzantine workers collude and see the honest gradients of the step (omniscient).
+Each attack is ``attack(honest: Tensor[h, d], f, n, generator, **params) -> Tensor[f, d]``
+on honest's device; `label_flip` instead acts on the worker's data (`flip_labels`) and its
+registry entry is marked ``data_side``: the driver keeps the gradient the worker computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _repeat(v: Tensor, f: int) -> Tensor:
+    return v.unsqueeze(0).expand(f, -1).clone()
+
+
+def _honest_std(honest: Tensor) -> Tensor:
+    """Per-coordinate std of the honest gradients, unbiased (n-1) as in Baruch et al.'s
+    estimate of the population spread (and ByzFL's ALIE); 0 with a single honest worker."""
+    if honest.shape[0] < 2:
+        return torch.zeros_like(honest[0])
+    return honest.std(dim=0, correction=1)
+
+
+def sign_flip(honest: Tensor, f: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Every Byzantine worker sends -mean(honest)."""
+    return _repeat(-honest.mean(0), f)
+
+
+def gaussian(
+    honest: Tensor,
+    f: int,
+    n: int,
+    generator: torch.Generator | None = None,
+    std: float = 200.0,
+) -> Tensor:
+    """Independent N(0, std^2 I) vectors."""
+    device = generator.device if generator is not None else honest.device
+    noise = torch.randn(f, honest.shape[1], generator=generator, device=device)
+    return (noise * std).to(device=honest.device, dtype=honest.dtype)
+
+
+def alie_z(n: int, f: int) -> float:
+    """z of "A little is enough" (Baruch et al. 2019): s = floor(n/2 + 1) - f workers must be
+    won over, z = Phi^-1((n - f - s) / (n - f))."""
+    s = math.floor(n / 2 + 1) - f
+    p = (n - f - s) / (n - f)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"alie: z is undefined for n={n}, f={f} (p={p:.3g}); pass z explicitly")
+    return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
+
+
+def alie(
+    honest: Tensor,
+    f: int,
+    n: int,
+    generator: torch.Generator | None = None,
+    z: float | None = None,
+) -> Tensor:
+    """ALIE (Baruch et al. 2019): mean - z * std per coordinate, z from `alie_z` unless given."""
+    z = alie_z(n, f) if z is None else z
+    return _repeat(honest.mean(0) - z * _honest_std(honest), f)
+
+
+def ipm(
+    honest: Tensor,
+    f: int,
+    n: int,
+    generator: torch.Generator | None = None,
+    eps: float = 0.1,
+) -> Tensor:
+    """Inner-product manipulation (Xie et al. 2020): -eps * mean(honest)."""
+    return _repeat(-eps * honest.mean(0), f)
+
+
+def bulyan_coord(
+    honest: Tensor,
+    f: int,
+    n: int,
+    generator: torch.Generator | None = None,
+    coord: int = 0,
+    scale: float = 1.0,
+) -> Tensor:
+    """The attack of El Mhamdi et al. 2018 on norm-based rules.
+
+    Every coordinate equals the honest mean (inside the honest spread) except `coord`, set to
+    mean + scale * sqrt(d) * s where s = sqrt(mean_k std_k^2) is the RMS honest std. The shift
+    is therefore scale * sqrt(sum_k std_k^2): scale times the typical distance of an honest
+    vector to the honest mean. In squared distance the Byzantine vectors sit at about
+    (1 + scale^2) sum_k std_k^2 from each honest one, while two honest vectors are 2 sum_k std_k^2
+    apart, so for scale <~ 1 Krum selects them and the geometric median moves toward them by a
+    fraction of the shift, i.e. O(sqrt(d)) per-coordinate stds. Bulyan keeps only values close
+    to the coordinate-wise median, so its output moves by O(std_coord), i.e. O(1/sqrt(d)) of
+    that leeway.
+    """
+    mu = honest.mean(0)
+    rms_std = _honest_std(honest).pow(2).mean().sqrt()
+    byz = mu.clone()
+    byz[coord] += scale * math.sqrt(honest.shape[1]) * rms_std
+    return _repeat(byz, f)
+
+
+def nan(honest: Tensor, f: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """All-NaN gradients."""
+    return torch.full((f, honest.shape[1]), float("nan"), dtype=honest.dtype, device=honest.device)
+
+
+def flip_labels(y: Tensor, num_classes: int) -> Tensor:
+    """Label flipping, applied to the Byzantine worker's data: y -> num_classes - 1 - y."""
+    return num_classes - 1 - y
+
+
+def label_flip(honest: Tensor, f: int, n: int, generator: torch.Generator | None = None) -> None:
+    """Data-side attack (see `flip_labels`): there is no gradient to substitute."""
+    return None
+
+
+@dataclass(frozen=True)
+class Attack:
+    """fn(honest, f, n, generator, **params) -> Tensor[f, d], or None when data_side."""
+
+    name: str
+    fn: Callable[..., Tensor | None]
+    data_side: bool = False
+
+
+ATTACKS: dict[str, Attack] = {
+    a.name: a
+    for a in (
+        Attack("sign_flip", sign_flip),
+        Attack("gaussian", gaussian),
+        Attack("alie", alie),
+        Attack("ipm", ipm),
+        Attack("bulyan_coord", bulyan_coord),
+        Attack("nan", nan),
+        Attack("label_flip", label_flip, data_side=True),
+    )
+}
+
+
+def get_attack(name: str) -> Attack:
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        valid = ", ".join(ATTACKS)
+        raise KeyError(f"unknown attack {name!r}; valid: {valid}") from None
+
+
+def byzantine_ranks(n: int, f: int, seed: int) -> list[int]:
+    """The f Byzantine worker ranks among n, sorted, fixed by seed."""
+    if not 0 <= f <= n:
+        raise ValueError(f"need 0 <= f <= n, got f={f}, n={n}")
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=gen)[:f].tolist())

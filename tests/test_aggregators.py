@@ -1,0 +1,513 @@
+"""Aggregation rules against slow references written from the papers' definitions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from strategies import aggregators as agg
+from strategies.preaggregation import (
+    PREAGGREGATORS,
+    apply_preaggregation,
+    bucketing,
+    get_preaggregator,
+    nnm,
+)
+
+# --------------------------------------------------------------------------- references
+# Plain Python / NumPy float64 loops, straight from the definitions in docs/background.md.
+
+
+def ref_median(X: np.ndarray) -> np.ndarray:
+    n, d = X.shape
+    out = np.empty(d)
+    for j in range(d):
+        v = sorted(X[:, j])
+        out[j] = v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+    return out
+
+
+def ref_trimmed_mean(X: np.ndarray, f: int) -> np.ndarray:
+    n, d = X.shape
+    return np.array([sum(sorted(X[:, j])[f : n - f]) / (n - 2 * f) for j in range(d)])
+
+
+def ref_krum_scores(X: np.ndarray, f: int, k: int | None = None) -> list[float]:
+    n = len(X)
+    k = n - f - 2 if k is None else k
+    scores = []
+    for i in range(n):
+        dists = sorted(float(np.sum((X[i] - X[j]) ** 2)) for j in range(n) if j != i)
+        scores.append(sum(dists[:k]))
+    return scores
+
+
+def ref_krum_index(X: np.ndarray, f: int) -> int:
+    scores = ref_krum_scores(X, f)
+    return min(range(len(X)), key=lambda i: (scores[i], i))
+
+
+def ref_multi_krum(X: np.ndarray, f: int, m: int) -> np.ndarray:
+    scores = ref_krum_scores(X, f)
+    order = sorted(range(len(X)), key=lambda i: (scores[i], i))
+    return X[order[:m]].mean(0)
+
+
+def ref_bulyan(X: np.ndarray, f: int) -> np.ndarray:
+    n, d = X.shape
+    theta, beta = n - 2 * f, n - 4 * f
+    remaining, selected = list(range(n)), []
+    while len(selected) < theta:
+        # Krum on the remaining set; n_r - f - 2 neighbours, at least 1 (see agg.bulyan)
+        k = max(len(remaining) - f - 2, 1)
+        scores = ref_krum_scores(X[remaining], f, k)
+        best = min(range(len(remaining)), key=lambda i: (scores[i], i))
+        selected.append(remaining.pop(best))
+    S = X[selected]
+    out = np.empty(d)
+    for j in range(d):
+        values = sorted(S[:, j])
+        med = ref_median(np.array(values)[:, None])[0]
+        closest = sorted(values, key=lambda v: abs(v - med))[:beta]
+        out[j] = sum(closest) / beta
+    return out
+
+
+def ref_geomed(X: np.ndarray, nu: float, tol: float, max_iter: int) -> np.ndarray:
+    z = X.mean(0)
+    for _ in range(max_iter):
+        b = [1.0 / max(nu, float(np.linalg.norm(z - x))) for x in X]
+        new = sum(bi * x for bi, x in zip(b, X, strict=True)) / sum(b)
+        done = np.linalg.norm(new - z) <= tol * max(np.linalg.norm(z), 1e-38)
+        z = new
+        if done:
+            break
+    return z
+
+
+def ref_centered_clip(X: np.ndarray, prev: np.ndarray, tau: float, iters: int) -> np.ndarray:
+    v = prev.copy()
+    for _ in range(iters):
+        step = np.zeros_like(v)
+        for x in X:
+            r = np.linalg.norm(x - v)
+            step += (x - v) * min(1.0, tau / r)
+        v = v + step / len(X)
+    return v
+
+
+def ref_sign_vote(X: np.ndarray) -> np.ndarray:
+    n, d = X.shape
+    out = np.zeros(d)
+    for j in range(d):
+        votes = sum(1 if X[i, j] > 0 else -1 if X[i, j] < 0 else 0 for i in range(n))
+        out[j] = (votes > 0) - (votes < 0)
+    return out
+
+
+def ref_nnm(X: np.ndarray, f: int) -> np.ndarray:
+    n = len(X)
+    out = np.empty_like(X)
+    for i in range(n):
+        dists = [float(np.sum((X[i] - X[j]) ** 2)) for j in range(n)]
+        order = sorted(range(n), key=lambda j: (j != i, dists[j], j))  # itself first
+        out[i] = X[order[: n - f]].mean(0)
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+CASES = [(n, f) for n in (7, 11, 15) for f in (1, 2, 3)]
+
+
+def rand(n: int, d: int, seed: int, offset: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    spread = 1.0 + torch.rand(n, 1, generator=g)  # unequal spreads: distinct Krum scores
+    return offset + torch.randn(n, d, generator=g) * spread
+
+
+def np64(G: torch.Tensor) -> np.ndarray:
+    return G.double().numpy()
+
+
+def close(a: torch.Tensor, b: np.ndarray, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    np.testing.assert_allclose(a.double().numpy(), b, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- vs reference
+
+
+@pytest.mark.parametrize("n,f", CASES)
+def test_median_and_trimmed_mean_match_reference(n, f):
+    for d, seed in ((1, 0), (37, 1), (300, 2)):
+        G = rand(n, d, seed)
+        close(agg.median(G, f), ref_median(np64(G)))
+        close(agg.trimmed_mean(G, f), ref_trimmed_mean(np64(G), f))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 16, 17])
+def test_median_even_n_is_average_of_middle_values(n):
+    G = rand(n, 513, seed=n)  # 513 columns: several sorting-network chunk shapes
+    close(agg.median(G), ref_median(np64(G)))
+
+
+def test_median_and_trimmed_mean_known_values():
+    G = torch.tensor([[1.0, 10.0], [2.0, -5.0], [100.0, 0.0], [4.0, 3.0]])
+    assert agg.median(G).tolist() == [3.0, 1.5]  # torch.median would give [2, 0]
+    assert agg.trimmed_mean(G, 1).tolist() == [3.0, 1.5]
+    G5 = torch.tensor([[5.0], [1.0], [4.0], [2.0], [3.0]])
+    assert agg.trimmed_mean(G5, 2).item() == 3.0
+    assert agg.trimmed_mean(G5, 1).item() == 3.0
+    assert agg.trimmed_mean(G5, 0).item() == 3.0
+
+
+def test_median_chunked_columns_against_torch_sort(monkeypatch):
+    monkeypatch.setattr(agg, "_CHUNK_BYTES", 256)  # many small chunks, ragged last one
+    G = rand(13, 1000, seed=3)
+    assert torch.equal(agg.median(G), torch.sort(G, dim=0).values[6])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 16, 18])
+def test_sorting_network_equals_torch_sort(n, monkeypatch):
+    monkeypatch.setattr(agg, "_CHUNK_BYTES", 4096)
+    G = rand(n, 700, seed=n)
+    G[0, :5] = float("nan")
+    G[-1, 5:9] = float("inf")
+    G[n // 2, 9:12] = -float("inf")
+    rows = torch.tensor([i for i in range(n) if i % 3 != 1] or [0])
+    for sel in (None, rows):
+        net = torch.cat([Y.clone() for _, Y in agg._sorted_columns(G, sel, network=True)], 1)
+        ref = torch.cat([Y.clone() for _, Y in agg._sorted_columns(G, sel, network=False)], 1)
+        assert torch.equal(net, ref)
+        expected = G if sel is None else G[sel]
+        inf = float("inf")
+        expected = expected.nan_to_num(nan=inf, posinf=inf, neginf=-inf)
+        assert torch.equal(ref, torch.sort(expected, 0).values)
+
+
+@pytest.mark.parametrize("n,f", [(n, f) for n, f in CASES if n >= 2 * f + 3])
+def test_krum_and_multi_krum_match_reference(n, f):
+    for d, seed in ((5, 10), (64, 11), (500, 12)):
+        G = rand(n, d, seed)
+        X = np64(G)
+        assert torch.equal(agg.krum(G, f), G[ref_krum_index(X, f)])
+        close(agg.multi_krum(G, f), ref_multi_krum(X, f, n - f))
+        close(agg.multi_krum(G, f, m=2), ref_multi_krum(X, f, 2))
+
+
+def test_krum_selection_survives_a_large_common_offset():
+    # Rows share an offset 1000x their spread: a float32 Gram of the raw rows loses the
+    # distances to cancellation (it picks the wrong row for all of these seeds); the centred
+    # Gram used by pairwise_sq_distances keeps the reference's choice.
+    for seed in range(3):
+        G = rand(15, 20_000, seed, offset=1000.0)
+        assert torch.equal(agg.krum(G, 3), G[ref_krum_index(np64(G), 3)])
+
+
+@pytest.mark.parametrize("n,f", [(7, 1), (11, 2), (15, 3), (12, 2), (8, 1)])
+def test_bulyan_matches_reference(n, f):
+    for d, seed in ((3, 20), (50, 21), (400, 22)):
+        G = rand(n, d, seed)
+        close(agg.bulyan(G, f), ref_bulyan(np64(G), f))
+
+
+@pytest.mark.parametrize("n,f", [(1, 0), (3, 1), (7, 2), (11, 3), (15, 0)])
+def test_geomed_matches_reference(n, f):
+    G = rand(n, 40, seed=30 + n)
+    ref = ref_geomed(np64(G), nu=1e-6, tol=1e-9, max_iter=1000)
+    close(agg.geometric_median(G, f, tol=1e-9), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tau,iters,offset",
+    [(0.5, 1, 0.0), (3.0, 3, 0.0), (100.0, 2, 0.0), (2.0, 3, 300.0), (1e4, 3, 300.0)],
+)
+def test_centered_clip_matches_reference(tau, iters, offset):
+    G = rand(9, 30, seed=40, offset=offset)
+    prev = rand(1, 30, seed=41, offset=offset)[0]
+    X = np64(G)
+    close(
+        agg.centered_clip(G, 2, prev=prev, tau=tau, iters=iters),
+        ref_centered_clip(X, np64(prev[None])[0], tau, iters),
+    )
+    close(
+        agg.centered_clip(G, 2, tau=tau, iters=iters),
+        ref_centered_clip(X, np.zeros(30), tau, iters),
+    )
+
+
+def test_sign_vote_matches_reference_and_ties_give_zero():
+    G = rand(8, 200, seed=50)
+    G[:, :10] = 0.0
+    close(agg.sign_vote(G), ref_sign_vote(np64(G)))
+    signs = torch.tensor(
+        [
+            [1.0, 1.0, -1.0, 1.0],
+            [-1.0, 1.0, -1.0, 0.0],
+            [1.0, -1.0, 1.0, -1.0],
+            [-1.0, 1.0, 1.0, 0.0],
+        ]
+    )
+    assert agg.sign_vote(signs).tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("n", [2, 5, 9])
+def test_pairwise_sq_distances(n):
+    G = rand(n, 300, seed=60 + n, offset=50.0)
+    X = np64(G)
+    D = agg.pairwise_sq_distances(G)
+    exact = np.array([[np.sum((a - b) ** 2) for b in X] for a in X])
+    assert D.shape == (n, n)
+    assert torch.all(D.diagonal() == 0)
+    assert torch.equal(D, D.T)
+    np.testing.assert_allclose(D.numpy(), exact, rtol=1e-4, atol=1e-6 * exact.max())
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+@pytest.mark.parametrize("rule", ["krum", "multi_krum", "bulyan"])
+def test_far_outliers_are_never_selected(rule):
+    n, f, d = 11, 2, 20
+    honest = rand(n - f, d, seed=70)
+    for where in ([0, 1], [4, 10], [9, 10]):  # Byzantine rows at the start, middle, end
+        G = torch.empty(n, d)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[where] = True
+        G[~mask] = honest
+        G[mask] = 1e4 + torch.arange(f * d, dtype=torch.float32).view(f, d)
+        out = agg.AGGREGATORS[rule].fn(G, f)
+        assert bool((out >= honest.min(0).values).all() and (out <= honest.max(0).values).all())
+        if rule == "krum":
+            assert any(torch.equal(out, h) for h in honest)
+
+
+def test_multi_krum_averages_exactly_the_honest_rows():
+    honest = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    G = torch.cat([honest, torch.tensor([[50.0, 50.0], [-60.0, 40.0]])])
+    assert torch.allclose(agg.multi_krum(G, 2), honest.mean(0))
+
+
+def test_krum_ties_go_to_the_lowest_index():
+    # integer data: the tied scores are exactly equal in floating point
+    G = torch.tensor([[-1.0], [1.0], [-1.0], [1.0], [-1.0], [1.0], [10.0]])
+    assert ref_krum_scores(np64(G), 2)[:6] == [4.0] * 6
+    assert agg.krum(G, 2).item() == -1.0  # index 0
+    G = torch.tensor([[10.0], [1.0], [-1.0], [1.0], [-1.0], [1.0], [-1.0]])
+    assert agg.krum(G, 2).item() == 1.0  # index 1
+    assert torch.equal(agg.multi_krum(G, 2, m=2), torch.tensor([0.0]))  # indices 1 and 2
+
+
+def test_geomed_known_answers():
+    # centrally symmetric set around c: the geometric median is c
+    c = torch.tensor([3.0, -1.0, 2.0])
+    G = torch.cat([c + torch.eye(3), c - torch.eye(3)])
+    assert torch.allclose(agg.geometric_median(G), c)
+    # in 1-D the geometric median is the median
+    line = torch.tensor([[0.0], [1.0], [2.0], [3.0], [100.0]])
+    assert abs(agg.geometric_median(line).item() - 2.0) < 1e-4
+    # a triangle with an angle >= 120 degrees: the median is that vertex
+    tri = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.1]])
+    assert torch.allclose(agg.geometric_median(tri), torch.zeros(2), atol=1e-5)
+
+
+def test_geomed_iterates_to_tolerance_not_a_fixed_count():
+    G = rand(9, 20, seed=80)
+    loose = agg.geometric_median(G, max_iter=3)
+    tight = agg.geometric_median(G)
+    ref = torch.from_numpy(ref_geomed(np64(G), 1e-6, 1e-12, 5000)).float()
+    assert (tight - ref).norm() < 1e-3 * (loose - ref).norm()
+
+
+def test_centered_clip_bounds_an_outlier_and_reduces_to_mean_without_clipping():
+    G = rand(9, 10, seed=90)
+    assert torch.allclose(agg.centered_clip(G, tau=1e9, iters=1), G.mean(0), atol=1e-6)
+    prev = G[1:].mean(0)
+    clean = agg.centered_clip(G, 1, prev=prev, tau=1.0, iters=1)
+    far = G.clone()
+    far[0] = 1e6
+    dirty = agg.centered_clip(far, 1, prev=prev, tau=1.0, iters=1)
+    # one row moves one step by at most tau / n; changing it moves the result <= 2 tau / n
+    assert (dirty - clean).norm() <= 2 * 1.0 / 9 + 1e-5
+    assert (far.mean(0) - clean).norm() > 1e4
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multi_krum",
+        "bulyan",
+        "geomed",
+        "centered_clip",
+        "sign_vote",
+    ],
+)
+def test_nan_rows_do_not_reach_the_output(rule):
+    n, f = 11, 2
+    G = rand(n, 33, seed=100)
+    G[[3, 7]] = float("nan")
+    out = agg.AGGREGATORS[rule].fn(G, f)
+    assert out.shape == (33,)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_centered_clip_nan_row_contributes_nothing():
+    G = rand(9, 12, seed=102)
+    prev = rand(1, 12, seed=103)[0]
+    still = G.clone()
+    still[5] = prev  # a row at v has a zero step: the same as contributing nothing
+    G[5] = float("nan")
+    expected = agg.centered_clip(still, 2, prev=prev, tau=0.5, iters=1)
+    assert torch.allclose(agg.centered_clip(G, 2, prev=prev, tau=0.5, iters=1), expected)
+
+
+def test_mean_propagates_nan():
+    G = rand(5, 4, seed=101)
+    G[0, 0] = float("nan")
+    assert math.isnan(agg.mean(G)[0].item())
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_every_rule():
+    assert list(agg.AGGREGATORS) == [
+        "mean",
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multi_krum",
+        "bulyan",
+        "geomed",
+        "centered_clip",
+        "sign_vote",
+    ]
+    assert agg.get_aggregator("geomed").fn is agg.geometric_median
+
+
+def test_unknown_aggregator_lists_valid_names():
+    with pytest.raises(KeyError) as err:
+        agg.get_aggregator("krummy")
+    msg = str(err.value)
+    assert "unknown aggregator 'krummy'" in msg
+    assert "valid: mean, median, trimmed_mean, krum, multi_krum, bulyan, geomed" in msg
+
+
+@pytest.mark.parametrize(
+    "rule,need",
+    [
+        ("mean", lambda f: 1),
+        ("median", lambda f: 2 * f + 1),
+        ("trimmed_mean", lambda f: 2 * f + 1),
+        ("krum", lambda f: 2 * f + 3),
+        ("multi_krum", lambda f: 2 * f + 3),
+        ("bulyan", lambda f: 4 * f + 3),
+        ("geomed", lambda f: 2 * f + 1),
+        ("centered_clip", lambda f: 2 * f + 1),
+        ("sign_vote", lambda f: 2 * f + 1),
+    ],
+)
+def test_min_workers_boundaries(rule, need):
+    a = agg.get_aggregator(rule)
+    for f in range(4):
+        if rule == "mean" and f > 0:
+            continue
+        assert a.min_workers(f) == need(f)
+        assert agg.check_workers(rule, need(f), f) is None
+        reason = agg.check_workers(rule, need(f) - 1, f)
+        assert reason == (
+            f"{rule} needs {a.requirement} = {need(f)} workers for f={f}, got {need(f) - 1}"
+        )
+        with pytest.raises(ValueError, match="needs"):
+            a.fn(rand(need(f) - 1, 3, seed=f) if need(f) > 1 else torch.empty(0, 3), f)
+        assert a.fn(rand(need(f), 3, seed=f), f).shape == (3,)
+
+
+def test_check_workers_message_and_negative_f():
+    assert agg.check_workers("krum", 5, 2) == "krum needs n >= 2f+3 = 7 workers for f=2, got 5"
+    assert agg.check_workers("median", 3, -1) is not None
+
+
+def test_multi_krum_m_out_of_range():
+    G = rand(9, 4, seed=110)
+    for m in (0, 8):
+        with pytest.raises(ValueError, match="strategy.m"):
+            agg.multi_krum(G, 2, m=m)
+    assert torch.allclose(agg.multi_krum(G, 2, m=1), agg.krum(G, 2))
+
+
+# --------------------------------------------------------------------------- preaggregation
+
+
+def test_bucketing_shapes_sums_and_seed():
+    G = rand(10, 6, seed=120)
+    out = bucketing(G, 3, torch.Generator().manual_seed(0))
+    assert out.shape == (4, 6)  # ceil(10 / 3)
+    sizes = torch.tensor([3.0, 3.0, 3.0, 1.0])[:, None]
+    assert torch.allclose((out * sizes).sum(0), G.sum(0), atol=1e-5)
+    again = bucketing(G, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert not torch.equal(out, bucketing(G, 3, torch.Generator().manual_seed(1)))
+    perm = bucketing(G, 1, torch.Generator().manual_seed(0))
+    assert torch.equal(perm.sort(0).values, G.sort(0).values)
+
+
+def test_bucketing_nan_spoils_at_most_f_buckets():
+    G = rand(12, 5, seed=121)
+    G[[2, 9]] = float("nan")
+    out = bucketing(G, 3, torch.Generator().manual_seed(4))
+    bad = (~torch.isfinite(out)).any(1).sum().item()
+    assert 1 <= bad <= 2
+
+
+@pytest.mark.parametrize("n,f", [(5, 1), (9, 2), (12, 3)])
+def test_nnm_matches_reference(n, f):
+    G = rand(n, 25, seed=130 + n)
+    close(nnm(G, f), ref_nnm(np64(G), f))
+
+
+def test_nnm_keeps_honest_rows_finite_with_nan_rows():
+    G = rand(9, 7, seed=140)
+    G[4] = float("nan")
+    out = nnm(G, 2)
+    finite = torch.isfinite(out).all(1)
+    assert finite.tolist() == [i != 4 for i in range(9)]
+
+
+def test_preaggregation_registry_and_composition():
+    assert list(PREAGGREGATORS) == ["bucketing", "nnm"]
+    assert get_preaggregator("bucketing").rows(10, 3) == 4
+    with pytest.raises(KeyError, match="valid: bucketing, nnm"):
+        get_preaggregator("shuffle")
+    G = rand(9, 4, seed=150)
+    out = apply_preaggregation(["nnm", "bucketing"], G, 2, 2, torch.Generator().manual_seed(0))
+    assert out.shape == (5, 4)
+    expected = bucketing(nnm(G, 2), 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, expected)
+    assert torch.equal(apply_preaggregation([], G, 2, 2, None), G)
+
+
+# --------------------------------------------------------------------------- device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rule", list(agg.AGGREGATORS))
+def test_cuda_matches_cpu(rule):
+    G = rand(15, 4099, seed=160)
+    f = 3
+    cpu = agg.AGGREGATORS[rule].fn(G, f)
+    gpu = agg.AGGREGATORS[rule].fn(G.cuda(), f)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+    assert torch.equal(
+        agg.pairwise_sq_distances(G.cuda()).argsort(1).cpu(),
+        agg.pairwise_sq_distances(G).argsort(1),
+    )
+    out = nnm(G.cuda(), f)
+    torch.testing.assert_close(out.cpu(), nnm(G, f), rtol=1e-4, atol=1e-5)

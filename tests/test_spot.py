@@ -1,0 +1,104 @@
+"""Spot pools: traces, configuration rules, and training on a real local multi-node Ray cluster
+where preemption removes nodes (cloud=simulated)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cloud.pool import spot_rng
+from cloud.traces import availability, load_trace, synthetic_trace, write_trace
+from orchestrator.config import ConfigError, load_config
+from orchestrator.job import train
+
+
+def test_synthetic_trace_round_trips_through_the_ec2_csv_layout(tmp_path):
+    path = tmp_path / "trace.csv"
+    write_trace(synthetic_trace(hours=48, base=0.1, on_demand=0.4, seed=3), str(path))
+    header = path.read_text().splitlines()[0]
+    assert header == "Timestamp,AvailabilityZone,InstanceType,ProductDescription,SpotPrice"
+    trace = load_trace(str(path))
+    assert trace.instance_type == "m5.large" and trace.duration == pytest.approx(48 * 3600 - 300)
+    assert min(trace.prices) > 0 and max(trace.prices) > 0.25  # it has spikes
+    assert 0.5 < availability(trace, 0.2) < 1.0 and availability(trace, 10.0) == 1.0
+
+
+def test_trace_lookup_is_a_step_function(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("Timestamp,AvailabilityZone,InstanceType,ProductDescription,SpotPrice\n"
+                    "2026-01-01T01:00:00Z,us-east-1a,c5.large,Linux/UNIX,0.5\n"
+                    "2026-01-01T00:00:00Z,us-east-1a,c5.large,Linux/UNIX,0.1\n"
+                    "2026-01-01T00:00:00Z,us-east-1a,m5.large,Linux/UNIX,9.9\n"
+                    "2026-01-01T02:00:00Z,us-east-1a,c5.large,Linux/UNIX,0.2\n")
+    trace = load_trace(str(path), "c5.large")
+    assert [trace.price_at(t) for t in (-5, 0, 3599, 3600, 7200, 1e9)] == [
+        0.1, 0.1, 0.1, 0.5, 0.2, 0.2]
+    assert trace.next_change_above(0, 0.3) == 3600 and trace.next_change_above(3600, 0.3) is None
+    with pytest.raises(ValueError, match="cloud.instance_type=g5.xlarge: not in .*valid: "
+                                         "c5.large, m5.large"):
+        load_trace(str(path), "g5.xlarge")
+
+
+def test_preemption_draws_depend_only_on_seed_and_step():
+    assert spot_rng(1, 7).random() == spot_rng(1, 7).random()
+    assert spot_rng(1, 7).random() != spot_rng(1, 8).random()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cloud.preempt_prob=0.1"], "cloud.preempt_prob needs cloud=simulated"),
+    (["cloud=simulated", "cloud.preempt_prob=1.5"], "cloud.preempt_prob=1.5: must be < 1"),
+    (["cloud=simulated", "cloud.trace=x.csv", "cloud.preempt_prob=0.1"],
+     "two preemption models"),
+    (["cloud=simulated", "workers=4", "cloud.on_demand_workers=5"], "must be <= workers=4"),
+    (["cloud=simulated", "workers=4", "cloud.max_nodes=2"], "must be >= workers=4"),
+])
+def test_pool_options_are_checked_before_ray_starts(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_missing_trace_file_is_a_one_line_error(make_config):
+    with pytest.raises(ConfigError, match="cloud.trace=/nonexistent.csv: cannot read it"):
+        train(make_config("cloud=simulated", "cloud.trace=/nonexistent.csv"))
+
+
+def test_chaos_run_replaces_capacity_and_keeps_accuracy(make_config):
+    """Enough preemptions to remove >= 10 nodes in one run: it finishes, capacity is replaced,
+    and test accuracy stays within 2 points of the same run without preemption."""
+    # A replacement needs a few seconds (new Ray node, new worker process) while a step takes
+    # tens of milliseconds: q is kept small so that capacity comes back between reclaims.
+    common = ("workers=6", "steps=1200", "model=mlp")
+    calm = train(make_config(*common, "run.name=calm"))
+    chaos = train(make_config(*common, "run.name=chaos", "cloud=simulated",
+                              "cloud.preempt_prob=0.003", "cloud.replace_delay_s=0"))
+    assert chaos["steps_done"] == 1200 and chaos["lost_steps"] == 0
+    assert chaos["preemptions"] >= 10
+    assert chaos["joins"] >= 5
+    assert abs(chaos["test_acc"] - calm["test_acc"]) <= 0.02
+    live = [json.loads(line)["live_workers"]
+            for line in open(os.path.join(chaos["run_dir"], "metrics.jsonl"))]
+    assert min(live) < 6 and any(b > a for a, b in zip(live, live[1:]))  # capacity returns
+    assert 0 < chaos["cost_usd"] < chaos["on_demand_cost_usd"]
+
+
+def test_price_spike_above_the_bid_reclaims_everyone_with_notice(tmp_path, make_config):
+    """A trace whose price passes the bid for a while: every spot worker gets a notice and
+    leaves, steps with nobody alive are skipped, and capacity returns when the price drops."""
+    rows = [("2026-01-01T00:00:00Z", 0.1), ("2026-01-01T01:00:00Z", 0.9),
+            ("2026-01-01T03:00:00Z", 0.1)]
+    path = tmp_path / "spike.csv"
+    path.write_text("Timestamp,AvailabilityZone,InstanceType,ProductDescription,SpotPrice\n" +
+                    "".join(f"{t},us-east-1a,m5.large,Linux/UNIX,{p}\n" for t, p in rows))
+    # 1 wall second = 1 trace hour: the price is above the bid from 1 s to 3 s into training
+    summary = train(make_config("workers=2", "steps=1000", "model=mlp", "run.name=spike",
+                                "cloud=simulated", f"cloud.trace={path}", "cloud.bid=0.4",
+                                "cloud.time_scale=3600", "cloud.notice_s=0.5",
+                                "cloud.replace_delay_s=0.2", "cloud.max_nodes=4",
+                                "checkpoint.every_s=5"))
+    rows = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    assert summary["preemptions"] == 2 and summary["joins"] >= 1  # replacements (max_nodes=4)
+    assert summary["skipped_steps"] > 0
+    zero = [r["step"] for r in rows if r["live_workers"] == 0]
+    assert rows[-1]["live_workers"] >= 1 and zero[-1] < rows[-1]["step"]
