@@ -11,6 +11,8 @@ USAGE = """usage: squall <command> [group=option ...] [key=value ...]
 commands:
   train    run a training job (squall train --help lists every option)
   config   print the resolved configuration
+  trace    write a synthetic spot price history CSV: squall trace FILE [hours=24] [base=0.1]
+           [on_demand=0.4] [spikes_per_day=6] [seed=0] (use it as cloud.trace=FILE)
 
 examples:
   squall train
@@ -24,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, overrides = args[0], args[1:]
+    if command == "trace":
+        return write_synthetic_trace(overrides)
     if command not in ("train", "config"):
-        return _fail(f"unknown command '{command}'; valid: train, config")
+        return _fail(f"unknown command '{command}'; valid: train, config, trace")
     if any(a in ("-h", "--help") for a in overrides):
         print(help_text(command))
         return 0
@@ -43,6 +47,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"squall: stopped: {summary['error']}", file=sys.stderr)
         return 1
     return 130 if summary["interrupted"] else 0
+
+
+def write_synthetic_trace(args: list[str]) -> int:
+    from cloud.traces import synthetic_trace, write_trace
+
+    numbers = {"hours": float, "base": float, "on_demand": float, "spikes_per_day": float,
+               "seed": int}
+    if not args or "=" in args[0]:
+        return _fail("squall trace FILE [hours=24] [base=0.1] [on_demand=0.4] "
+                     "[spikes_per_day=6] [seed=0]")
+    options = {}
+    for text in args[1:]:
+        key, _, value = text.partition("=")
+        if key not in numbers:
+            return _fail(f"squall trace: unknown option '{key}'; valid: {', '.join(numbers)}")
+        try:
+            options[key] = numbers[key](value)
+        except ValueError:
+            return _fail(f"squall trace: {text}: expected a number")
+    rows = synthetic_trace(**options)
+    write_trace(rows, args[0])
+    print(f"squall: wrote {len(rows)} price points to {args[0]}")
+    return 0
 
 
 def _fail(message: str) -> int:

@@ -51,10 +51,18 @@ def test_ray_address_env_and_config_key(cluster, tmp_path):
     assert json.loads((tmp_path / "env" / "summary.json").read_text())["ray_address"] == gcs
 
     env.pop("RAY_ADDRESS")
-    proc = subprocess.run([*squall_args(tmp_path, "key"), f"ray.address={gcs}"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*squall_args(tmp_path, "key"), f"ray.address={gcs}", "cloud=static"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "key" / "summary.json").read_text())["ray_address"] == gcs
+    summary = json.loads((tmp_path / "key" / "summary.json").read_text())
+    assert summary["ray_address"] == gcs
+    assert summary["on_demand_cost_usd"] > 0  # cloud=static prices the machines on demand
+
+    proc = subprocess.run([*squall_args(tmp_path, "none"), "cloud=static"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("squall: error: cloud=static needs the cluster's address: "
+                                   "ray.address=<host:port> or $RAY_ADDRESS")
 
 
 def test_ray_job_submit(cluster, tmp_path):

@@ -98,7 +98,7 @@ def test_cli_error_as_a_process_has_no_traceback():
 
 def test_unknown_command(capsys):
     assert main(["trian"]) == 2
-    assert "valid: train, config" in capsys.readouterr().err
+    assert "valid: train, config, trace" in capsys.readouterr().err
 
 
 def test_train_help_lists_groups_options_and_field_docs(capsys):

@@ -102,3 +102,13 @@ def test_price_spike_above_the_bid_reclaims_everyone_with_notice(tmp_path, make_
     assert summary["skipped_steps"] > 0
     zero = [r["step"] for r in rows if r["live_workers"] == 0]
     assert rows[-1]["live_workers"] >= 1 and zero[-1] < rows[-1]["step"]
+
+
+def test_squall_trace_writes_a_usable_trace(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    path = tmp_path / "t.csv"
+    assert main(["trace", str(path), "hours=2", "seed=4"]) == 0
+    assert load_trace(str(path)).duration == pytest.approx(2 * 3600 - 300)
+    assert main(["trace", str(path), "hourz=2"]) == 2
+    assert "unknown option 'hourz'; valid: hours, base" in capsys.readouterr().err

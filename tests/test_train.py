@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,3 +126,29 @@ def test_ctrl_c_stops_cleanly_with_summary(tmp_path):
     assert summary["interrupted"] is True and summary["steps_done"] >= 5
     assert "interrupted" in out and "Traceback" not in err
     assert np.isfinite(summary["test_acc"])
+
+
+def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
+    """A worker that stops answering (SIGSTOP: a hung node) is dropped after
+    worker.step_timeout_s and replaced; the run completes."""
+    cfg = make_config("steps=150", "run.name=hang", "worker.step_timeout_s=2")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train(cfg)))
+    thread.start()
+    metrics = os.path.join(cfg.run.dir, "hang", "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and
+                                          len(open(metrics).readlines()) >= 20):
+        time.sleep(0.2)
+    pid = int(subprocess.run(["pgrep", "-f", "ray::Worker"], capture_output=True,
+                             text=True).stdout.split()[0])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        thread.join(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert result["steps_done"] == 150
+    slow = [r for r in read_metrics(os.path.join(cfg.run.dir, "hang")) if r["step_s"] >= 2]
+    assert len(slow) == 1 and slow[0]["live_workers"] == 3
+    assert result["preemptions"] == 1 and result["joins"] == 1
