@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,17 +28,39 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head node with Ray's token authentication, as a production cluster would have."""
+    """A head node with Ray's token authentication, as a production cluster would have. It runs
+    in its own process group (`ray start --block`), so stopping it touches no other Ray."""
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     gcs, dashboard = free_port(), free_port()
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-                   check=True, capture_output=True, timeout=120)
-    yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        os.environ.pop(name)
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{dashboard}/api/version", head)
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            os.environ.pop(name)
+
+
+def wait_for(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the head's dashboard answers (it starts last)."""
+    deadline = time.time() + timeout
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    while time.time() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            opener.open(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # an answer (401 without the token): it is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 def squall_args(run_dir: Path, name: str) -> list[str]:
@@ -70,6 +96,6 @@ def test_ray_job_submit(cluster, tmp_path):
     proc = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--",
                            *squall_args(tmp_path, "job")], capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["ray_address"] == gcs and summary["steps_done"] == 20
