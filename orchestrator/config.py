@@ -51,6 +51,18 @@ class StrategyConfig:
                        ge=0)
     on_too_few: str = opt("skip", "when too few live workers remain for the rule's guarantee",
                           choices=["skip", "fail"])
+    topology: str = opt("ring", "gossip: who talks to whom",
+                        choices=["ring", "torus", "exponential", "one_peer_exp", "complete"])
+    compress: str = opt("none", "gossip: message format (none = fp32 D-PSGD)",
+                        choices=["none", "moniqua", "choco"])
+    bits: int = opt(2, "gossip moniqua: bits per parameter (1, 2, 4 or 8)")
+    rounding: str = opt("stochastic", "gossip moniqua: quantizer rounding (1 bit: nearest)",
+                        choices=["stochastic", "nearest"])
+    gamma: float = opt(1.0, "gossip: consensus step size of moniqua and choco", gt=0, le=1)
+    theta_margin: float = opt(2.0, "gossip moniqua: theta = margin x measured neighbour spread",
+                              ge=1)
+    choco_compressor: str = opt("sign", "gossip choco: compressor", choices=["sign", "qsgd"])
+    consensus_every: int = opt(1, "gossip: measure consensus_dist every N steps", ge=1)
 
 
 @dataclass
@@ -123,6 +135,8 @@ class CheckpointConfig:
     every_s: float = opt(0.0, "checkpoint when this many seconds passed since the last (0: off)",
                          ge=0)
     keep: int = opt(3, "checkpoints to keep", ge=1)
+    replicas: str = opt("all", "gossip: keep every live replica or only their average",
+                        choices=["all", "average"])
 
 
 @dataclass
@@ -304,6 +318,24 @@ def load_config(overrides: list[str] | None = None) -> Config:
     return config
 
 
+def _check_gossip(cfg: Config) -> None:
+    st = cfg.strategy
+    if cfg.byzantine.f:
+        raise ConfigError("byzantine.f: Byzantine workers are simulated with the parameter-server "
+                          "rules, not with strategy=gossip")
+    if st.pre or st.noise:
+        raise ConfigError("strategy.pre and strategy.noise apply to parameter-server rules, "
+                          "not to strategy=gossip")
+    if st.bits not in (1, 2, 4, 8):
+        raise ConfigError(f"strategy.bits={st.bits}: not allowed; valid: 1, 2, 4, 8")
+    if st.compress == "moniqua" and st.bits == 1 and st.rounding == "stochastic":
+        raise ConfigError("strategy.bits=1 needs strategy.rounding=nearest (stochastic rounding "
+                          "needs >= 2 bits)")
+    if st.compress == "choco" and st.topology == "one_peer_exp":
+        raise ConfigError("strategy.compress=choco needs a static topology; valid: ring, torus, "
+                          "exponential, complete")
+
+
 def _check_combinations(cfg: Config) -> None:
     """Rules that involve several fields."""
     from strategies.aggregators import check_workers
@@ -316,6 +348,9 @@ def _check_combinations(cfg: Config) -> None:
         if step not in PREAGGREGATORS:
             raise ConfigError(f"strategy.pre={st.pre}: unknown step '{step}'; valid: "
                               f"{', '.join(PREAGGREGATORS)}")
+    if st.name == "gossip":
+        _check_gossip(cfg)
+        return
     f = byz.f if st.f is None else st.f
     n = -(-cfg.workers // st.bucket_size) if "bucketing" in st.pre else cfg.workers
     if reason := check_workers(st.name, n, f):

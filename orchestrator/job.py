@@ -80,6 +80,10 @@ def check_resumable(saved: dict, cfg: Config) -> None:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) one training job and return its summary (also in summary.json)."""
+    if cfg.strategy.name == "gossip":  # the decentralized family has its own loop
+        from orchestrator.gossip import train_gossip
+
+        return train_gossip(cfg)
     t_start = time.perf_counter()
 
     # ---- data, model and optimizer live on the driver; all checked before Ray starts

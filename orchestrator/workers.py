@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -98,8 +100,11 @@ class WorkerPool:
     """
 
     def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray], pool: Pool,
-                 byzantine: set[int]) -> None:
+                 byzantine: set[int], actor_class: Any = None,
+                 start_state: Callable[[int], Any] | None = None) -> None:
         self.cfg, self.pool, self.shards, self.byzantine = cfg, pool, shards, byzantine
+        self.actor_class = actor_class or RemoteWorker
+        self.start_state = start_state  # rank -> what a (re)starting worker begins from
         self.device, self.gpus = worker_device(cfg)
         self.args = (ray.put(data.x_train), ray.put(data.y_train))
         self.shape = (data.input_shape, data.num_classes)
@@ -130,10 +135,12 @@ class WorkerPool:
         taken = set(self.live) | {rank for rank, _, _ in self.starting.values()}
         for rank in sorted(set(range(self.cfg.workers)) - taken)[:len(self.idle)]:
             machine = self.idle.pop(0)
-            actor = RemoteWorker.options(num_cpus=self.cfg.worker.num_cpus, num_gpus=self.gpus,
-                                         **self.pool.placement(machine)).remote(
+            extra = {"start_state": self.start_state(rank)} if self.start_state else {}
+            actor = self.actor_class.options(
+                num_cpus=self.cfg.worker.num_cpus, num_gpus=self.gpus,
+                **self.pool.placement(machine)).remote(
                 rank, *self.args, self.shards[rank], self.cfg, *self.shape, self.device,
-                rank in self.byzantine)
+                rank in self.byzantine, **extra)
             self.starting[actor.ready.remote()] = (rank, actor, machine)
 
     def admit(self) -> int:
@@ -167,26 +174,46 @@ class WorkerPool:
 
     def gradients(self, state_ref: ray.ObjectRef, step: int,
                   reclaim: list[Machine]) -> tuple[list[GradientResult], int]:
-        """Ask every live worker for its gradient; machines in `reclaim` vanish while the step
-        is in flight (their workers' answers are dropped). Returns the results that arrived,
-        by rank, and how many workers were lost."""
-        pending = {actor.gradient.remote(state_ref, step): rank
-                   for rank, (actor, _) in self.live.items()}
+        """Every live worker's gradient on the published parameters, sorted by rank, and how
+        many workers were lost."""
+        results, lost = self.call("gradient", (state_ref, step), reclaim)
+        return [results[rank] for rank in sorted(results)], lost
+
+    def call(self, method: str, args: tuple | dict[int, tuple], reclaim: list[Machine] = (),
+             payload: bool = False) -> tuple[dict[int, Any], int]:
+        """Call `method` on every live worker with `args` (or args[rank]); machines in
+        `reclaim` vanish while the calls are in flight (their answers are dropped). Returns the
+        answers by rank and how many workers were lost (died, or silent for
+        worker.step_timeout_s).
+
+        With payload=True the method returns (payload, small info): the driver reads only the
+        info and answers (payload ObjectRef, info), so the payload can go from worker to
+        worker without passing through the driver."""
+        pending, payloads = {}, {}
+        for rank, (actor, _) in self.live.items():
+            rank_args = args[rank] if isinstance(args, dict) else args
+            if payload:
+                payloads[rank], ref = getattr(actor, method).options(num_returns=2).remote(
+                    *rank_args)
+            else:
+                ref = getattr(actor, method).remote(*rank_args)
+            pending[ref] = rank
         reclaimed = {m.id for m in reclaim}
         lost = [rank for rank, (_, m) in self.live.items() if m.id in reclaimed]
-        self.pool.reclaim(reclaim)
+        self.pool.reclaim(list(reclaim))
         waiting = [ref for ref, rank in pending.items() if rank not in lost]
         ready, late = ray.wait(waiting, num_returns=len(waiting),
                                timeout=self.cfg.worker.step_timeout_s)
         lost += [pending[ref] for ref in late]
-        results = []
+        results = {}
         for ref in ready:
+            rank = pending[ref]
             try:
-                results.append(ray.get(ref))
+                results[rank] = (payloads[rank], ray.get(ref)) if payload else ray.get(ref)
             except RayActorError:
-                lost.append(pending[ref])
+                lost.append(rank)
         for rank in lost:
             actor, machine = self.live.pop(rank)
             ray.kill(actor, no_restart=True)
             self.pool.lost(machine)
-        return sorted(results, key=lambda r: r.rank), len(lost)
+        return results, len(lost)

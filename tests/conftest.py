@@ -18,7 +18,7 @@ from orchestrator.config import Config, load_config
 def ray_session():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="warning")
     yield ray
     ray.shutdown()
 

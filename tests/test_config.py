@@ -63,7 +63,8 @@ def test_every_field_has_help():
     ("optim.lr=-0.1", "optim.lr=-0.1: must be > 0"),
     ("data.partition=random", "data.partition=random: not allowed; valid: iid, "
                               "classes_per_worker, dirichlet"),
-    ("strategy=nope", "strategy=nope: unknown option; valid: mean"),
+    ("strategy=nope", "strategy=nope: unknown option; valid: bulyan, centered_clip, geomed, "
+                      "gossip, krum, mean, median, multi_krum, sign_vote, trimmed_mean"),
     ("model=vgg", "model=vgg: unknown option; valid: cnn, mlp, resnet18, resnet20"),
     ("workers", "malformed override 'workers'"),
     ("=3", "malformed override '=3'"),

@@ -1,0 +1,321 @@
+"""Decentralized training: every worker owns a model replica and talks only to its neighbours.
+
+One round, top to bottom:
+  1. every live worker computes its gradient at its own model and encodes its message
+     (fp32, Moniqua 1-8 bits, or CHOCO); the message stays in Ray's object store;
+  2. the driver gives each worker the object refs of its neighbours' messages and its row of
+     the Metropolis-Hastings mixing matrix W over the live workers; each worker fetches the
+     messages itself (worker to worker, never through the driver), decodes them and updates:
+       none (D-PSGD): x_i <- sum_j W_ij x_j - lr g_i
+       moniqua:       x_i <- x_i + gamma sum_j W_ij (x^_j - x^_i) - lr g_i
+       choco:         x^_j += Q_j;  x_i <- x_i - lr g_i + gamma sum_j W_ij (x^_j - x^_i)
+  3. the driver sets Moniqua's bound theta >= max |x_i - x_j| for the next round: margin x the
+     smaller of two upper bounds on the spread, (a) D-PSGD's 2 lr max|g| / (spectral gap of
+     W) and (b) the largest distance to a decoded neighbour plus the decoding error delta*B
+     plus two local steps. (b) is tighter while it lasts but feeds back on itself through
+     delta*B; (a) caps it. A detected wrap-around doubles the margin for good.
+Membership changes (preemption, join) rebuild W over the live workers; a joining worker
+starts from a live neighbour's model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from functools import lru_cache
+
+import numpy as np
+import ray
+import torch
+
+from cloud import make_pool
+from orchestrator.checkpoint import CheckpointStore
+from orchestrator.config import Config, to_dict
+from orchestrator.data import Dataset, batch_indices, load_dataset, partition
+from orchestrator.job import Progress, check_resumable, evaluate
+from orchestrator.metrics import RunLog
+from orchestrator.models import build_model, flatten, unflatten_into
+from orchestrator.workers import WorkerPool, worker_device
+from strategies.compression import (
+    choco_compress,
+    dense_encode,
+    moniqua_decode,
+    moniqua_delta,
+    moniqua_encode,
+    moniqua_theta,
+    wrapped,
+)
+from strategies.topology import gossip_weights, mixing_matrix, spectral_gap
+
+
+class GossipWorker:
+    """One replica: its shard, its model as a flat vector, and what it knows of neighbours."""
+
+    def __init__(self, rank: int, x: np.ndarray, y: np.ndarray, shard: np.ndarray, cfg: Config,
+                 input_shape: tuple[int, ...], num_classes: int, device: str,
+                 byzantine: bool = False, start_state: np.ndarray | None = None) -> None:
+        torch.set_num_threads(max(1, int(cfg.worker.num_cpus)))
+        self.rank, self.cfg, self.device = rank, cfg, torch.device(device)
+        self.x_data = torch.from_numpy(x[shard]).to(self.device)
+        self.y_data = torch.from_numpy(y[shard]).to(self.device)
+        torch.manual_seed(cfg.seed)  # the same initial model on every worker
+        self.model = build_model(cfg.model, input_shape, num_classes).to(self.device)
+        self.params = list(self.model.parameters())
+        self.x = torch.from_numpy(flatten(self.params)).to(self.device)
+        if start_state is not None:  # a joiner starts from a live neighbour's model
+            self.x = torch.as_tensor(np.array(start_state)).to(self.device)
+        self.momentum = torch.zeros_like(self.x)
+        self.reset_neighbours()
+
+    def ready(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def state(self) -> np.ndarray:
+        return self.x.cpu().numpy()
+
+    def reset_neighbours(self) -> None:
+        """Forget per-neighbour state (CHOCO's public copies, last decodes): membership changed."""
+        self.public: dict[int, torch.Tensor] = {}
+        self.last_decoded: dict[int, torch.Tensor] = {}
+
+    def message(self, step: int, theta: float) -> tuple[object, int]:
+        """Gradient at the own model, then the message the neighbours will read (and its
+        size in bytes, for the driver)."""
+        unflatten_into(self.x, self.params)
+        idx = torch.from_numpy(batch_indices(len(self.y_data), self.cfg.data.batch_size, step,
+                                             self.cfg.seed, self.rank)).to(self.device)
+        self.model.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.cross_entropy(self.model(self.x_data[idx]), self.y_data[idx])
+        loss.backward()
+        optim = self.cfg.optim
+        g = torch.cat([p.grad.reshape(-1) for p in self.params]) + optim.weight_decay * self.x
+        self.momentum = optim.momentum * self.momentum + g
+        self.step_vec = optim.lr * self.momentum  # the local SGD step: x - step_vec
+        self.loss = loss.item()
+        st = self.cfg.strategy
+        gen = torch.Generator(device=self.device).manual_seed(
+            self.cfg.seed * 1_000_003 + step * 1009 + self.rank)
+        if st.compress == "moniqua":
+            self.own = moniqua_encode(self.x, theta, st.bits, st.rounding, gen)
+        elif st.compress == "choco":
+            self.own = choco_compress(self.x - self.step_vec - self.public.get(
+                self.rank, torch.zeros_like(self.x)), st.choco_compressor, generator=gen)
+        else:
+            self.own = dense_encode(self.x)
+        return self.own, self.own.nbytes
+
+    def mix(self, refs: list, weights: dict[int, float], theta: float) -> dict:
+        """Fetch the neighbours' messages (refs in the order of `weights`), decode, update.
+        A neighbour whose message is gone (its machine vanished) is left out of this round."""
+        st, x = self.cfg.strategy, self.x
+        msgs: dict[int, object] = {}
+        for (j, _), ref in zip(weights.items(), refs):
+            try:
+                msgs[j] = self.own if j == self.rank else ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+        w = {j: weights[j] for j in msgs}
+        w[self.rank] += sum(weights.values()) - sum(w.values())  # missing weight stays home
+        wraps, max_diff, decode_error = 0, 0.0, 0.0
+        if st.compress == "moniqua":
+            decode_error = moniqua_delta(st.bits, st.rounding) * self.own.modulus
+            own = moniqua_decode(self.own, x)
+            mix = torch.zeros_like(x)
+            for j, msg in msgs.items():
+                if j == self.rank:
+                    continue
+                decoded = moniqua_decode(msg, x)
+                if wrapped(decoded, self.last_decoded.get(j), theta, bits=st.bits,
+                           rounding=st.rounding):
+                    wraps += 1  # this neighbour's value cannot be trusted this round
+                else:
+                    mix += w[j] * (decoded - own)
+                self.last_decoded[j] = decoded
+                max_diff = max(max_diff, float((decoded - x).abs().max()))
+            self.x = x + st.gamma * mix - self.step_vec
+        elif st.compress == "choco":
+            for j, msg in msgs.items():
+                self.public[j] = self.public.get(j, torch.zeros_like(x)) + msg.decompress().to(x)
+            x_half = x - self.step_vec
+            me = self.public[self.rank]
+            self.x = x_half + st.gamma * sum(w[j] * (self.public[j] - me)
+                                             for j in msgs if j != self.rank)
+            max_diff = max([float((self.public[j] - me).abs().max()) for j in msgs] + [0.0])
+        else:
+            dense = {j: msg.decompress().to(x) for j, msg in msgs.items()}
+            self.x = sum(w[j] * dense[j] for j in dense) - self.step_vec
+            max_diff = max(float((dense[j] - x).abs().max()) for j in dense)
+        return {"loss": self.loss, "bytes": self.own.nbytes, "wraps": wraps,
+                "max_diff": max_diff, "decode_error": decode_error,
+                "max_step": float(self.step_vec.abs().max())}
+
+
+RemoteGossipWorker = ray.remote(GossipWorker)
+
+
+@lru_cache(maxsize=64)
+def mixing_gap(live: tuple[int, ...] | list[int], topology: str) -> float:
+    """Spectral gap of W over the live workers, per round. A time-varying topology is taken
+    over one period (log2 n rounds), its gap spread evenly over the rounds."""
+    n = len(live)
+    if n < 2:
+        return 1.0
+    period = max(1, math.ceil(math.log2(n))) if topology == "one_peer_exp" else 1
+    product = torch.eye(n, dtype=torch.float64)
+    for step in range(period):
+        product = mixing_matrix(list(live), topology, step) @ product
+    gap = spectral_gap(product)
+    return max(1 - (1 - gap) ** (1 / period), 1e-3)
+
+
+def train_gossip(cfg: Config) -> dict:
+    """Run (or resume) one decentralized job; returns its summary (also in summary.json)."""
+    t_start = time.perf_counter()
+    st = cfg.strategy
+
+    # ---- data and the driver's copy of the model (for evaluating the average)
+    data: Dataset = load_dataset(cfg.data, cfg.seed)
+    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    params = list(model.parameters())
+
+    log = RunLog(cfg)
+    store = CheckpointStore(cfg.checkpoint.dir or str(log.dir / "checkpoints"),
+                            keep=cfg.checkpoint.keep)
+    progress, replicas = Progress(), {}
+    checkpoint = store.load_latest()
+    if checkpoint is not None:
+        check_resumable(checkpoint.manifest["config"], cfg)
+        progress = Progress(**checkpoint.state["progress"])
+        replicas = {int(r): v.numpy() for r, v in checkpoint.state["replicas"].items()}
+        unflatten_into(checkpoint.state["average"], params)
+    progress.lost_steps += log.open_metrics(progress.step)
+
+    pool = make_pool(cfg)
+    interrupted, ray_address = False, ""
+    wraps, theta, margin = 0, 1e-8, st.theta_margin
+    recent_steps: deque[float] = deque(maxlen=20)
+    cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
+    workers: WorkerPool | None = None
+
+    def start_state(rank: int):
+        """A (re)starting worker begins from its saved replica, else from a live one's model."""
+        if rank in replicas:
+            return replicas.pop(rank)
+        if workers is not None and workers.live:
+            actor, _ = next(iter(workers.live.values()))
+            return actor.state.remote()
+        return None
+
+    def average() -> np.ndarray:
+        states = ray.get([actor.state.remote() for actor, _ in workers.live.values()])
+        return np.mean(states, axis=0), states
+
+    def save_checkpoint() -> None:
+        avg, states = average()
+        snapshot = {**progress.__dict__, "wall_s": progress.wall_s + time.perf_counter() - t_start}
+        state = {"average": torch.from_numpy(avg), "progress": snapshot, "replicas": {
+            str(rank): torch.from_numpy(s) for rank, s in zip(workers.live, states)}
+            if cfg.checkpoint.replicas == "all" else {}}
+        store.save(progress.step, state, {"config": to_dict(cfg)})
+
+    try:
+        machines = pool.start(cfg.workers)
+        worker_device(cfg)
+        workers = WorkerPool(cfg, data, shards, pool, set(), RemoteGossipWorker, start_state)
+        workers.start(machines)
+        ray_address = ray.get_runtime_context().gcs_address
+        members = sorted(workers.live)
+        last_save = time.monotonic()
+
+        # ---- the rounds
+        for step in range(progress.step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            events = pool.poll(step)
+            for machine in events.joined:
+                workers.add(machine)
+            progress.joins += workers.admit()
+            progress.preemptions += workers.drain(events.noticed)
+            if sorted(workers.live) != members:  # W is rebuilt over the live workers
+                members = sorted(workers.live)
+                workers.call("reset_neighbours", ())
+
+            messages, lost = workers.call("message", (step, theta), reclaim=events.reclaim_now,
+                                          payload=True)
+            live = sorted(messages)
+            weights = {r: gossip_weights(live, st.topology, r, step) for r in live}
+            mix_args = {r: ([messages[j][0] for j in weights[r]], weights[r], theta)
+                        for r in live}
+            stats, lost2 = workers.call("mix", mix_args) if live else ({}, 0)
+            progress.preemptions += lost + lost2
+
+            if stats:
+                round_wraps = sum(s["wraps"] for s in stats.values())
+                wraps += round_wraps
+                if round_wraps:
+                    margin *= 2  # the bound was too tight: widen it for good
+                recent_steps.append(max(s["max_step"] for s in stats.values()))
+                seen = max(s["max_diff"] + s["decode_error"] + 2 * s["max_step"]
+                           for s in stats.values())
+                if math.isfinite(seen):
+                    bound = 2 * max(recent_steps) / mixing_gap(tuple(live), st.topology)
+                    theta = moniqua_theta(min(bound, seen), margin)
+                progress.loss = float(np.mean([s["loss"] for s in stats.values()]))
+                progress.bytes_sent += sum(s["bytes"] for s in stats.values())
+            else:
+                progress.skipped_steps += 1
+                time.sleep(0.05)
+
+            progress.step = step
+            progress.live.append(len(stats))
+            record = {"step": step, "loss": progress.loss, "live_workers": len(stats),
+                      "step_s": time.perf_counter() - t0, "bytes_sent": progress.bytes_sent,
+                      "theta": theta, "wraps": wraps}
+            if (step % st.consensus_every == 0 or step == cfg.steps) and workers.live:
+                avg, states = average()
+                record["consensus_dist"] = float(np.mean(
+                    [np.linalg.norm(s - avg) for s in states]))
+                if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.steps:
+                    unflatten_into(avg, params)
+                    record["test_acc"] = evaluate(model, data, cfg.eval.batch_size)
+            log.step(record)
+
+            ckpt = cfg.checkpoint
+            if workers.live and ((ckpt.every_steps and step % ckpt.every_steps == 0) or
+                                 step == cfg.steps or (ckpt.every_s and time.monotonic() -
+                                                       last_save >= ckpt.every_s)):
+                save_checkpoint()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        interrupted = True
+        if workers is not None and workers.live:
+            save_checkpoint()
+    finally:
+        if workers is not None and workers.live:
+            unflatten_into(average()[0], params)
+        spot, on_demand = pool.costs()
+        progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
+        pool.shutdown()
+
+    torch.save(model.state_dict(), log.dir / "model.pt")
+    live = progress.live
+    summary = {
+        "run_dir": str(log.dir), "ray_address": ray_address,
+        "test_acc": evaluate(model, data, cfg.eval.batch_size), "loss": progress.loss,
+        "steps_done": progress.step, "wall_s": progress.wall_s + time.perf_counter() - t_start,
+        "live_workers_mean": float(np.mean(live)) if live else 0.0,
+        "bytes_sent": progress.bytes_sent,
+        "bytes_per_worker_step": progress.bytes_sent / max(1, sum(live)),
+        "cost_usd": progress.cost_usd, "on_demand_cost_usd": progress.on_demand_cost_usd,
+        "preemptions": progress.preemptions, "joins": progress.joins,
+        "lost_steps": progress.lost_steps, "skipped_steps": progress.skipped_steps,
+        "wraps": wraps, "rejected_updates": 0, "byzantine_ranks": [],
+        "interrupted": interrupted, "error": "",
+        "final_theta": theta if math.isfinite(theta) else None,
+    }
+    log.finish(summary, live)
+    return summary
