@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+from procs import own_ray_workers
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.job import train
@@ -82,3 +83,29 @@ def test_a_denser_topology_keeps_replicas_closer(ray_session, make_config):
     _, complete = gossip(make_config, *skew, "strategy.topology=complete")
     mean = lambda rows: sum(r["consensus_dist"] for r in rows[10:]) / len(rows[10:])  # noqa: E731
     assert mean(complete) < 0.8 * mean(ring)  # spectral gaps: 1 vs 1/3
+
+
+def test_a_worker_removed_mid_training_drops_out_and_the_run_completes(ray_session,
+                                                                        make_config):
+    import signal
+    import threading
+    import time
+
+    cfg = make_config("strategy=gossip", "workers=4", "steps=300", "model=mlp",
+                      "optim.momentum=0", "optim.lr=0.1", "run.name=gkill",
+                      "strategy.compress=moniqua", "strategy.bits=8")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train(cfg)))
+    thread.start()
+    metrics = os.path.join(cfg.run.dir, "gkill", "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and
+                                          len(open(metrics).readlines()) >= 20):
+        time.sleep(0.2)
+    os.kill(own_ray_workers("ray::GossipWorker")[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result["steps_done"] == 300 and result["preemptions"] == 1
+    with open(metrics) as f:
+        live = [json.loads(line)["live_workers"] for line in f]
+    assert live[0] == 4 and 3 in live
+    assert result["test_acc"] > 0.85

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from procs import own_ray_workers
 
 from orchestrator.data import batch_indices, load_dataset, partition
 from orchestrator.job import build_optimizer, train
@@ -96,10 +97,9 @@ def test_killed_worker_drops_out_and_is_replaced(ray_session, make_config):
     while time.time() < deadline and not (os.path.exists(metrics) and
                                           len(open(metrics).readlines()) >= 20):
         time.sleep(0.2)
-    pids = subprocess.run(["pgrep", "-f", "ray::Worker"], capture_output=True,
-                          text=True).stdout.split()
+    pids = own_ray_workers("ray::Worker")
     assert len(pids) == 4
-    os.kill(int(pids[0]), signal.SIGKILL)
+    os.kill(pids[0], signal.SIGKILL)
     thread.join(timeout=300)
     assert result["steps_done"] == 400
     live = [r["live_workers"] for r in read_metrics(os.path.join(cfg.run.dir, "kill"))]
@@ -140,8 +140,7 @@ def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
     while time.time() < deadline and not (os.path.exists(metrics) and
                                           len(open(metrics).readlines()) >= 20):
         time.sleep(0.2)
-    pid = int(subprocess.run(["pgrep", "-f", "ray::Worker"], capture_output=True,
-                             text=True).stdout.split()[0])
+    pid = own_ray_workers("ray::Worker")[0]
     os.kill(pid, signal.SIGSTOP)
     try:
         thread.join(timeout=300)
@@ -152,3 +151,18 @@ def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
     slow = [r for r in read_metrics(os.path.join(cfg.run.dir, "hang")) if r["step_s"] >= 2]
     assert len(slow) == 1 and slow[0]["live_workers"] == 3
     assert result["preemptions"] == 1 and result["joins"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_workers_train_on_the_gpu(ray_session, make_config):
+    summary = train(make_config("steps=50", "worker.device=cuda", "workers=2"))
+    assert summary["steps_done"] == 50 and summary["test_acc"] > 0.8
+
+
+def test_worker_device_cuda_without_a_gpu_is_a_clear_error(ray_session, make_config):
+    if ray_session.cluster_resources().get("GPU", 0):
+        pytest.skip("this cluster has a GPU")
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="worker.device=cuda: the Ray cluster has no GPU"):
+        train(make_config("steps=5", "worker.device=cuda"))
