@@ -48,13 +48,25 @@ NOTES = """\
   region stalls for a scheduler slice (~8 ms) whenever another process holds a core, which
   swamps millisecond timings. Other jobs ran during this benchmark: single cells can be off
   by ~1.5x (compare `mean`, where both libraries call the same torch.mean).
-- median, trimmed_mean and Bulyan's coordinate phase: torch.sort along dim 0 costs ~300 ns per
-  column on CPU, so squall sorts column chunks (sized to stay in L3) with a bitonic network of
-  torch.minimum/maximum; N = n rounded up to a power of two, log2(N)(log2(N)+1)/2 passes over
-  the chunk. Those passes bound it. ByzFL's NumPy TrMean calls np.sort, which in NumPy 2 is
-  a SIMD sort in registers (x86-simd-sort): pure torch has no equivalent, so against that path
-  squall's trimmed mean is only about as fast (the 3x target is met against ByzFL's torch path
-  only). On CUDA squall uses torch.sort.
+- median, trimmed_mean and Bulyan's coordinate phase need a few order statistics per column,
+  not a sort. On CPU torch.sort along dim 0 costs ~300 ns per column (torch.topk and
+  torch.kthvalue along dim 0 as much: 50-60 ms at n = 32, d = 1e5), so squall runs Parberry's
+  pairwise sorting network as torch.minimum / torch.maximum over column chunks that stay in
+  cache, pruned to the comparators the wanted ranks depend on and batched into strided calls.
+  Per column: 98 min/max values for the trimmed mean at n = 16 (6.1 passes over the chunk)
+  and 294 at n = 32 (9.2 passes), against 160 and 480 for the bitonic sort used before; 88
+  and 260 for the median. The trimmed mean is then sum(clamp(x, lo, hi)) - f lo - f hi with
+  lo, hi the values of ranks f and n-1-f (two more passes; every term lies in [lo, hi], so no
+  cancellation). On CUDA squall uses torch.sort.
+- trimmed_mean vs ByzFL's NumPy path (target: 3x): NumPy 2's np.sort sorts each column of
+  16-32 floats in SIMD registers (x86-simd-sort), ~3 ns per value. Each pass of squall's
+  network streams the chunk through L2/L3 at ~0.15 ns per value, and with f = (n-3)//4 a
+  quarter of the values go from each side, so finding lo and hi is close to a full sort.
+  Over repeated runs: 1.6-1.9x faster at d = 1e5 with n = 16, 0.9-1.1x with n = 32; 2-3x at
+  d = 1e6, where NumPy's time swings (60-360 ms) with the machine's memory traffic. Repeated
+  max/min extraction needs a reduction and a masking pass for each of the 2f trimmed values
+  (12-28 passes), more than the network. 3x would take a fused kernel (C++ or
+  torch.compile), not eager torch calls. Against ByzFL's torch path the target is met.
 - Krum, Multi-Krum, NNM, geometric median, centered clipping: one float32 Gram matrix in
   column chunks accumulated in float64, plus a second, centred pass only when the rows share a
   common component much larger than their spread (the "offset rows" line). At d = 1e5 the
@@ -64,10 +76,14 @@ NOTES = """\
 - Geometric median: ByzFL's GeometricMedian has no tolerance (a fixed T, starting from 0); it
   gets T = the iterations squall needs to reach tol 1e-6 at nu 1e-6 on the same input. These
   isotropic inputs need only 3-4; inputs that need more widen the gap.
-- Bulyan vs Multi-Krum: Bulyan is Multi-Krum's Gram matrix plus a coordinate-wise sort of
-  theta = n - 2f rows (10 -> 16 and 18 -> 32 rows once padded here) and the closest-window
-  mean. The sort alone costs about a coordinate-wise median, several times squall's
-  Multi-Krum, so the 2x target is missed: the ratio is large because Multi-Krum is cheap.
+- Bulyan vs Multi-Krum (target: 2x): Bulyan is Multi-Krum's Gram matrix, theta = n - 2f
+  Krum rounds on the distance matrix (~20 us each), then per column the selected values
+  within beta - 1 ranks of their median (ranks 1-8 of 10 at n = 16, 5-12 of 18 at n = 32:
+  60 and 138 min/max values, against 160 and 480 for the padded bitonic sort before) and the
+  mean of the beta closest to the median (pairs Y[j], Y[j+beta] of that band keep their
+  closer value). Multi-Krum is one GEMM (2 n^2 d flops): at n = 16 the near-full sort of 10
+  values costs more than it: over repeated runs the ratio is 2.2-3.1x at n = 16 and
+  1.8-2.5x at n = 32 (it was 3.8-6.5x with the full bitonic sort).
 """
 OFFSET = 10.0  # common component added to every row for the "offset rows" case
 
@@ -129,30 +145,26 @@ def cases(n: int, f: int, G: torch.Tensor) -> list[Case]:
     ]
 
 
-def timed(fn: Callable[[], object], reps: int) -> tuple[float, object]:
-    """(median ms over reps after one warm-up, warm-up result); NaN ms if it raises."""
-    try:
-        result = fn()
-    except Exception as err:  # e.g. torch.quantile's input size limit inside ByzFL
-        return math.nan, err
-    times = []
+def timed(fns: list[Callable[[], object]], reps: int) -> list[tuple[float, object]]:
+    """(median ms over reps after one warm-up, warm-up result) for each fn; NaN ms for one
+    that raises. Timed round-robin (a, b, c, a, b, c, ...) so that all see the same load."""
+    results: list[object] = []
+    for fn in fns:
+        try:
+            results.append(fn())
+        except Exception as err:  # e.g. torch.quantile's input size limit inside ByzFL
+            results.append(err)
+    ok = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
+    times: dict[int, list[float]] = {i: [] for i in ok}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, result
-
-
-def interleaved(a: Callable[[], object], b: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Median ms of a and of b, timed alternately so that both see the same machine load."""
-    a(), b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for fn, out in ((a, times[0]), (b, times[1])):
+        for i in ok:
             start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+    return [
+        (statistics.median(times[i]) * 1e3 if i in times else math.nan, results[i])
+        for i in range(len(fns))
+    ]
 
 
 def rel_diff(ours: torch.Tensor, theirs: object) -> str:
@@ -178,16 +190,14 @@ def run(sizes: list[tuple[int, int]], reps: int) -> tuple[list[list[str]], list[
     for n, d in sizes:
         f = (n - 3) // 4  # the largest f every rule (Bulyan: n >= 4f+3) accepts
         G = torch.randn(n, d, generator=torch.Generator().manual_seed(n * d))
-        timings = {}
         for case in cases(n, f, G):
             X = G + case.offset if case.offset else G
             A = X.numpy()  # same memory, ByzFL's NumPy path
-            ours_ms, ours = timed(lambda c=case, X=X: c.squall(X), reps)
-            t_ms, t_out = n_ms, n_out = math.nan, None
-            if case.byzfl is not None:
-                t_ms, t_out = timed(lambda c=case, X=X: c.byzfl()(X), reps)
-                n_ms, n_out = timed(lambda c=case, X=A: c.byzfl()(X), reps)
-            timings[case.rule] = ours_ms
+            fns = [partial(case.squall, X)]
+            if case.byzfl is not None:  # a fresh ByzFL aggregator per call, on each input type
+                fns += [lambda c=case, X=X: c.byzfl()(X), lambda c=case, A=A: c.byzfl()(A)]
+            (ours_ms, ours), *theirs = timed(fns, reps)
+            (t_ms, t_out), (n_ms, n_out) = theirs or [(math.nan, None)] * 2
             agree = rel_diff(ours, t_out) if case.byzfl and "bucketing" not in case.rule else ""
             rows.append(
                 [
@@ -204,8 +214,8 @@ def run(sizes: list[tuple[int, int]], reps: int) -> tuple[list[list[str]], list[
                 ]
             )
             print(" | ".join(rows[-1]), flush=True)
-        bulyan_ms, krum_ms = interleaved(
-            partial(agg.bulyan, G, f), partial(agg.multi_krum, G, f), reps
+        (bulyan_ms, _), (krum_ms, _) = timed(
+            [partial(agg.bulyan, G, f), partial(agg.multi_krum, G, f)], reps
         )
         bulyan_rows.append(
             f"| {n} | {d:.0e} | {f} | {fmt(bulyan_ms)} | {fmt(krum_ms)} | "
@@ -252,7 +262,8 @@ def report(rows: list[list[str]], bulyan_rows: list[str], threads: int, reps: in
             f"- torch {torch.__version__}, numpy {np.__version__}, "
             f"byzfl {importlib.metadata.version('byzfl')}, Python {platform.python_version()}",
             f"- threads: {threads} for both libraries (torch.set_num_threads and threadpoolctl)",
-            f"- inputs: float32 N(0, 1), f = (n-3)//4; median of {reps} timed runs after 1 warm-up",
+            f"- inputs: float32 N(0, 1), f = (n-3)//4; median of {reps} runs after 1 warm-up;",
+            "  squall and ByzFL's two paths timed round-robin so that all see the same load",
             "- byzfl (torch) gets the torch tensor, byzfl (numpy) the same memory as a NumPy",
             "  array; speed-up = byzfl ms / squall ms; max rel. diff compares the outputs",
             "  (ByzFL's Krum family uses n-f-1 neighbours and its geometric median starts from 0,",

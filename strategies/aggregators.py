@@ -11,6 +11,7 @@ and propagates them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,10 +20,13 @@ from torch import Tensor
 
 INF = float("inf")
 
-# Column chunks: the CPU sorting network keeps its two ping-pong buffers (about this many
-# bytes each) in L3 across its ~log2(n)^2/2 passes, elementwise work keeps its temporaries
-# there. Measured on the sorting network: 1 MiB 51 ms, 4 MiB 41 ms, 16 MiB 77 ms (n=16, d=1e6).
+# Column chunks for elementwise work (sign_vote, pre-aggregation): temporaries stay in L3.
 _CHUNK_BYTES = 4 << 20
+# Column chunks for the selection networks: the input chunk and two scratch buffers of about
+# this many bytes each stay in L2/L3 across the network's 6-10 passes, while each torch call
+# (~2 us) still covers 7k-26k columns. Measured (n = 16 and 32, d = 1e5 and 1e6): 1 and
+# 2 MiB within 10% of each other, 512 KiB and 4 MiB up to 1.5x slower.
+_NETWORK_CHUNK_BYTES = 1 << 20
 # Column chunk for the Gram matrix (a few MiB of rows at a time).
 _GRAM_CHUNK_BYTES = 8 << 20
 # Centre the Gram matrix when the rows' typical squared norm exceeds this many times their
@@ -130,80 +134,220 @@ def _combine(G: Tensor, weights: Tensor, finite: Tensor) -> Tensor:
     return out.masked_fill_(poisoned[:, None], float("nan"))
 
 
-# --------------------------------------------------------------------------- sorting
+# --------------------------------------------------------------------------- order statistics
+#
+# Median, trimmed mean and Bulyan need a few order statistics of each column, not a sort. On
+# CPU torch.sort along dim 0 costs ~300 ns per column for small n, so they come from a
+# sorting network run as vectorised torch.minimum / torch.maximum over column chunks, pruned
+# to the comparators the wanted ranks depend on: only those ranks come out right.
 
 
-def _bitonic_sort(a: Tensor, b: Tensor) -> Tensor:
-    """Sort each column of a (N, w) ascending, N a power of two; b is scratch, same shape.
+def _pairwise_network(N: int) -> list[tuple[int, int]]:
+    """Parberry's pairwise sorting network on N = 2^k wires; (i, j) leaves the min on i.
 
-    A bitonic network as ~log2(N)^2/2 vectorised min/max passes over contiguous views.
-    Returns the buffer that holds the result (a or b). NaN must already be mapped to +inf.
+    Chosen over Batcher's odd-even merge sort and bitonic sort: pruned to the ranks used here
+    it needs the fewest min/max rows in the fewest torch calls (trimmed mean, n = 32, f = 7:
+    294 rows in 62 calls; Batcher 298 in 80, bitonic 382).
     """
-    N, w = a.shape
-    k = 2
-    while k <= N:
-        j = k // 2
-        while j >= 1:
-            if k < N:  # blocks of size k alternate ascending / descending
-                x = a.view(N // (2 * k), 2, k // (2 * j), 2, j, w)
-                y = b.view(N // (2 * k), 2, k // (2 * j), 2, j, w)
-                up, down, up_out, down_out = x[:, 0], x[:, 1], y[:, 0], y[:, 1]
-                torch.minimum(up[:, :, 0], up[:, :, 1], out=up_out[:, :, 0])
-                torch.maximum(up[:, :, 0], up[:, :, 1], out=up_out[:, :, 1])
-                torch.maximum(down[:, :, 0], down[:, :, 1], out=down_out[:, :, 0])
-                torch.minimum(down[:, :, 0], down[:, :, 1], out=down_out[:, :, 1])
-            else:  # final merge: everything ascending
-                x = a.view(N // (2 * j), 2, j, w)
-                y = b.view(N // (2 * j), 2, j, w)
-                torch.minimum(x[:, 0], x[:, 1], out=y[:, 0])
-                torch.maximum(x[:, 0], x[:, 1], out=y[:, 1])
-            a, b = b, a
-            j //= 2
-        k *= 2
-    return a
+    net = []
+    a = 1
+    while a < N:  # sort pairs, pairs of pairs, ...
+        net += [(i, i + a) for i in range(N - a) if i // a % 2 == 0]
+        a *= 2
+    a, e = N // 4, 1
+    while a > 0:  # ... then merge them
+        d = e
+        while d > 0:
+            net += [(b - d * a, b) for b in range((d + 1) * a, N) if b // a % 2 == 0]
+            d //= 2
+        a, e = a // 2, 2 * e + 1
+    return net
+
+
+def _pruned_network(m: int, ranks: tuple[int, ...]) -> tuple[list[tuple], list[int]]:
+    """(comparators, rows): a network on m rows that leaves rank ranks[k] on row rows[k].
+
+    Comparators are (i, j, keep_min, keep_max): row i gets the min, row j the max, and only
+    the outputs some wanted rank depends on are kept. The network is the pairwise one on
+    N = 2^k wires whose last N - m carry +inf: comparators against them do nothing but move
+    a value to another wire, so they are dropped and the wire is relabelled instead.
+    """
+    N = 1 << max(0, (m - 1).bit_length())
+    row: list[int | None] = [*range(m), *[None] * (N - m)]  # row held by each wire; None: +inf
+    comparators = []
+    for i, j in _pairwise_network(N):
+        if row[j] is None:
+            continue
+        if row[i] is None:
+            row[i], row[j] = row[j], None
+        else:
+            comparators.append((row[i], row[j]))
+    outs = [row[r] for r in ranks]
+    live, kept = set(outs), []
+    for i, j in reversed(comparators):
+        if i in live or j in live:
+            kept.append((i, j, i in live, j in live))
+            live |= {i, j}
+    return kept[::-1], outs
+
+
+def _strided_blocks(rows: list[int]) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """Cover sorted distinct rows by (first, (groups, group step, count, step)) blocks:
+    first + g * group_step + c * step for g < groups, c < count. Greedy, good enough for the
+    regular patterns of a sorting network."""
+    runs: list[list[int]] = []  # [first, count, step]
+    for r in rows:
+        if runs and (runs[-1][1] == 1 or r == runs[-1][0] + runs[-1][1] * runs[-1][2]):
+            run = runs[-1]
+            run[2] = r - run[0] if run[1] == 1 else run[2]
+            run[1] += 1
+        else:
+            runs.append([r, 1, 1])
+    blocks: list[list[int]] = []  # [first, groups, group step, count, step]
+    for first, count, step in runs:
+        b = blocks[-1] if blocks else None
+        if b and b[3:] == [count, step] and (b[1] == 1 or first == b[0] + b[1] * b[2]):
+            b[2] = first - b[0] if b[1] == 1 else b[2]
+            b[1] += 1
+        else:
+            blocks.append([first, 1, 1, count, step])
+    return [(b[0], (b[1], b[2], b[3], b[4])) for b in blocks]
+
+
+@dataclass(frozen=True)
+class _Op:
+    """fn(a, b, out=out) on the rows first + g * group_step + c * step of three buffers.
+
+    Operands are (buffer, first row); buffer 0 is the input (read only), 1 and 2 scratch.
+    """
+
+    fn: Callable[..., Tensor]
+    a: tuple[int, int]
+    b: tuple[int, int]
+    out: tuple[int, int]
+    shape: tuple[int, int, int, int]  # groups, group step, count, step (in rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _selection_program(m: int, ranks: tuple[int, ...]) -> tuple[tuple[_Op, ...], tuple]:
+    """(ops, outputs): batched ops leaving rank ranks[k] of m rows at outputs[k] = (buffer, row).
+
+    Each comparator runs in the layer after the last one that touched its rows, and writes
+    its outputs to the other scratch buffer (the one not holding the row's current value),
+    so no op overwrites what another op of its layer reads. Per layer, the comparators with
+    the same output side, row distance and buffers become one strided op: ~30 torch calls
+    for n = 16 instead of ~100 (each costs ~2 us, a 16k-column row ~2 us of work).
+    """
+    comparators, outs = _pruned_network(m, ranks)
+    depth = [0] * m
+    layers: dict[int, list[tuple]] = {}
+    for c in comparators:
+        depth[c[0]] = depth[c[1]] = max(depth[c[0]], depth[c[1]]) + 1
+        layers.setdefault(depth[c[0]], []).append(c)
+    where = [0] * m  # buffer holding each row's current value
+    ops = []
+    for layer in layers.values():
+        batches: dict[tuple, list[int]] = {}
+        for i, j, keep_min, keep_max in layer:
+            for fn, keep, row in ((torch.minimum, keep_min, i), (torch.maximum, keep_max, j)):
+                if keep:
+                    key = (fn, where[i], where[j], j - i, _other(where[row]), row - i)
+                    batches.setdefault(key, []).append(i)
+        for (fn, buf_i, buf_j, gap, dst, shift), firsts in batches.items():
+            for first, shape in _strided_blocks(sorted(firsts)):
+                ops.append(
+                    _Op(fn, (buf_i, first), (buf_j, first + gap), (dst, first + shift), shape)
+                )
+        for i, j, keep_min, keep_max in layer:
+            for row, keep in ((i, keep_min), (j, keep_max)):
+                where[row] = _other(where[row]) if keep else where[row]
+    return tuple(ops), tuple((where[r], r) for r in outs)
+
+
+def _other(buf: int) -> int:
+    """The scratch buffer a row's next value goes to: not the one holding its current value."""
+    return 2 if buf == 1 else 1
+
+
+def _rows(T: Tensor, first: int, shape: tuple[int, int, int, int]) -> Tensor:
+    """The (groups, count, columns) view of rows first + g * group_step + c * step of T."""
+    groups, group_step, count, step = shape
+    r = T.stride(0)
+    return T.as_strided(
+        (groups, count, T.shape[1]),
+        (group_step * r, step * r, T.stride(1)),
+        T.storage_offset() + first * r,
+    )
+
+
+class _Selector:
+    """A selection program bound to (m, w) chunks: scratch buffers and their views built once."""
+
+    def __init__(self, m: int, ranks: tuple[int, ...], like: Tensor, w: int) -> None:
+        ops, outs = _selection_program(m, ranks)
+        scratch = (None, like.new_empty(m, w), like.new_empty(m, w))
+
+        def view(operand: tuple[int, int], shape: tuple) -> Tensor | tuple:
+            buf, first = operand
+            return _rows(scratch[buf], first, shape) if buf else (first, shape)
+
+        self.ops = [(op.fn, *(view(x, op.shape) for x in (op.a, op.b, op.out))) for op in ops]
+        self.outs = [(scratch[buf][r] if buf else r) for buf, r in outs]
+
+    def __call__(self, X: Tensor) -> list[Tensor]:
+        """The order statistics of X's columns: views into scratch or X, valid until the next
+        call. Operands in X (a tuple, not a view yet) are viewed for each X."""
+
+        def operand(x: Tensor | tuple) -> Tensor:
+            return x if isinstance(x, Tensor) else _rows(X, *x)
+
+        for fn, a, b, out in self.ops:
+            fn(operand(a), operand(b), out=out)
+        return [o if isinstance(o, Tensor) else X[o] for o in self.outs]
 
 
 def _nan_to_inf(x: Tensor) -> Tensor:
     return torch.nan_to_num_(x, nan=INF, posinf=INF, neginf=-INF)
 
 
-def _sorted_columns(
-    G: Tensor, rows: Tensor | None = None, network: bool | None = None
-) -> Iterator[tuple[slice, Tensor]]:
-    """Yield (columns, Y): Y holds G[rows][:, columns] sorted along dim 0 (NaN as +inf).
+def _order_statistics(
+    G: Tensor, ranks: tuple[int, ...], rows: Tensor | None = None, network: bool | None = None
+) -> Iterator[tuple[slice, Tensor, list[Tensor]]]:
+    """Yield (columns, X, stats): X = G[rows][:, columns] with NaN read as +inf, stats[k] the
+    row of rank ranks[k] of X sorted along dim 0. All valid until the next item.
 
-    On CUDA one torch.sort. On CPU torch.sort along dim 0 is slow for small n (~300 ns per
-    column for n = 16), so columns go in chunks of ~_CHUNK_BYTES through a bitonic network
-    instead (6-9x faster); both give the same values. `network` forces the choice (tests).
-    Each Y lives in a reused buffer: it is valid until the next item is requested.
+    On CPU a pruned sorting network (`_selection_program`) over chunks of columns, on CUDA
+    one torch.sort; both give the same values. `network` forces the choice (tests). Chunks
+    all have the same width (the last one overlaps the one before), so the views are built
+    once. The network reads G in place: minimum / maximum propagate NaN to every output, so
+    a chunk is copied and NaN mapped to +inf only when its first output has one.
     """
     n, d = G.shape
     m = n if rows is None else rows.numel()
     if not (G.device.type == "cpu" if network is None else network):
-        sub = G.clone() if rows is None else G.index_select(0, rows)
-        yield slice(0, d), torch.sort(_nan_to_inf(sub), dim=0).values
+        X = _nan_to_inf(G.clone() if rows is None else G.index_select(0, rows))
+        Y = torch.sort(X, dim=0).values
+        yield slice(0, d), X, [Y[r] for r in ranks]
         return
-    N = 1 << max(0, (m - 1).bit_length())
-    step = max(256, _CHUNK_BYTES // (N * G.element_size()))
-    step = max(1, min(step, d))
-    buf_a = torch.empty(N * step, dtype=G.dtype, device=G.device)
-    buf_b = torch.empty_like(buf_a)
-    for s in range(0, d, step):
-        w = min(step, d - s)
-        a, b = buf_a[: N * w].view(N, w), buf_b[: N * w].view(N, w)
-        if rows is None:
-            a[:m].copy_(G[:, s : s + w])
-        else:
-            torch.index_select(G[:, s : s + w], 0, rows, out=a[:m])
-        _nan_to_inf(a[:m])
-        a[m:].fill_(INF)  # padding sorts last
-        yield slice(s, s + w), _bitonic_sort(a, b)[:m]
+    if d == 0:
+        return
+    chunks = -(-d // max(256, _NETWORK_CHUNK_BYTES // (m * G.element_size())))  # ceil
+    w = -(-d // chunks)  # equal widths: the last chunk overlaps by fewer than `chunks` columns
+    select = _Selector(m, ranks, G, w)
+    gathered = None if rows is None else G.new_empty(m, w)
+    for s in [*range(0, d - w, w), d - w]:
+        cols = slice(s, s + w)
+        X = G[:, cols] if rows is None else torch.index_select(G[:, cols], 0, rows, out=gathered)
+        stats = select(X)
+        if bool(stats[0].amax().isnan()):  # amax propagates NaN (8x cheaper than isnan().any())
+            X = _nan_to_inf(X if rows is not None else X.clone())
+            stats = select(X)
+        yield cols, X, stats
 
 
-def _middle(Y: Tensor, out: Tensor) -> Tensor:
-    """True median of the sorted columns of Y (mean of the two middle values when even)."""
-    m = Y.shape[0]
-    return torch.add(Y[(m - 1) // 2], Y[m // 2], out=out).mul_(0.5)
+def _middle(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """The true median from the two middle order statistics (equal for odd counts)."""
+    return torch.add(a, b, out=out).mul_(0.5)
 
 
 # --------------------------------------------------------------------------- rules
@@ -230,22 +374,34 @@ def median(G: Tensor, f: int = 0) -> Tensor:
     would return the lower one). NaN counts as +inf.
     """
     _require("median", G, f)
+    n = G.shape[0]
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    for cols, Y in _sorted_columns(G):
-        _middle(Y, out[cols])
+    for cols, _, (a, b) in _order_statistics(G, ((n - 1) // 2, n // 2)):
+        _middle(a, b, out[cols])
     return out
 
 
 def trimmed_mean(G: Tensor, f: int) -> Tensor:
     """Coordinate-wise trimmed mean (Yin et al. 2018): drop the f largest and f smallest
-    values of each coordinate and average the n - 2f others; n > 2f. NaN counts as +inf."""
+    values of each coordinate and average the n - 2f others; n > 2f. NaN counts as +inf.
+
+    Needs only lo and hi, the values of ranks f and n-1-f: clamping to [lo, hi] turns the
+    f dropped values below into lo and the f above into hi, so the kept values sum to
+    sum(clamp(x, lo, hi)) - f lo - f hi (no cancellation: all terms lie in [lo, hi]).
+    """
     _require("trimmed_mean", G, f)
     n = G.shape[0]
     if f == 0:
         return G.mean(0)
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    for cols, Y in _sorted_columns(G):
-        torch.mean(Y[f : n - f], dim=0, out=out[cols])
+    clamped = None  # every chunk has the same shape: allocated once
+    for cols, X, (lo, hi) in _order_statistics(G, (f, n - 1 - f)):
+        clamped = torch.clamp(X, lo, hi, out=clamped)
+        total = torch.sum(clamped, 0, out=out[cols])
+        # An infinite lo or hi is itself kept (more than f infinities): the sum already is
+        # +-inf (or NaN with both), subtracting it would turn +inf into NaN.
+        total.sub_(lo.nan_to_num(posinf=0.0, neginf=0.0), alpha=f)
+        total.sub_(hi.nan_to_num(posinf=0.0, neginf=0.0), alpha=f).div_(n - 2 * f)
     return out
 
 
@@ -288,21 +444,24 @@ def _bulyan_select(D: Tensor, f: int, theta: int) -> Tensor:
 
     Each round scores only the remaining vectors against each other, with the paper's
     n_r - f - 2 neighbours (n_r the remaining count, floored at 1: for f <= 1 the last round
-    would otherwise score nothing). Stays on D's device: no host sync per round.
+    would otherwise score nothing). Stays on D's device: no host sync per round. A winner's
+    column becomes +inf (no longer a neighbour) and its score +inf; infinite scores of
+    remaining vectors (non-finite rows) become the largest float, so they still win before
+    picked ones.
     """
     n = D.shape[0]
-    alive = torch.ones(n, dtype=torch.bool, device=D.device)
-    base = D.clone().fill_diagonal_(INF)
+    others = D.clone().fill_diagonal_(INF)
+    picked_score = torch.zeros(n, dtype=D.dtype, device=D.device)  # + INF once picked
     big = torch.finfo(D.dtype).max
     picked = []
     for r in range(theta):
         k = min(max(n - r - f - 2, 1), n - 1)
-        scores = base.masked_fill(~alive[None, :], INF).topk(k, dim=1, largest=False).values.sum(1)
-        scores = scores.nan_to_num(nan=big, posinf=big).masked_fill(~alive, INF)
-        winner = scores.argmin()
-        alive[winner] = False
+        scores = others.topk(k, dim=1, largest=False).values.sum(1)
+        winner = scores.nan_to_num_(nan=big, posinf=big).add_(picked_score).argmin().view(1)
+        others.index_fill_(1, winner, INF)
+        picked_score.index_fill_(0, winner, INF)
         picked.append(winner)
-    return torch.stack(picked)
+    return torch.cat(picked)
 
 
 def bulyan(G: Tensor, f: int) -> Tensor:
@@ -310,8 +469,8 @@ def bulyan(G: Tensor, f: int) -> Tensor:
 
     Select theta = n - 2f vectors by repeated Krum (`_bulyan_select`), then per coordinate
     average the beta = theta - 2f selected values closest to the selected set's (true)
-    coordinate-wise median. Those values form a window of beta consecutive sorted values; the
-    window with the smallest radius around the median is used, the lower one on ties.
+    coordinate-wise median, the lower value on ties in distance. Those values lie within
+    beta - 1 ranks of the middle, so only the ranks of `_median_band` are computed.
     """
     _require("bulyan", G, f)
     n = G.shape[0]
@@ -321,28 +480,38 @@ def bulyan(G: Tensor, f: int) -> Tensor:
         return G[0].clone()
     chosen = _bulyan_select(pairwise_sq_distances(G), f, theta)
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    for cols, Y in _sorted_columns(G, chosen):
-        out[cols] = _closest_window_mean(Y, beta)
+    for cols, _, band in _order_statistics(G, _median_band(theta, beta), chosen):
+        out[cols] = _closest_mean(torch.stack(band), beta)
     return out
 
 
-def _closest_window_mean(Y: Tensor, beta: int) -> Tensor:
-    """Per column of the sorted Y (theta, w): mean of the beta values closest to the median.
+def _median_band(theta: int, beta: int) -> tuple[int, ...]:
+    """The ranks, of theta sorted values, that can hold the beta closest to their median:
+    beta - 1 on each side of the middle value(s), capped at theta. The band is symmetric
+    about the median, so its own median is the median of all theta."""
+    lo = max(0, (theta - 1) // 2 - (beta - 1))
+    return tuple(range(lo, theta - lo))
 
-    They are the window Y[s:s+beta] with the smallest radius max(med - Y[s], Y[s+beta-1] - med)
-    (lower s on ties). The radius is quasi-convex in s (the max of a non-increasing and a
-    non-decreasing sequence), so the first minimiser is the number of windows whose lower
-    distance exceeds the minimum radius: a count instead of a slow argmin over dim 0.
+
+def _closest_mean(Y: Tensor, beta: int) -> Tensor:
+    """Per column of Y (m, w), sorted along dim 0 with m <= 2 beta: mean of the beta values
+    closest to the median, the lower one on ties in distance (as a stable sort by distance).
+
+    The m - beta values left out are the farthest, taken from both ends: from the distances
+    below (falling from Y[0]) and above (falling from Y[m-1]), the m - beta largest are the
+    larger of each pair Y[j], Y[j + beta] (a half-cleaner on two sorted lists). So each pair
+    keeps its closer value and Y[m-beta:beta] are all kept.
     """
-    theta, w = Y.shape
-    med = _middle(Y, torch.empty_like(Y[0]))
-    lower = med - Y[: theta - beta + 1]
-    radius = torch.maximum(lower, Y[beta - 1 :] - med).nan_to_num_(nan=INF)
-    start = (lower > radius.amin(0)).sum(0)
-    # gather the windows as a flat index_select (several times faster than gather on dim 0)
-    rows = torch.arange(beta, device=Y.device)[:, None] * w
-    flat = (start * w + rows + torch.arange(w, device=Y.device)).view(-1)
-    return Y.reshape(-1).index_select(0, flat).view(beta, w).mean(0)
+    m = Y.shape[0]
+    below, above = Y[: m - beta], Y[beta:]
+    # below is at least as close as above iff below + above >= 2 med; then
+    # clamp(t, below, above) keeps below for t = -inf and above for t = +inf (on CPU this
+    # is ~15x faster than torch.where on a bool mask)
+    t = torch.ge(below + above, Y[(m - 1) // 2] + Y[m // 2], out=torch.empty_like(below))
+    total = torch.clamp(t.sub_(0.5).mul_(-INF), below, above).sum(0)
+    if m < 2 * beta:
+        total += Y[m - beta : beta].sum(0)
+    return total.div_(beta)
 
 
 def _weiszfeld(K: Tensor, nu: float, tol: float, max_iter: int, tiny: float) -> tuple[Tensor, int]:

@@ -67,13 +67,14 @@ def ref_bulyan(X: np.ndarray, f: int) -> np.ndarray:
         best = min(range(len(remaining)), key=lambda i: (scores[i], i))
         selected.append(remaining.pop(best))
     S = X[selected]
-    out = np.empty(d)
-    for j in range(d):
-        values = sorted(S[:, j])
-        med = ref_median(np.array(values)[:, None])[0]
-        closest = sorted(values, key=lambda v: abs(v - med))[:beta]
-        out[j] = sum(closest) / beta
-    return out
+    return np.array([ref_closest_mean(S[:, j], beta) for j in range(d)])
+
+
+def ref_closest_mean(values: np.ndarray, beta: int) -> float:
+    """Mean of the beta values closest to the median, the lower ones on ties in distance."""
+    values = sorted(values)
+    med = ref_median(np.array(values)[:, None])[0]
+    return sum(sorted(values, key=lambda v: abs(v - med))[:beta]) / beta
 
 
 def ref_geomed(X: np.ndarray, nu: float, tol: float, max_iter: int) -> np.ndarray:
@@ -149,9 +150,56 @@ def test_median_and_trimmed_mean_match_reference(n, f):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 16, 17])
-def test_median_even_n_is_average_of_middle_values(n):
-    G = rand(n, 513, seed=n)  # 513 columns: several sorting-network chunk shapes
+def test_median_even_n_is_average_of_middle_values(n, monkeypatch):
+    monkeypatch.setattr(agg, "_NETWORK_CHUNK_BYTES", 1024)  # 256-column chunks
+    G = rand(n, 513, seed=n)
     close(agg.median(G), ref_median(np64(G)))
+
+
+def test_trimmed_mean_ties_huge_outliers_and_infinities():
+    g = torch.Generator().manual_seed(7)
+    G = torch.randint(-3, 4, (11, 500), generator=g).float()  # many ties
+    for f in range(6):
+        close(agg.trimmed_mean(G, f), ref_trimmed_mean(np64(G), f))
+    # dropped outliers do not cost the kept values any precision (no sum-then-subtract)
+    G = rand(11, 300, seed=5)
+    G[[2, 7]] = 1e30
+    G[4] = -1e30
+    close(agg.trimmed_mean(G, 3), ref_trimmed_mean(np64(G), 3))
+    inf, nan = float("inf"), float("nan")
+
+    def tm(*values: float, f: int = 1) -> float:
+        return agg.trimmed_mean(torch.tensor(values)[:, None], f).item()
+
+    assert tm(inf, 1.0, 2.0, 3.0, -inf) == 2.0  # at most f infinities per side: dropped
+    assert tm(inf, inf, 2.0, 3.0, 4.0) == inf  # more: kept
+    assert tm(-inf, -inf, 2.0, 3.0, 4.0) == -inf
+    assert math.isnan(tm(inf, inf, -inf, -inf, 4.0))
+    assert tm(nan, nan, 2.0, 3.0, 4.0) == inf  # NaN counts as +inf
+    assert tm(nan, 1.0, 2.0, 3.0, 4.0) == 3.0
+    assert tm(inf, inf, inf, inf, inf, f=2) == inf
+
+
+def test_rules_on_the_sort_path_match_references(monkeypatch):
+    # CUDA takes one torch.sort instead of the network: run that path here
+    network_or_sort = agg._order_statistics
+    monkeypatch.setattr(
+        agg, "_order_statistics", lambda G, ranks, rows=None: network_or_sort(G, ranks, rows, False)
+    )
+    for n, f in ((7, 1), (11, 2), (16, 3)):
+        G = rand(n, 60, seed=n)
+        G[1, :5] = float("nan")
+        X = np64(G.nan_to_num(nan=float("inf")))
+        close(agg.median(G), ref_median(X))
+        close(agg.trimmed_mean(G, f), ref_trimmed_mean(X, f))
+        G = rand(n, 60, seed=n)
+        close(agg.bulyan(G, f), ref_bulyan(np64(G), f))
+
+
+def test_order_statistic_rules_accept_zero_columns():
+    G = torch.empty(7, 0)
+    for out in (agg.median(G), agg.trimmed_mean(G, 2), agg.bulyan(G, 1)):
+        assert out.shape == (0,)
 
 
 def test_median_and_trimmed_mean_known_values():
@@ -165,27 +213,53 @@ def test_median_and_trimmed_mean_known_values():
 
 
 def test_median_chunked_columns_against_torch_sort(monkeypatch):
-    monkeypatch.setattr(agg, "_CHUNK_BYTES", 256)  # many small chunks, ragged last one
+    monkeypatch.setattr(agg, "_NETWORK_CHUNK_BYTES", 256)  # many chunks, the last overlapping
     G = rand(13, 1000, seed=3)
     assert torch.equal(agg.median(G), torch.sort(G, dim=0).values[6])
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 10, 16, 18])
-def test_sorting_network_equals_torch_sort(n, monkeypatch):
-    monkeypatch.setattr(agg, "_CHUNK_BYTES", 4096)
-    G = rand(n, 700, seed=n)
-    G[0, :5] = float("nan")
-    G[-1, 5:9] = float("inf")
-    G[n // 2, 9:12] = -float("inf")
-    rows = torch.tensor([i for i in range(n) if i % 3 != 1] or [0])
+@pytest.mark.parametrize("N", [1, 2, 4, 8, 16])
+def test_pairwise_network_sorts_every_01_input(N):
+    # 0-1 principle: a comparator network that sorts every input of 0s and 1s sorts every
+    # input. All 2^N of them at once: bit b of wire i is bit i of b; min/max are and/or.
+    b = np.arange(1 << N)
+    wires = [(b >> i & 1).astype(bool) for i in range(N)]
+    for i, j in agg._pairwise_network(N):
+        wires[i], wires[j] = wires[i] & wires[j], wires[i] | wires[j]
+    assert all((wires[i] <= wires[i + 1]).all() for i in range(N - 1))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 10, 16, 17, 18, 32, 33])
+def test_order_statistics_network_equals_torch_sort(m, monkeypatch):
+    monkeypatch.setattr(agg, "_NETWORK_CHUNK_BYTES", 4096)  # several chunks, the last overlapping
+    inf = float("inf")
+    G = rand(m, 1001, seed=m)
+    G[:, :40] = G[:, :40].round()  # ties
+    G[0, 40:45] = float("nan")
+    G[-1, 45:50] = inf
+    G[m // 2, 50:55] = -inf
+    G[:, 55:60] = float("nan")  # every value NaN
+    rows = torch.tensor([i for i in range(m) if i % 3 != 1])
     for sel in (None, rows):
-        net = torch.cat([Y.clone() for _, Y in agg._sorted_columns(G, sel, network=True)], 1)
-        ref = torch.cat([Y.clone() for _, Y in agg._sorted_columns(G, sel, network=False)], 1)
-        assert torch.equal(net, ref)
-        expected = G if sel is None else G[sel]
-        inf = float("inf")
-        expected = expected.nan_to_num(nan=inf, posinf=inf, neginf=-inf)
-        assert torch.equal(ref, torch.sort(expected, 0).values)
+        X = G if sel is None else G[sel]
+        k = X.shape[0]
+        expected = torch.sort(X.nan_to_num(nan=inf, posinf=inf, neginf=-inf), 0).values
+        for ranks in ((0, k - 1), ((k - 1) // 2, k // 2), (k // 4, k - 1 - k // 4), range(k)):
+            ranks = tuple(ranks)
+            for network in (True, False):
+                got = torch.empty(len(ranks), G.shape[1])
+                for cols, _, stats in agg._order_statistics(G, ranks, sel, network):
+                    got[:, cols] = torch.stack(stats)
+                assert torch.equal(got, expected[list(ranks)]), (ranks, network)
+
+
+def test_selection_network_is_pruned_and_batched():
+    # what makes the CPU path fast (benchmarks/aggregators.md): trimmed mean at n = 16, f = 3
+    # and n = 32, f = 7 keeps a fraction of the comparators and runs them as few torch calls
+    assert len(agg._pruned_network(16, (3, 12))[0]) < len(agg._pairwise_network(16))
+    assert len(agg._pruned_network(32, (7, 24))[0]) < len(agg._pairwise_network(32))
+    assert len(agg._selection_program(16, (3, 12))[0]) <= 30
+    assert len(agg._selection_program(32, (7, 24))[0]) <= 62
 
 
 @pytest.mark.parametrize("n,f", [(n, f) for n, f in CASES if n >= 2 * f + 3])
@@ -212,6 +286,36 @@ def test_bulyan_matches_reference(n, f):
     for d, seed in ((3, 20), (50, 21), (400, 22)):
         G = rand(n, d, seed)
         close(agg.bulyan(G, f), ref_bulyan(np64(G), f))
+
+
+def test_bulyan_with_ties_matches_reference():
+    # small integers: tied Krum scores (lowest index wins) and tied values around the median
+    for n, f in ((7, 1), (11, 2), (15, 3), (16, 3)):
+        g = torch.Generator().manual_seed(n)
+        G = torch.randint(-2, 3, (n, 300), generator=g).float()
+        close(agg.bulyan(G, f), ref_bulyan(np64(G), f))
+
+
+def test_closest_mean_keeps_every_closer_value():
+    # median 0, beta = 3: both 0s, then the lower of -1 and 1. (The first window of three
+    # sorted values with the smallest radius, [-1, -1, 0], would leave a 0 out.)
+    Y = torch.tensor([-2.0, -1.0, -1.0, 0.0, 0.0, 1.0, 2.0])[:, None]
+    band = list(agg._median_band(7, 3))
+    assert agg._closest_mean(Y[band], 3).item() == pytest.approx(-1 / 3)
+    Y = torch.tensor([-2.0, -1.0, 0.0, 1.0, 1.0, 2.0])[:, None]  # median 0.5
+    assert agg._closest_mean(Y[list(agg._median_band(6, 2))], 2).item() == 0.5
+    assert agg._closest_mean(Y[list(agg._median_band(6, 4))], 4).item() == 0.25
+
+
+def test_closest_mean_of_the_median_band_matches_reference():
+    # Bulyan sorts only the ranks of _median_band: they must hold the beta closest values
+    g = torch.Generator().manual_seed(0)
+    for theta in range(1, 16):
+        Y = torch.randint(-3, 4, (theta, 60), generator=g).float().sort(0).values
+        for beta in range(theta % 2 or 2, theta + 1, 2):  # beta = theta - 2f
+            band = list(agg._median_band(theta, beta))
+            expected = [ref_closest_mean(Y[:, j].numpy(), beta) for j in range(Y.shape[1])]
+            close(agg._closest_mean(Y[band], beta), np.array(expected))
 
 
 @pytest.mark.parametrize("n,f", [(1, 0), (3, 1), (7, 2), (11, 3), (15, 0)])
