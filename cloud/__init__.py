@@ -14,6 +14,10 @@ def make_pool(cfg: Config) -> Pool:
         return SimulatedPool(cfg)
     if cfg.cloud.name == "static":
         return StaticPool(cfg)
+    if cfg.cloud.name == "aws":
+        from cloud.aws import AwsPool
+
+        return AwsPool(cfg)
     return Pool(cfg)
 
 

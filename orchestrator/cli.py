@@ -13,6 +13,13 @@ commands:
   config   print the resolved configuration
   trace    write a synthetic spot price history CSV: squall trace FILE [hours=24] [base=0.1]
            [on_demand=0.4] [spikes_per_day=6] [seed=0] (use it as cloud.trace=FILE)
+  sweep    run the cross product of comma-separated overrides: squall sweep workers=2,4,8
+           cloud=simulated cloud.preempt_prob=0,0.05 [overrides] (writes sweep.csv, sweep.md)
+  plan     cheapest workers (and bid) for a target: squall plan workers=1,2,4,8 steps=500
+           [deadline=S] [--check] [overrides] (docs/planning.md lists every option)
+  report   PNG plots and index.html for a run or sweep: squall report runs/<name>
+  cloud    AWS helpers (docs/aws.md): squall cloud cleanup run.name=NAME terminates what a run
+           left running; squall cloud prices out=FILE [hours=24] [zone=AZ] exports spot prices
 
 examples:
   squall train
@@ -28,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     command, overrides = args[0], args[1:]
     if command == "trace":
         return write_synthetic_trace(overrides)
+    if command in ("sweep", "plan", "report"):
+        return run_planning_command(command, overrides)
+    if command == "cloud":
+        return run_cloud_command(overrides)
     if command not in ("train", "config"):
-        return _fail(f"unknown command '{command}'; valid: train, config, trace")
+        return _fail(f"unknown command '{command}'; valid: train, config, trace, sweep, "
+                     "plan, report, cloud")
     if any(a in ("-h", "--help") for a in overrides):
         print(help_text(command))
         return 0
@@ -70,6 +82,40 @@ def write_synthetic_trace(args: list[str]) -> int:
     write_trace(rows, args[0])
     print(f"squall: wrote {len(rows)} price points to {args[0]}")
     return 0
+
+
+def run_planning_command(command: str, args: list[str]) -> int:
+    """squall sweep / plan / report (docs/planning.md)."""
+    try:
+        if command == "sweep":
+            from orchestrator.sweep import run_sweep
+
+            return run_sweep(args)
+        if command == "plan":
+            from orchestrator.planner import PLAN_USAGE, run_plan
+
+            if any(a in ("-h", "--help") for a in args):
+                print(PLAN_USAGE)
+                return 0
+            return run_plan(args)
+        if len(args) != 1:
+            return _fail("usage: squall report RUN_OR_SWEEP_DIR")
+        from orchestrator.report import report
+
+        print(f"squall: wrote {report(args[0])}")
+        return 0
+    except ConfigError as e:
+        return _fail(str(e))
+
+
+def run_cloud_command(args: list[str]) -> int:
+    """squall cloud cleanup / prices (docs/aws.md)."""
+    try:
+        from cloud.aws import cloud_command
+
+        return cloud_command(args)
+    except ConfigError as e:
+        return _fail(str(e))
 
 
 def _fail(message: str) -> int:

@@ -56,10 +56,15 @@ class StrategyConfig:
     compress: str = opt("none", "gossip: message format (none = fp32 D-PSGD)",
                         choices=["none", "moniqua", "choco"])
     bits: int = opt(2, "gossip moniqua: bits per parameter (1, 2, 4 or 8)")
-    rounding: str = opt("stochastic", "gossip moniqua: quantizer rounding (1 bit: nearest)",
-                        choices=["stochastic", "nearest"])
-    gamma: float = opt(1.0, "gossip: consensus step size of moniqua and choco", gt=0, le=1)
-    theta_margin: float = opt(2.0, "gossip moniqua: theta = margin x measured neighbour spread",
+    rounding: str = opt("dither", "gossip moniqua: quantizer rounding (dither: shared "
+                        "subtractive dither; stochastic needs >= 2 bits)",
+                        choices=["dither", "stochastic", "nearest"])
+    block_size: int = opt(128, "gossip moniqua: values per block with its own theta (0: one "
+                          "for the whole model)", ge=0)
+    gamma: float | None = opt(None, "gossip: consensus step size of moniqua and choco "
+                              "(default: moniqua 0.1 at 1 bit, 0.3 at 2, 1 at 4 and 8; "
+                              "choco 0.3)", gt=0, le=1)
+    theta_margin: float = opt(1.2, "gossip moniqua: theta = margin x measured neighbour spread",
                               ge=1)
     choco_compressor: str = opt("sign", "gossip choco: compressor", choices=["sign", "qsgd"])
     consensus_every: int = opt(1, "gossip: measure consensus_dist every N steps", ge=1)
@@ -116,7 +121,8 @@ class CloudConfig:
     preempt_prob: float = opt(0.0, "chance each spot worker is reclaimed in a step (simulated)",
                               ge=0, lt=1)
     trace: str = opt("", "spot price history CSV (EC2 layout); workers live while price <= bid")
-    bid: float = opt(0.0, "bid in $/h against cloud.trace (0: the on-demand price)", ge=0)
+    bid: float = opt(0.0, "bid in $/h against cloud.trace, or EC2's spot MaxPrice with "
+                     "cloud=aws (0: the on-demand price)", ge=0)
     time_scale: float = opt(1.0, "trace seconds per wall-clock second", gt=0)
     instance_type: str = opt("", "trace rows to use (default: the first type in the file)")
     notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
@@ -126,6 +132,29 @@ class CloudConfig:
                                  ge=0)
     spot_price: float = opt(0.1, "spot price in $/h when there is no trace", ge=0)
     on_demand_price: float = opt(0.4, "on-demand price in $/h", ge=0)
+    instance_types: list[str] = opt([], "EC2 instance types to launch, cheapest spot price first "
+                                    "(aws)")
+    region: str = opt("", "EC2 region (aws; default: boto3's, e.g. $AWS_DEFAULT_REGION)")
+    subnets: list[str] = opt([], "subnet ids to launch in, one per AZ (aws; default: the "
+                             "default VPC's)")
+    security_groups: list[str] = opt([], "security group ids of the instances (aws; default: "
+                                     "the VPC's default group)")
+    ami: str = opt("", "image with Python, Ray and squall installed (aws)")
+    setup: list[str] = opt([], "shell lines the instances run before `ray start` (aws)")
+    head_address: str = opt("", "Ray head the instances join (aws; default: the GCS address "
+                            "of the driver's Ray)")
+    endpoint_url: str = opt("", "EC2 API endpoint (aws; default: AWS's; tests point it at moto)")
+    imds_url: str = opt("http://169.254.169.254", "instance metadata service the watchers poll; "
+                        "{instance_id} is filled in (aws)")
+    imds_poll_s: float = opt(5.0, "seconds between a watcher's looks at the metadata service "
+                             "(aws)", gt=0, le=60)
+    rebalance: str = opt("drain", "on a rebalance recommendation: drain the worker and replace "
+                         "the instance, or ignore it (aws)", choices=["drain", "ignore"])
+    launch_rounds: int = opt(3, "rounds over all types and subnets before a launch fails (aws)",
+                             ge=1, le=20)
+    retry_backoff_s: float = opt(5.0, "wait after a failed round, doubling each round (aws)",
+                                 ge=0, le=600)
+    local_nodes: bool = opt(False, "tests: a local Ray node stands in for each instance (aws)")
 
 
 @dataclass
@@ -173,6 +202,8 @@ class WorkerConfig:
 @dataclass
 class LogConfig:
     progress: bool = opt(True, "show a progress bar on stderr")
+    tensorboard: bool = opt(False, "also write TensorBoard events to <run dir>/tensorboard "
+                            "(needs the tensorboard package)")
 
 
 @dataclass
@@ -329,11 +360,19 @@ def _check_gossip(cfg: Config) -> None:
     if st.bits not in (1, 2, 4, 8):
         raise ConfigError(f"strategy.bits={st.bits}: not allowed; valid: 1, 2, 4, 8")
     if st.compress == "moniqua" and st.bits == 1 and st.rounding == "stochastic":
-        raise ConfigError("strategy.bits=1 needs strategy.rounding=nearest (stochastic rounding "
-                          "needs >= 2 bits)")
+        raise ConfigError("strategy.bits=1 needs strategy.rounding=dither or nearest "
+                          "(stochastic rounding needs >= 2 bits)")
+    if st.gamma is None:
+        st.gamma = {1: 0.1, 2: 0.3, 4: 1.0, 8: 1.0}[st.bits] if st.compress == "moniqua" else (
+            0.3 if st.compress == "choco" else 1.0)
     if st.compress == "choco" and st.topology == "one_peer_exp":
         raise ConfigError("strategy.compress=choco needs a static topology; valid: ring, torus, "
                           "exponential, complete")
+
+
+AWS_ONLY = ("instance_types", "region", "subnets", "security_groups", "ami", "setup",
+            "head_address", "endpoint_url", "imds_url", "imds_poll_s", "rebalance",
+            "launch_rounds", "retry_backoff_s", "local_nodes")
 
 
 def _check_combinations(cfg: Config) -> None:
@@ -364,6 +403,14 @@ def _check_combinations(cfg: Config) -> None:
         for key in ("preempt_prob", "trace", "notice_s", "on_demand_workers"):
             if getattr(cloud, key) != getattr(CloudConfig, key):
                 raise ConfigError(f"cloud.{key} needs cloud=simulated (got cloud={cloud.name})")
+    if cloud.name != "aws":
+        for key in AWS_ONLY:
+            if getattr(cloud, key) != getattr(CloudConfig(), key):
+                raise ConfigError(f"cloud.{key} needs cloud=aws (got cloud={cloud.name})")
+    elif not cloud.instance_types:
+        raise ConfigError("cloud=aws needs cloud.instance_types, e.g. [g5.xlarge,g4dn.xlarge]")
+    elif not re.match(r"^https?://[^/]", cloud.imds_url):
+        raise ConfigError(f"cloud.imds_url={cloud.imds_url}: expected http://host[:port]")
     if cloud.trace and cloud.preempt_prob:
         raise ConfigError("cloud.trace and cloud.preempt_prob are two preemption models; "
                           "set one of them")

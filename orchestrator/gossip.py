@@ -9,11 +9,11 @@ One round, top to bottom:
        none (D-PSGD): x_i <- sum_j W_ij x_j - lr g_i
        moniqua:       x_i <- x_i + gamma sum_j W_ij (x^_j - x^_i) - lr g_i
        choco:         x^_j += Q_j;  x_i <- x_i - lr g_i + gamma sum_j W_ij (x^_j - x^_i)
-  3. the driver sets Moniqua's bound theta >= max |x_i - x_j| for the next round: margin x the
-     smaller of two upper bounds on the spread, (a) D-PSGD's 2 lr max|g| / (spectral gap of
-     W) and (b) the largest distance to a decoded neighbour plus the decoding error delta*B
-     plus two local steps. (b) is tighter while it lasts but feeds back on itself through
-     delta*B; (a) caps it. A detected wrap-around doubles the margin for good.
+  3. the driver sets Moniqua's bound theta >= max |x_i - x_j| for the next round, one per block
+     of strategy.block_size values: margin x the smaller of two upper bounds on the spread,
+     (a) D-PSGD's 2 lr max|g| / (spectral gap of W) and (b) the largest distance to a decoded
+     neighbour plus two local steps. A detected wrap-around doubles the margin for good.
+     With rounding=dither all workers share the round's dither, drawn from (seed, step).
 Membership changes (preemption, join) rebuild W over the live workers; a joining worker
 starts from a live neighbour's model.
 """
@@ -38,12 +38,13 @@ from orchestrator.metrics import RunLog
 from orchestrator.models import build_model, flatten, unflatten_into
 from orchestrator.workers import WorkerPool, worker_device
 from strategies.compression import (
+    block_max,
     choco_compress,
     dense_encode,
     moniqua_decode,
     moniqua_delta,
     moniqua_encode,
-    moniqua_theta,
+    shared_dither,
     wrapped,
 )
 from strategies.topology import gossip_weights, mixing_matrix, spectral_gap
@@ -81,7 +82,7 @@ class GossipWorker:
         self.public: dict[int, torch.Tensor] = {}
         self.last_decoded: dict[int, torch.Tensor] = {}
 
-    def message(self, step: int, theta: float) -> tuple[object, int]:
+    def message(self, step: int, theta: float | np.ndarray) -> tuple[object, int]:
         """Gradient at the own model, then the message the neighbours will read (and its
         size in bytes, for the driver)."""
         unflatten_into(self.x, self.params)
@@ -99,7 +100,11 @@ class GossipWorker:
         gen = torch.Generator(device=self.device).manual_seed(
             self.cfg.seed * 1_000_003 + step * 1009 + self.rank)
         if st.compress == "moniqua":
-            self.own = moniqua_encode(self.x, theta, st.bits, st.rounding, gen)
+            # The round's dither is the same on every worker: drawn from (seed, step) alone.
+            self.dither = (shared_dither(self.x.numel(), self.cfg.seed * 1_000_003 + step)
+                           if st.rounding == "dither" else None)
+            self.own = moniqua_encode(self.x, torch.as_tensor(theta), st.bits, st.rounding,
+                                      gen, block=st.block_size, dither=self.dither)
         elif st.compress == "choco":
             self.own = choco_compress(self.x - self.step_vec - self.public.get(
                 self.rank, torch.zeros_like(self.x)), st.choco_compressor, generator=gen)
@@ -107,7 +112,7 @@ class GossipWorker:
             self.own = dense_encode(self.x)
         return self.own, self.own.nbytes
 
-    def mix(self, refs: list, weights: dict[int, float], theta: float) -> dict:
+    def mix(self, refs: list, weights: dict[int, float]) -> dict:
         """Fetch the neighbours' messages (refs in the order of `weights`), decode, update.
         A neighbour whose message is gone (its machine vanished) is left out of this round."""
         st, x = self.cfg.strategy, self.x
@@ -119,22 +124,27 @@ class GossipWorker:
                 continue
         w = {j: weights[j] for j in msgs}
         w[self.rank] += sum(weights.values()) - sum(w.values())  # missing weight stays home
-        wraps, max_diff, decode_error = 0, 0.0, 0.0
+        block = st.block_size or x.numel()
+        wraps, max_diff = 0, np.zeros(1)
         if st.compress == "moniqua":
-            decode_error = moniqua_delta(st.bits, st.rounding) * self.own.modulus
-            own = moniqua_decode(self.own, x)
-            mix = torch.zeros_like(x)
+            # The jump check is reliable only while delta < 1/4 (strategies.compression
+            # .wrapped): at 1 bit and 2-bit stochastic only non-finite decodes are caught.
+            check_jumps = moniqua_delta(st.bits, st.rounding) < 0.25
+            half_b = self.own.modulus / 2  # B / 2 per value: the largest correct offset
+            own = moniqua_decode(self.own, x, self.dither)
+            mix, spread = torch.zeros_like(x), torch.zeros(-(-x.numel() // block))
             for j, msg in msgs.items():
                 if j == self.rank:
                     continue
-                decoded = moniqua_decode(msg, x)
-                if wrapped(decoded, self.last_decoded.get(j), theta, bits=st.bits,
-                           rounding=st.rounding):
+                decoded = moniqua_decode(msg, x, self.dither)
+                previous = self.last_decoded.get(j) if check_jumps else None
+                if wrapped(decoded, previous, half_b):  # bits=None: the limit is B / 2
                     wraps += 1  # this neighbour's value cannot be trusted this round
                 else:
                     mix += w[j] * (decoded - own)
                 self.last_decoded[j] = decoded
-                max_diff = max(max_diff, float((decoded - x).abs().max()))
+                spread = torch.maximum(spread, block_max(decoded - x, block).float())
+            max_diff = spread.numpy()  # per block: the next round's theta
             self.x = x + st.gamma * mix - self.step_vec
         elif st.compress == "choco":
             for j, msg in msgs.items():
@@ -143,14 +153,14 @@ class GossipWorker:
             me = self.public[self.rank]
             self.x = x_half + st.gamma * sum(w[j] * (self.public[j] - me)
                                              for j in msgs if j != self.rank)
-            max_diff = max([float((self.public[j] - me).abs().max()) for j in msgs] + [0.0])
+            max_diff = np.array([max([float((self.public[j] - me).abs().max())
+                                      for j in msgs] + [0.0])])
         else:
             dense = {j: msg.decompress().to(x) for j, msg in msgs.items()}
             self.x = sum(w[j] * dense[j] for j in dense) - self.step_vec
-            max_diff = max(float((dense[j] - x).abs().max()) for j in dense)
+            max_diff = np.array([max(float((dense[j] - x).abs().max()) for j in dense)])
         return {"loss": self.loss, "bytes": self.own.nbytes, "wraps": wraps,
-                "max_diff": max_diff, "decode_error": decode_error,
-                "max_step": float(self.step_vec.abs().max())}
+                "max_diff": max_diff, "max_step": block_max(self.step_vec, block).numpy()}
 
 
 RemoteGossipWorker = ray.remote(GossipWorker)
@@ -197,8 +207,11 @@ def train_gossip(cfg: Config) -> dict:
 
     pool = make_pool(cfg)
     interrupted, ray_address = False, ""
-    wraps, theta, margin = 0, 1e-8, st.theta_margin
-    recent_steps: deque[float] = deque(maxlen=20)
+    wraps, theta, margin = 0, np.full(1, 1e-8), st.theta_margin  # theta: one per block
+    recent_steps: deque[np.ndarray] = deque(maxlen=20)  # per block, for theta's bound (a)
+    if checkpoint is not None:
+        theta, margin = checkpoint.state["theta"].numpy(), checkpoint.state["margin"]
+        recent_steps.extend(checkpoint.state["recent_steps"].numpy())
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     workers: WorkerPool | None = None
 
@@ -218,7 +231,9 @@ def train_gossip(cfg: Config) -> dict:
     def save_checkpoint() -> None:
         avg, states = average()
         snapshot = {**progress.__dict__, "wall_s": progress.wall_s + time.perf_counter() - t_start}
-        state = {"average": torch.from_numpy(avg), "progress": snapshot, "replicas": {
+        state = {"average": torch.from_numpy(avg), "progress": snapshot,
+                 "theta": torch.from_numpy(theta), "margin": margin,
+                 "recent_steps": torch.from_numpy(np.array(recent_steps)), "replicas": {
             str(rank): torch.from_numpy(s) for rank, s in zip(workers.live, states)}
             if cfg.checkpoint.replicas == "all" else {}}
         store.save(progress.step, state, {"config": to_dict(cfg)})
@@ -248,8 +263,7 @@ def train_gossip(cfg: Config) -> dict:
                                           payload=True)
             live = sorted(messages)
             weights = {r: gossip_weights(live, st.topology, r, step) for r in live}
-            mix_args = {r: ([messages[j][0] for j in weights[r]], weights[r], theta)
-                        for r in live}
+            mix_args = {r: ([messages[j][0] for j in weights[r]], weights[r]) for r in live}
             stats, lost2 = workers.call("mix", mix_args) if live else ({}, 0)
             progress.preemptions += lost + lost2
 
@@ -258,12 +272,16 @@ def train_gossip(cfg: Config) -> dict:
                 wraps += round_wraps
                 if round_wraps:
                     margin *= 2  # the bound was too tight: widen it for good
-                recent_steps.append(max(s["max_step"] for s in stats.values()))
-                seen = max(s["max_diff"] + s["decode_error"] + 2 * s["max_step"]
-                           for s in stats.values())
-                if math.isfinite(seen):
-                    bound = 2 * max(recent_steps) / mixing_gap(tuple(live), st.topology)
-                    theta = moniqua_theta(min(bound, seen), margin)
+                # theta per block for the next round: margin x the smaller of (a) D-PSGD's
+                # spread bound 2 lr max|g| / gap and (b) the distance seen to decoded
+                # neighbours plus both sides' next local step.
+                recent_steps.append(np.max([s["max_step"] for s in stats.values()], axis=0))
+                seen = np.max([s["max_diff"] + 2 * s["max_step"] for s in stats.values()],
+                              axis=0)
+                if np.isfinite(seen).all():
+                    bound = 2 * np.max(recent_steps, axis=0) / mixing_gap(tuple(live),
+                                                                          st.topology)
+                    theta = np.maximum(margin * np.minimum(bound, seen), 1e-8)
                 progress.loss = float(np.mean([s["loss"] for s in stats.values()]))
                 progress.bytes_sent += sum(s["bytes"] for s in stats.values())
             else:
@@ -272,9 +290,12 @@ def train_gossip(cfg: Config) -> dict:
 
             progress.step = step
             progress.live.append(len(stats))
+            spot, on_demand = pool.costs()  # so far, for plots over time
             record = {"step": step, "loss": progress.loss, "live_workers": len(stats),
                       "step_s": time.perf_counter() - t0, "bytes_sent": progress.bytes_sent,
-                      "theta": theta, "wraps": wraps}
+                      "wall_s": progress.wall_s + time.perf_counter() - t_start,
+                      "cost_usd": cost0[0] + spot, "on_demand_cost_usd": cost0[1] + on_demand,
+                      "theta": float(theta.max()), "wraps": wraps}
             if (step % st.consensus_every == 0 or step == cfg.steps) and workers.live:
                 avg, states = average()
                 record["consensus_dist"] = float(np.mean(
@@ -315,7 +336,7 @@ def train_gossip(cfg: Config) -> dict:
         "lost_steps": progress.lost_steps, "skipped_steps": progress.skipped_steps,
         "wraps": wraps, "rejected_updates": 0, "byzantine_ranks": [],
         "interrupted": interrupted, "error": "",
-        "final_theta": theta if math.isfinite(theta) else None,
+        "final_theta": float(theta.max()),
     }
     log.finish(summary, live)
     return summary

@@ -1,5 +1,6 @@
 """The run directory: config.yaml, metrics.jsonl (one line per step), summary.json, and what
-the user sees: a progress bar on stderr and a short report at the end."""
+the user sees: a progress bar on stderr and a short report at the end. With
+log.tensorboard=true every numeric field of each step also goes to <run dir>/tensorboard."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from orchestrator.config import Config, to_yaml
+from orchestrator.config import Config, ConfigError, to_yaml
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -37,6 +38,16 @@ def sparkline(values: list[int], top: int, width: int = 60) -> str:
     return "".join(BARS[round(sum(b) / len(b) / max(top, 1) * (len(BARS) - 1))] for b in buckets)
 
 
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (readable as plain text too)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
 class RunLog:
     """Writes a run's files and shows its progress on stderr."""
 
@@ -45,6 +56,14 @@ class RunLog:
         self.dir = make_run_dir(cfg)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
+        self._tensorboard = None
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("log.tensorboard=true needs the tensorboard package: "
+                                  "pip install 'squall[tensorboard]'") from None
+            self._tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
 
     def open_metrics(self, start_step: int) -> int:
         """Start logging after `start_step`: lines past it (steps a resumed run redoes) are
@@ -63,6 +82,10 @@ class RunLog:
     def step(self, record: dict) -> None:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, record["step"])
         postfix = {"loss": f"{record['loss']:.3f}", "workers": record["live_workers"]}
         if "test_acc" in record:
             postfix["acc"] = f"{record['test_acc']:.3f}"
@@ -76,6 +99,8 @@ class RunLog:
     def finish(self, summary: dict, live: list[int]) -> None:
         self._bar.close()
         self._metrics.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         s = summary
         status = "interrupted" if s["interrupted"] else "done"

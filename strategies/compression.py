@@ -5,7 +5,7 @@ travel through an object store) with ``.nbytes``: the real wire size, i.e. the p
 payload plus a small header counted at the sizes named in each class.
 
 Moniqua (Lu & De Sa, ICML 2020). With b bits, s = 2^-b, rounding error at most delta
-(delta = s stochastic, s/2 nearest) and B = 2 theta / (1 - 2 delta):
+(delta = s stochastic, s/2 nearest or dither) and B = 2 theta / (1 - 2 delta):
 
 - encode: q = Q((x / B) mod 1) on the levels k*s, k = 0..2^b - 1. Q works modulo 1: a
   value that rounds up to 1.0 is sent as level 0 (same point of the circle).
@@ -18,17 +18,24 @@ with |e| <= delta, so q B - y = (x - y) + e B (mod B). Since theta + delta B = B
 The single point B/2 would wrap to -B/2; it needs |x - y| = theta and e = +delta, which
 only nearest rounding can produce, at a tie. Nearest rounding therefore breaks ties
 *downwards* (e in [-s/2, s/2)), which makes the guarantee hold on the closed bound.
-Stochastic rounding has |e| < s strictly. B is rounded up by two ulps so that
-theta <= B (1 - 2 delta) / 2 holds in floating point too. Encode and decode compute in
-float64 (float32 would lose log2(|x| / B) bits in the mod-1 step); beyond that the
-guarantee holds up to rounding of order 1e-16 |x|. Keep a margin on theta (moniqua_theta).
+Encode and decode compute in float64 (float32 would lose log2(|x| / B) bits in the mod-1
+step); keep a margin on theta (moniqua_theta).
 
-Update (background.md): x_i <- x_i + sum_j W_ij (x_hat_j - x_hat_i) - lr g_i, i.e.
-``choco_step(x_i, x_hat_i, x_hat_nbrs, w, gamma=1) - lr * g_i``. With theta tracking the
-measured spread, the decode noise (up to delta B, proportional to theta) is large at 2
-bits; on an 8-ring gamma = 1 diverges with stochastic rounding, and nearest rounding has a
-dead zone (differences below the grid step s B round to 0). A consensus step gamma ~ 0.3
-converges (see tests/test_compression.py).
+Two additions to the paper, both measured in benchmarks/gossip.md:
+- Blocks: theta (and so B) per block of values instead of one for the whole model, so a few
+  large coordinates do not set a coarse grid for all the others; B travels as one byte per
+  block (a power of 2^(1/4), rounded up).
+- rounding='dither' (subtractive dither): level k = round(u + v), decoded as k - v, where v
+  in [-1/2, 1/2) is drawn from a seed every worker shares for the round (never sent). The
+  error keeps nearest rounding's bound (delta = s/2, so 1 bit works) but is uniform, zero
+  mean and independent of x; and since neighbours share v, two close models are rounded
+  alike, so the difference x_hat_j - x_hat_i that the update uses is unbiased with variance
+  about s B |x_j - x_i| instead of (s B)^2. Nearest rounding has a dead zone (differences
+  below s B vanish) and independent stochastic rounding adds noise of size s B each round;
+  with a theta that tracks the measured spread both fed back into theta and kept the
+  replicas from agreeing at <= 2 bits.
+
+Update (background.md): x_i <- x_i + gamma sum_j W_ij (x_hat_j - x_hat_i) - lr g_i.
 
 CHOCO-SGD (Koloskova et al. 2019): x_half = x - lr g; q = Q(x_half - x_hat_self);
 every holder of a copy does x_hat_j += decompress(q_j); then
@@ -45,11 +52,11 @@ import torch
 
 from strategies.bitpack import VALID_BITS, pack_bits, pack_signs, unpack_bits, unpack_signs
 
-ROUNDINGS = ("stochastic", "nearest")
+ROUNDINGS = ("dither", "stochastic", "nearest")
 
-# Header sizes on the wire: count as uint32, bits as uint8, scales as float32 except
-# Moniqua's B, sent as float64 because decoding is done in float64.
-_COUNT_BYTES, _BITS_BYTES, _F32_BYTES, _F64_BYTES = 4, 1, 4, 8
+# Header sizes on the wire: counts as uint32, bits as uint8, scales as float32 (Moniqua's B:
+# one byte per block, see scale_code).
+_COUNT_BYTES, _BITS_BYTES, _F32_BYTES = 4, 1, 4
 
 
 # ---------------------------------------------------------------------------- none
@@ -76,28 +83,40 @@ def dense_encode(x: torch.Tensor) -> DenseMessage:
 
 # ------------------------------------------------------------------------- Moniqua
 
+# B travels as a 1-byte code per block: B = 2^(code / 4 - 32), rounded *up* to the next code
+# (at most 19% larger, which only loosens the bound). Codes cover 2.3e-10 .. 3.6e9.
+_SCALE_STEPS_PER_OCTAVE, _SCALE_OFFSET = 4, 128
+
 
 @dataclass
 class MoniquaMessage:
-    """Moniqua message: packed level indices plus a header (count, bits, B)."""
+    """Moniqua message: packed level indices plus a header (count, bits, block size) and one
+    byte per block coding that block's modulus B."""
 
     payload: torch.Tensor  # uint8, ceil(count * bits / 8) bytes
     count: int
     bits: int
-    modulus: float  # B = 2 theta / (1 - 2 delta)
+    block: int  # values per block; each block has its own B
+    scale_codes: torch.Tensor  # uint8, one per block
 
-    HEADER_BYTES = _COUNT_BYTES + _BITS_BYTES + _F64_BYTES
+    HEADER_BYTES = _COUNT_BYTES + _BITS_BYTES + _COUNT_BYTES
 
     @property
     def nbytes(self) -> int:
-        return self.payload.numel() + self.HEADER_BYTES
+        return self.payload.numel() + self.scale_codes.numel() + self.HEADER_BYTES
 
-    def decode(self, x_local: torch.Tensor) -> torch.Tensor:
-        return moniqua_decode(self, x_local)
+    @property
+    def modulus(self) -> torch.Tensor:
+        """B per value (float64)."""
+        return block_moduli(self.scale_codes).repeat_interleave(self.block)[:self.count]
+
+    def decode(self, x_local: torch.Tensor, dither: torch.Tensor | None = None) -> torch.Tensor:
+        return moniqua_decode(self, x_local, dither)
 
 
 def moniqua_delta(bits: int, rounding: str) -> float:
-    """Worst-case rounding error delta, in units of B: s for stochastic, s/2 for nearest."""
+    """Worst-case rounding error delta, in units of B: s for stochastic, s/2 for nearest and
+    dither."""
     if bits not in VALID_BITS:
         raise ValueError(f"strategy.bits must be one of {VALID_BITS}, got {bits!r}")
     if rounding not in ROUNDINGS:
@@ -105,7 +124,7 @@ def moniqua_delta(bits: int, rounding: str) -> float:
     if bits == 1 and rounding == "stochastic":
         raise ValueError(
             "strategy.rounding='stochastic' needs at least 2 bits (delta = s = 1/2 leaves "
-            "no room for theta); use strategy.rounding='nearest' with 1 bit"
+            "no room for theta); use strategy.rounding='dither' or 'nearest' with 1 bit"
         )
     step = 2.0**-bits
     return step if rounding == "stochastic" else step / 2
@@ -123,39 +142,91 @@ def moniqua_modulus(theta: float, bits: int, rounding: str) -> float:
     return math.nextafter(math.nextafter(modulus, math.inf), math.inf)
 
 
+def scale_codes(thetas: torch.Tensor, bits: int, rounding: str) -> torch.Tensor:
+    """Per block, the smallest 1-byte code whose B = 2^(code/4 - 32) is >= 2 theta / (1 - 2
+    delta) (uint8)."""
+    if not bool(torch.isfinite(thetas).all() and (thetas > 0).all()):
+        raise ValueError("theta must be positive and finite in every block")
+    need = 2.0 * thetas.to(torch.float64) / (1.0 - 2.0 * moniqua_delta(bits, rounding))
+    need = torch.nextafter(need, torch.full_like(need, math.inf))  # the division rounded
+    codes = torch.ceil(torch.log2(need) * _SCALE_STEPS_PER_OCTAVE) + _SCALE_OFFSET
+    codes += (block_moduli(codes) < need).to(codes.dtype)  # log2 rounding
+    # Below the range a larger B only loosens the bound; above it training has diverged and
+    # the decodes wrap (wrap detection reports it).
+    return codes.clamp_(0, 255).to(torch.uint8)
+
+
+def block_moduli(codes: torch.Tensor) -> torch.Tensor:
+    """B of each block from its 1-byte code (exact powers of 2^(1/4), float64)."""
+    exponent = (codes.to(torch.float64) - _SCALE_OFFSET) / _SCALE_STEPS_PER_OCTAVE
+    return torch.pow(2.0, exponent)
+
+
+def shared_dither(count: int, seed: int) -> torch.Tensor:
+    """The round's dither in [-1/2, 1/2): every worker draws the same values from the same
+    seed, so a receiver can subtract the sender's dither without it being sent."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(count, generator=gen, dtype=torch.float64) - 0.5
+
+
 def moniqua_encode(
     x: torch.Tensor,
-    theta: float,
+    theta: float | torch.Tensor,
     bits: int,
     rounding: str,
     generator: torch.Generator | None = None,
+    *,
+    block: int = 0,
+    dither: torch.Tensor | None = None,
 ) -> MoniquaMessage:
-    """Quantize (x / B) mod 1 to ``bits`` bits per coordinate (x is flattened)."""
-    modulus = moniqua_modulus(theta, bits, rounding)
+    """Quantize (x / B) mod 1 to ``bits`` bits per coordinate (x is flattened).
+
+    theta is one bound for all values or one per block of ``block`` values (block=0: a single
+    block). rounding='dither' needs ``dither`` (:func:`shared_dither`), the same on every
+    worker; 'stochastic' draws from ``generator``.
+    """
+    flat = x.detach().reshape(-1).to(torch.float64)
+    block = block or max(flat.numel(), 1)
+    thetas = torch.as_tensor(theta, dtype=torch.float64).reshape(-1).cpu()
+    n_blocks = -(-flat.numel() // block)
+    if thetas.numel() == 1:
+        thetas = thetas.expand(n_blocks)
+    if thetas.numel() != n_blocks:
+        raise ValueError(f"{thetas.numel()} thetas for {n_blocks} blocks of {block} values")
+    codes = scale_codes(thetas, bits, rounding)
+    modulus = block_moduli(codes).repeat_interleave(block)[:flat.numel()].to(flat.device)
     levels = 1 << bits
-    u = torch.remainder(x.detach().reshape(-1).to(torch.float64) / modulus, 1.0) * levels
+    u = torch.remainder(flat / modulus, 1.0) * levels
     if rounding == "nearest":
         k = torch.ceil(u - 0.5)  # round half down: error in [-s/2, s/2)
+    elif rounding == "dither":
+        if dither is None or dither.numel() != u.numel():
+            raise ValueError("rounding='dither' needs the round's shared dither, one per value")
+        k = torch.ceil(u + dither.to(u.device) - 0.5)  # error of k - dither in [-s/2, s/2)
     else:
         noise = torch.rand(u.shape, generator=generator, dtype=u.dtype, device=u.device)
         k = torch.floor(u + noise)  # E[k] = u, error in (-s, s)
-    codes = k.to(torch.int64).remainder_(levels)  # level 2^b is level 0 (mod 1)
-    return MoniquaMessage(pack_bits(codes, bits), u.numel(), bits, modulus)
+    levels_sent = k.to(torch.int64).remainder_(levels)  # level 2^b is level 0 (mod 1)
+    return MoniquaMessage(pack_bits(levels_sent, bits), u.numel(), bits, block, codes)
 
 
-def centred_mod(v: torch.Tensor, modulus: float) -> torch.Tensor:
+def centred_mod(v: torch.Tensor, modulus: float | torch.Tensor) -> torch.Tensor:
     """v cmod B: the representative of v modulo B in [-B/2, B/2)."""
     return torch.remainder(v + modulus / 2, modulus) - modulus / 2
 
 
-def moniqua_decode(msg: MoniquaMessage, x_local: torch.Tensor) -> torch.Tensor:
-    """x_hat = ((q B - x_local) cmod B) + x_local, shaped and typed like ``x_local``."""
+def moniqua_decode(msg: MoniquaMessage, x_local: torch.Tensor,
+                   dither: torch.Tensor | None = None) -> torch.Tensor:
+    """x_hat = ((q B - x_local) cmod B) + x_local, shaped and typed like ``x_local``; q is the
+    level minus the shared dither when the sender dithered."""
     if x_local.numel() != msg.count:
         raise ValueError(f"message has {msg.count} values, local model {x_local.numel()}")
     y = x_local.detach().reshape(-1).to(torch.float64)
     q = unpack_bits(msg.payload.to(y.device), msg.bits, msg.count).to(torch.float64)
-    q *= msg.modulus * 2.0**-msg.bits
-    x_hat = centred_mod(q - y, msg.modulus) + y
+    if dither is not None:
+        q -= dither.to(y.device)
+    modulus = msg.modulus.to(y.device)
+    x_hat = centred_mod(q * modulus * 2.0**-msg.bits - y, modulus) + y
     return x_hat.to(x_local.dtype).reshape(x_local.shape)
 
 
@@ -170,10 +241,17 @@ def moniqua_theta(max_abs_diff: float, margin: float = 2.0, floor: float = 1e-8)
     return max(margin * max_abs_diff, floor)
 
 
+def block_max(v: torch.Tensor, block: int) -> torch.Tensor:
+    """max |v| over each block of ``block`` values (the last block may be shorter)."""
+    flat = v.detach().reshape(-1).abs()
+    pad = -flat.numel() % block
+    return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block).amax(1)
+
+
 def wrapped(
     decoded: torch.Tensor,
     previous: torch.Tensor | None,
-    theta: float,
+    theta: float | torch.Tensor,
     *,
     bits: int | None = None,
     rounding: str = "nearest",
@@ -181,26 +259,26 @@ def wrapped(
     """Heuristic wrap-around check for a decoded neighbour model.
 
     Rule: True when ``decoded`` is not finite, or when ``previous`` (the last decoded
-    value of the same neighbour) is given and ||decoded - previous||_inf > B / 2 =
-    theta + delta B, the largest offset the bound allows between a correct decode and
-    its reference. ``bits``/``rounding`` give delta; bits=None means delta = 0 (limit
-    theta, the strictest). A wrap moves a coordinate by a multiple of B, so against a
-    correct previous decode it shows up as a jump of at least (1 - 2 delta) B - m, m the
-    neighbour's true movement, while a correct decode jumps at most 2 delta B + m.
-    B/2 sits in the middle: reliable for fine quantization, coarse at 1 bit or 2-bit
-    stochastic (delta = 1/4) where both sides meet at B/2 (false alarms from jitter).
-    A neighbour that truly jumped by nearly a multiple of B aliases and is missed.
-    Comparing with the *local* model would be useless: by construction every decode
-    lies within B/2 of the local model, wrapped or not.
+    value of the same neighbour) is given and |decoded - previous| > B / 2 =
+    theta + delta B anywhere (theta: one value, or one per value), the largest offset the
+    bound allows between a correct decode and its reference. ``bits``/``rounding`` give
+    delta; bits=None means delta = 0 (limit theta, the strictest). A wrap moves a
+    coordinate by a multiple of B, so against a correct previous decode it shows up as a
+    jump of at least (1 - 2 delta) B - m, m the neighbour's true movement, while a correct
+    decode jumps at most 2 delta B + m. B/2 sits in the middle: reliable for fine
+    quantization, coarse at 1 bit or 2-bit stochastic (delta = 1/4) where both sides meet
+    at B/2 (false alarms from jitter). A neighbour that truly jumped by nearly a multiple
+    of B aliases and is missed. Comparing with the *local* model would be useless: by
+    construction every decode lies within B/2 of the local model, wrapped or not.
     """
     if not bool(torch.isfinite(decoded).all()):
         return True
     if previous is None or decoded.numel() == 0:
         return False
     delta = 0.0 if bits is None else moniqua_delta(bits, rounding)
-    limit = theta / (1.0 - 2.0 * delta)  # = B / 2
-    gap = (decoded.to(torch.float64) - previous.to(torch.float64)).abs().max()
-    return bool(gap > limit)
+    limit = torch.as_tensor(theta, dtype=torch.float64) / (1.0 - 2.0 * delta)  # = B / 2
+    gap = (decoded.to(torch.float64) - previous.to(torch.float64)).abs().reshape(-1)
+    return bool((gap > limit.to(gap.device)).any())
 
 
 # -------------------------------------------------------------------------- CHOCO

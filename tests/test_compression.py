@@ -28,6 +28,7 @@ from strategies.compression import (
     moniqua_theta,
     qsgd_compress,
     qsgd_tau,
+    shared_dither,
     sign_compress,
     wrapped,
 )
@@ -36,10 +37,15 @@ from strategies.topology import mixing_matrix
 F64 = torch.float64
 SETTINGS = [(1, "nearest"), (2, "nearest"), (2, "stochastic"), (4, "nearest")]
 SETTINGS += [(4, "stochastic"), (8, "nearest"), (8, "stochastic")]
+SETTINGS += [(1, "dither"), (2, "dither"), (8, "dither")]
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _dither(rounding: str, count: int, seed: int) -> torch.Tensor | None:
+    return shared_dither(count, seed) if rounding == "dither" else None
 
 
 # ------------------------------------------------------------------ Moniqua basics
@@ -97,11 +103,12 @@ def test_moniqua_recovery_error_is_at_most_delta_b(case: tuple) -> None:
     x = x_local + theta * t
     # |x - x_local| <= theta, up to the float64 rounding of the sum itself.
     assert float((x - x_local).abs().max()) <= theta * (1 + 1e-12) + 1e-13 * 1e3
-    msg = moniqua_encode(x, theta, bits, rounding, generator=_gen(seed))
-    x_hat = moniqua_decode(msg, x_local)
+    dither = _dither(rounding, x.numel(), seed)
+    msg = moniqua_encode(x, theta, bits, rounding, generator=_gen(seed), dither=dither)
+    x_hat = moniqua_decode(msg, x_local, dither)
     bound = moniqua_delta(bits, rounding) * msg.modulus
     slack = 1e-12 * (1 + float(x.abs().max()))  # float64 rounding, no wrap
-    assert float((x_hat - x).abs().max()) <= bound + slack
+    assert bool(((x_hat - x).abs() <= bound + slack).all())
 
 
 def test_moniqua_recovery_on_float32_models() -> None:
@@ -110,19 +117,21 @@ def test_moniqua_recovery_on_float32_models() -> None:
         x_local = torch.randn(5000, generator=gen)
         theta = 0.01
         x = x_local + theta * (2 * torch.rand(5000, generator=gen) - 1)
-        msg = moniqua_encode(x, theta, bits, rounding, generator=gen)
-        x_hat = moniqua_decode(msg, x_local)
+        dither = _dither(rounding, 5000, 9)
+        msg = moniqua_encode(x, theta, bits, rounding, generator=gen, dither=dither)
+        x_hat = moniqua_decode(msg, x_local, dither)
         assert x_hat.dtype == torch.float32
         bound = moniqua_delta(bits, rounding) * msg.modulus
-        assert float((x_hat - x).abs().max()) <= bound + 1e-6
+        assert bool(((x_hat - x).abs() <= bound + 1e-6).all())
 
 
 def test_nearest_ties_round_down_so_the_closed_bound_holds() -> None:
-    # 2-bit nearest, theta = 1.5: B = 4 (+2 ulps), s B = 1. At |x - y| = 3/8 B (= theta)
-    # (x / B) mod 1 sits exactly halfway between two levels. Rounding that tie up would
-    # land on q B - y = +B/2, which the centred modulo wraps to -B/2 (error B - delta B).
-    modulus = moniqua_modulus(1.5, 2, "nearest")
-    assert modulus == pytest.approx(4.0, rel=1e-15) and modulus >= 4.0
+    # 2-bit nearest: B = 2 theta / (1 - 1/4) rounded up to its 1-byte code, s B = B / 4. At
+    # |x - y| = 3/8 B (the largest theta this B allows) (x / B) mod 1 sits exactly halfway
+    # between two levels. Rounding that tie up would land on q B - y = +B/2, which the
+    # centred modulo wraps to -B/2 (error B - delta B).
+    modulus = float(moniqua_encode(torch.zeros(1), 1.5, 2, "nearest").modulus[0])
+    assert modulus >= moniqua_modulus(1.5, 2, "nearest")
     x = torch.tensor([0.375, -0.375, 0.125, -0.125], dtype=F64) * modulus
     assert ((x / modulus) * 8).tolist() == [3.0, -3.0, 1.0, -1.0]  # exact ties
     x_hat = moniqua_decode(moniqua_encode(x, 1.5, 2, "nearest"), torch.zeros(4, dtype=F64))
@@ -153,8 +162,11 @@ def test_moniqua_message_is_really_packed() -> None:
     x = torch.randn(1000)
     two = moniqua_encode(x, 1.0, 2, "stochastic")
     assert two.payload.dtype == torch.uint8 and two.payload.numel() == 250
-    assert two.nbytes == 250 + MoniquaMessage.HEADER_BYTES
+    assert two.nbytes == 250 + 1 + MoniquaMessage.HEADER_BYTES  # one block: one scale byte
     assert MoniquaMessage.HEADER_BYTES <= 16
+    blocks = moniqua_encode(x, torch.full((8,), 1.0), 2, "stochastic", block=128)
+    assert blocks.scale_codes.dtype == torch.uint8 and blocks.scale_codes.numel() == 8
+    assert blocks.nbytes == 250 + 8 + MoniquaMessage.HEADER_BYTES
     assert moniqua_encode(torch.randn(1001), 1.0, 1, "nearest").payload.numel() == 126
     assert moniqua_encode(x, 1.0, 8, "nearest").payload.numel() == 1000
     assert dense_encode(x).nbytes == 4000
@@ -210,7 +222,7 @@ def test_violating_the_bound_wraps_and_is_detected() -> None:
     # Healthy next step: the neighbour moved a little.
     moved = neighbour + 0.01
     second = moniqua_decode(moniqua_encode(moved, theta, bits, rounding), x_local)
-    modulus = moniqua_modulus(theta, bits, rounding)
+    modulus = float(moniqua_encode(moved, theta, bits, rounding).modulus[0])
     assert float((second - moved).abs().max()) <= moniqua_delta(bits, rounding) * modulus
     assert not wrapped(second, first, theta, bits=bits, rounding=rounding)
 
@@ -256,6 +268,7 @@ def _simulate(
     rounding: str = "stochastic",
     gamma: float = 1.0,
     theta: float | None = None,
+    margin: float = 2.0,
     steps: int = 400,
     seed: int = 0,
 ) -> tuple[float, int]:
@@ -282,14 +295,15 @@ def _simulate(
             x = x - lr * grad
             continue
         spread = max(float((x[i] - x[j]).abs().max()) for i in range(n) for j in nbrs[i])
-        th = theta if theta is not None else moniqua_theta(spread)
-        msgs = [moniqua_encode(x[i], th, bits, rounding, gen) for i in range(n)]
+        th = theta if theta is not None else moniqua_theta(spread, margin)
+        dither = _dither(rounding, d, seed * 100_003 + step)  # the same on every node
+        msgs = [moniqua_encode(x[i], th, bits, rounding, gen, dither=dither) for i in range(n)]
         new = x.clone()
         for i in range(n):
-            own = moniqua_decode(msgs[i], x[i])
+            own = moniqua_decode(msgs[i], x[i], dither)
             hats = []
             for j in nbrs[i]:
-                hat = moniqua_decode(msgs[j], x[i])
+                hat = moniqua_decode(msgs[j], x[i], dither)
                 alarms += wrapped(hat, last.get((i, j)), th, bits=bits, rounding=rounding)
                 last[(i, j)] = hat
                 hats.append(hat)
@@ -298,30 +312,77 @@ def _simulate(
     return float((x.mean(0) - optimum).abs().max()), alarms
 
 
-def test_two_bit_moniqua_converges_close_to_dpsgd() -> None:
+def test_dithered_moniqua_converges_close_to_dpsgd_at_two_and_one_bits() -> None:
     exact, _ = _simulate("fp")
-    silent, _ = _simulate("silent")
-    assert exact < 0.03 and silent > 0.3  # the problem needs communication
+    assert exact < 0.03
     for seed in (0, 1):
-        err, _ = _simulate("moniqua", gamma=0.3, seed=seed)
-        assert err < 0.15, (seed, err)
-        assert err < 0.4 * _simulate("silent", seed=seed)[0]
+        silent, _ = _simulate("silent", seed=seed)
+        assert silent > 0.3  # the problem needs communication
+        two, alarms = _simulate("moniqua", rounding="dither", gamma=0.3, seed=seed)
+        assert two < 0.15 and two < 0.4 * silent and alarms == 0, (seed, two)
+        one, _ = _simulate("moniqua", bits=1, rounding="dither", gamma=0.2, margin=1.5,
+                           seed=seed)
+        assert one < 0.2 and one < 0.5 * silent, (seed, one)
 
 
 def test_moniqua_with_a_tiny_theta_fails_and_wrap_detection_fires() -> None:
     silent, _ = _simulate("silent")
-    # 4-bit nearest: healthy runs raise no alarm; a tiny theta wraps constantly.
-    err, alarms = _simulate("moniqua", bits=4, rounding="nearest")
-    assert err < 0.03 and alarms == 0
-    err, alarms = _simulate("moniqua", bits=4, rounding="nearest", theta=1e-3)
-    assert err > 0.8 * silent  # no better than not communicating at all
-    assert alarms > 500
-    # 2-bit stochastic (delta = 1/4): the rule is coarse, healthy runs raise some alarms
-    # (decode jitter alone can reach the B/2 limit), a tiny theta raises far more.
-    _, healthy_alarms = _simulate("moniqua", gamma=0.3)
-    err, alarms = _simulate("moniqua", gamma=0.3, theta=1e-3)
-    assert err > 0.8 * silent
-    assert alarms > 3 * healthy_alarms
+    for rounding in ("nearest", "dither"):  # 4 and 2 bits: healthy runs raise no alarm
+        for bits in (4, 2):
+            if (bits, rounding) == (2, "nearest"):
+                continue  # stalls (see the failure modes below)
+            err, alarms = _simulate("moniqua", bits=bits, rounding=rounding, gamma=0.3)
+            assert err < 0.15 and alarms == 0, (bits, rounding, err, alarms)
+            # A tiny theta wraps constantly: no better than not communicating at all.
+            err, alarms = _simulate("moniqua", bits=bits, rounding=rounding, gamma=0.3,
+                                    theta=1e-3)
+            assert err > 0.8 * silent and alarms > 500, (bits, rounding, err, alarms)
+
+
+def test_shared_dither_rounds_close_models_alike() -> None:
+    # x_hat_j - x_hat_i is what the update uses. With the shared dither it is unbiased and
+    # its spread shrinks with |x_j - x_i|; independent stochastic rounding adds noise of the
+    # size of the grid step s B whatever the distance.
+    gen = _gen(8)
+    d, theta, gap = 400, 1.0, 0.05
+    x_i = torch.randn(d, dtype=F64, generator=gen)
+    x_j = x_i + gap
+    diffs = {"dither": [], "stochastic": []}
+    for seed in range(300):
+        dither = shared_dither(d, seed)
+        for rounding in diffs:
+            a = moniqua_encode(x_i, theta, 2, rounding, gen, dither=dither)
+            b = moniqua_encode(x_j, theta, 2, rounding, gen, dither=dither)
+            diffs[rounding].append(moniqua_decode(b, x_i, dither if rounding == "dither"
+                                                  else None)
+                                   - moniqua_decode(a, x_i, dither if rounding == "dither"
+                                                    else None))
+    dith, stoch = torch.stack(diffs["dither"]), torch.stack(diffs["stochastic"])
+    assert abs(float(dith.mean()) - gap) < 0.01 and abs(float(stoch.mean()) - gap) < 0.02
+    assert float(dith.std()) < 0.5 * float(stoch.std())
+    assert shared_dither(5, 1).tolist() == shared_dither(5, 1).tolist()
+    assert bool((shared_dither(1000, 2).abs() <= 0.5).all())
+    with pytest.raises(ValueError, match="dither"):
+        moniqua_encode(x_i, theta, 2, "dither")
+
+
+def test_blocks_get_their_own_grid() -> None:
+    # Block 0 spreads 100x wider than block 1: one theta for both would quantize block 1
+    # on block 0's coarse grid.
+    gen = _gen(12)
+    x_local = torch.randn(256, dtype=F64, generator=gen)
+    offsets = torch.cat([torch.rand(128, dtype=F64, generator=gen) - 0.5,
+                         0.01 * (torch.rand(128, dtype=F64, generator=gen) - 0.5)])
+    x = x_local + offsets
+    dither = shared_dither(256, 0)
+    one = moniqua_encode(x, 0.5, 2, "dither", dither=dither)
+    two = moniqua_encode(x, torch.tensor([0.5, 0.005]), 2, "dither", block=128, dither=dither)
+    err_one = (moniqua_decode(one, x_local, dither) - x).abs()
+    err_two = (moniqua_decode(two, x_local, dither) - x).abs()
+    assert bool((err_two <= moniqua_delta(2, "dither") * two.modulus + 1e-12).all())
+    assert float(err_two[128:].max()) < 0.02 * float(err_one[128:].max())
+    with pytest.raises(ValueError, match="3 thetas for 2 blocks"):
+        moniqua_encode(x, torch.ones(3), 2, "dither", block=128, dither=dither)
 
 
 def test_two_bit_moniqua_failure_modes_on_a_ring() -> None:

@@ -1,0 +1,484 @@
+"""cloud=aws: EC2 spot instances that join the driver's Ray cluster (boto3 only).
+
+The driver runs on the Ray head node (an on-demand machine). For each machine the pool launches
+one spot instance with run_instances, over cloud.instance_types x cloud.subnets, cheapest current
+spot price first; a capacity error (no capacity, price too low, quota) moves on to the next type
+or zone, and after cloud.launch_rounds rounds with doubling backoff the launch fails with one
+clear error. The instance's user data runs `ray start --address=<head>` with a resource named
+after the instance ({"squall_node_<key>": 1}): its worker asks for part of that resource, so it
+lands on that instance and nowhere else. The other part goes to a Watcher actor (cloud/imds.py)
+that polls the instance metadata service (IMDSv2) and returns when a spot interruption notice or
+a rebalance recommendation arrives; poll() hands that machine to the job in PollResult.noticed
+(the job drains its worker), asks for a replacement, and terminates the drained instance at the
+next poll. Every instance is tagged squall:job=<run.name>; shutdown() terminates all of them, and
+`squall cloud cleanup run.name=...` finds leftovers of a crashed driver by that tag.
+
+Spot price history (describe_spot_price_history, paginated) prices every machine per second for
+the run's cost, and `squall cloud prices ... out=FILE` writes it as a trace for cloud=simulated.
+
+With cloud.local_nodes=true (tests: moto cannot boot anything) each launched instance gets a
+local Ray node with the instance's resource, in a ray.cluster_utils.Cluster like
+cloud/simulated.py, and each watcher polls cloud.imds_url with {instance_id} filled in.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import boto3
+import ray
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from ray.cluster_utils import Cluster
+from ray.exceptions import RayError
+
+from cloud.imds import Watcher
+from cloud.pool import Machine, PollResult, Pool
+from cloud.traces import write_trace
+from orchestrator.config import CloudConfig, Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+JOB_TAG = "squall:job"
+NODE_TAG = "squall:node"
+WORKER_SHARE = 0.5  # of the instance's resource; the watcher takes the rest
+# Errors that say "not this type/zone now": try the next one, then another round.
+CAPACITY_ERRORS = {
+    "InsufficientInstanceCapacity", "InsufficientCapacity", "SpotMaxPriceTooLow",
+    "MaxSpotInstanceCountExceeded", "InstanceLimitExceeded", "VcpuLimitExceeded",
+    "InsufficientFreeAddressesInSubnet", "Unsupported", "RequestLimitExceeded",
+}
+LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+NO_CREDENTIALS = ("cloud=aws: no AWS credentials found (boto3 default chain: environment, "
+                  "~/.aws, instance role)")
+
+RemoteWatcher = ray.remote(num_cpus=0)(Watcher)
+
+
+class AwsError(ConfigError):
+    """An AWS call that failed for good; one line for the terminal (no credentials in it)."""
+
+
+@dataclass
+class Instance:
+    id: str
+    instance_type: str
+    zone: str
+    key: str  # the Ray resource that names the instance's node
+    node: Any = None  # the local stand-in Ray node (cloud.local_nodes)
+    watcher: Any = None  # the Watcher actor on it
+
+
+# --------------------------------------------------------------------------- EC2 calls
+class Ec2:
+    """The few EC2 calls the adapter makes. Credentials come only from boto3's default chain."""
+
+    def __init__(self, cloud: CloudConfig) -> None:
+        session = boto3.session.Session(region_name=cloud.region or None)
+        if not session.region_name:
+            raise AwsError("cloud=aws: no region; set cloud.region=us-east-1 (or "
+                           "$AWS_DEFAULT_REGION)")
+        self.region = session.region_name
+        endpoint = cloud.endpoint_url or None
+        self.client = session.client("ec2", endpoint_url=endpoint, config=BotoConfig(
+            retries={"mode": "standard", "total_max_attempts": 5}))
+        # Launches are retried by launch() itself, across types and zones, not in place.
+        self.launcher = session.client("ec2", endpoint_url=endpoint, config=BotoConfig(
+            retries={"mode": "standard", "total_max_attempts": 1}))
+
+    def _call(self, operation: str, client: Any = None, **kwargs: Any) -> dict:
+        try:
+            return getattr(client or self.client, operation)(**kwargs)
+        except NoCredentialsError:
+            raise AwsError(NO_CREDENTIALS) from None
+        except BotoCoreError as e:
+            raise AwsError(f"cloud=aws: {operation}: {e}") from None
+
+    def _pages(self, operation: str, **kwargs: Any) -> list[dict]:
+        """Every page of a paginated call."""
+        try:
+            return list(self.client.get_paginator(operation).paginate(**kwargs))
+        except ClientError as e:
+            raise AwsError(f"cloud=aws: {operation}: {_describe(e)}") from None
+        except NoCredentialsError:
+            raise AwsError(NO_CREDENTIALS) from None
+        except BotoCoreError as e:
+            raise AwsError(f"cloud=aws: {operation}: {e}") from None
+
+    def subnets(self, wanted: list[str]) -> list[tuple[str | None, str]]:
+        """(subnet id, zone) to launch in: the configured subnets, else the default VPC's."""
+        try:
+            if wanted:
+                found = self._call("describe_subnets", SubnetIds=wanted)["Subnets"]
+            else:
+                found = self._call("describe_subnets", Filters=[
+                    {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+        except ClientError as e:
+            raise AwsError(f"cloud.subnets={wanted}: {_describe(e)}") from None
+        pairs = sorted((s["SubnetId"], s["AvailabilityZone"]) for s in found)
+        return pairs or [(None, "")]  # no default VPC subnets: EC2 picks
+
+    def launch(self, tags: dict[str, str], user_data: str, choices: list[tuple[str, str | None]],
+               cloud: CloudConfig, rounds: int) -> dict:
+        """One spot instance of the first (type, subnet) that has capacity; the instance dict."""
+        market: dict[str, Any] = {"SpotInstanceType": "one-time",
+                                  "InstanceInterruptionBehavior": "terminate"}
+        if cloud.bid:
+            market["MaxPrice"] = f"{cloud.bid:g}"
+        request: dict[str, Any] = {
+            "ImageId": cloud.ami, "MinCount": 1, "MaxCount": 1, "UserData": user_data,
+            "InstanceMarketOptions": {"MarketType": "spot", "SpotOptions": market},
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": [
+                {"Key": k, "Value": v} for k, v in tags.items()]}],
+        }
+        if cloud.security_groups:
+            request["SecurityGroupIds"] = list(cloud.security_groups)
+        last = ""
+        for round_ in range(rounds):
+            if round_:
+                time.sleep(cloud.retry_backoff_s * 2 ** (round_ - 1))
+            for instance_type, subnet in choices:
+                where = {"SubnetId": subnet} if subnet else {}
+                try:
+                    reply = self._call("run_instances", self.launcher, InstanceType=instance_type,
+                                       **where, **request)
+                    return reply["Instances"][0]
+                except ClientError as e:
+                    if _code(e) not in CAPACITY_ERRORS:
+                        raise AwsError(f"cloud=aws: run_instances {instance_type}: "
+                                       f"{_describe(e)}") from None
+                    last = f"{instance_type} in {subnet or 'any subnet'}: {_code(e)}"
+                    log.info("no spot capacity: %s", last)
+        types = ", ".join(dict.fromkeys(t for t, _ in choices))
+        raise AwsError(f"cloud=aws: no spot capacity for {types} in {len(choices)} type/subnet "
+                       f"choices after cloud.launch_rounds={rounds} (last: {last}); try more "
+                       "cloud.instance_types or cloud.subnets, or a higher cloud.bid")
+
+    def terminate(self, ids: list[str]) -> None:
+        try:
+            self._call("terminate_instances", InstanceIds=ids)
+        except ClientError as e:
+            raise AwsError(f"cloud=aws: terminate_instances {' '.join(ids)}: "
+                           f"{_describe(e)}") from None
+
+    def find(self, job: str) -> list[str]:
+        """Ids of the instances tagged squall:job=<job> that are not terminated."""
+        pages = self._pages("describe_instances", Filters=[
+            {"Name": f"tag:{JOB_TAG}", "Values": [job]},
+            {"Name": "instance-state-name", "Values": LIVE_STATES}])
+        return sorted(i["InstanceId"] for page in pages for r in page["Reservations"]
+                      for i in r["Instances"])
+
+    def price_history(self, types: list[str], start: datetime, zone: str = "",
+                      page_size: int = 1000) -> list[dict]:
+        """Linux spot prices since start, in the row layout of cloud/traces.py, oldest first."""
+        query: dict[str, Any] = {"InstanceTypes": list(types), "StartTime": start,
+                                 "ProductDescriptions": ["Linux/UNIX"]}
+        if zone:
+            query["AvailabilityZone"] = zone
+        pages = self._pages("describe_spot_price_history", **query,
+                            PaginationConfig={"PageSize": page_size})
+        rows = [{"Timestamp": p["Timestamp"].astimezone(timezone.utc).isoformat(),
+                 "AvailabilityZone": p["AvailabilityZone"], "InstanceType": p["InstanceType"],
+                 "ProductDescription": p["ProductDescription"], "SpotPrice": p["SpotPrice"]}
+                for page in pages for p in page["SpotPriceHistory"]
+                if not zone or p["AvailabilityZone"] == zone]
+        return sorted(rows, key=lambda r: (r["InstanceType"], r["AvailabilityZone"],
+                                           r["Timestamp"]))
+
+
+def _code(error: ClientError) -> str:
+    return error.response.get("Error", {}).get("Code", "")
+
+
+def _describe(error: ClientError) -> str:
+    message = error.response.get("Error", {}).get("Message", "")
+    return f"{_code(error)}: {message}".splitlines()[0][:300]
+
+
+class SpotPrices:
+    """Spot price history as step functions per (instance type, zone), in wall-clock time."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.series: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+        for row in rows:  # sorted by type, zone, time
+            times, prices = self.series.setdefault(
+                (row["InstanceType"], row["AvailabilityZone"]), ([], []))
+            times.append(datetime.fromisoformat(row["Timestamp"]).timestamp())
+            prices.append(float(row["SpotPrice"]))
+
+    def price(self, instance_type: str, zone: str, at: float) -> float | None:
+        """$/h at wall time `at` (the zone's series, else the type's cheapest zone)."""
+        keys = [(instance_type, zone)] if (instance_type, zone) in self.series else [
+            k for k in self.series if k[0] == instance_type]
+        found = []
+        for key in keys:
+            times, prices = self.series[key]
+            found.append(prices[max(bisect.bisect_right(times, at) - 1, 0)])
+        return min(found) if found else None
+
+
+def user_data(setup: list[str], head: str, key: str) -> str:
+    """An instance's boot script: the setup lines, then join the head with its resource."""
+    resources = json.dumps({key: 1})
+    return "\n".join(["#!/bin/bash", "# squall worker node: joins the Ray head; the driver then",
+                      "# places this node's worker and its interruption watcher on it",
+                      "set -e", *setup,
+                      f"ray start --address={shlex.quote(head)} "
+                      f"--resources={shlex.quote(resources)}"]) + "\n"
+
+
+# --------------------------------------------------------------------------- the pool
+class AwsPool(Pool):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        c = cfg.cloud
+        if not c.ami:
+            raise ConfigError("cloud=aws needs cloud.ami: an image with Python, Ray and squall "
+                              "installed (see docs/aws.md)")
+        if not cfg.run.name:
+            raise ConfigError("cloud=aws needs run.name: the instances are tagged "
+                              "squall:job=<run.name> (and `squall cloud cleanup` finds them so)")
+        self.ec2 = Ec2(c)
+        self.cluster: Cluster | None = None
+        self.head = c.head_address
+        self.instances: dict[str, Instance] = {}  # started and not yet terminated
+        self.choices: list[tuple[str, str | None]] = []
+        self.prices = SpotPrices([])
+        self._prices_at = -float("inf")
+        self._watching: dict[ray.ObjectRef, Machine] = {}
+        self._draining: list[Machine] = []
+        self._running = False  # after start(): a failed replacement is retried, not fatal
+        self._failures = 0
+
+    def start(self, n: int) -> list[Machine]:
+        if self.cfg.cloud.local_nodes and ray.is_initialized():
+            raise ConfigError("cloud.local_nodes=true starts its own Ray cluster; call it without "
+                              "a Ray session already running")
+        self._refresh_prices()
+        subnets = self.ec2.subnets(self.cfg.cloud.subnets)
+        self.choices = self._order(subnets)
+        machines = super().start(n)
+        self._running = True
+        return machines
+
+    def _connect(self) -> None:
+        if self.cfg.cloud.local_nodes:
+            self.cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 1, "include_dashboard": self.cfg.ray.dashboard})
+            ray.init(address=self.cluster.address, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        else:  # the driver runs on the head node of the cluster the instances join
+            address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except ConnectionError:
+                raise ConfigError(f"cloud=aws: no Ray cluster at ray.address={address}; run the "
+                                  "driver on a Ray head node (ray start --head)") from None
+        self.head = self.head or ray.get_runtime_context().gcs_address
+
+    # ---- instances
+    def _order(self, subnets: list[tuple[str | None, str]]) -> list[tuple[str, str | None]]:
+        """(type, subnet) pairs, cheapest current spot price first (configured order on ties)."""
+        now = time.time()
+        pairs = [(t, s, z) for t in self.cfg.cloud.instance_types for s, z in subnets]
+
+        def cost(pair: tuple[str, str | None, str]) -> float:
+            price = self.prices.price(pair[0], pair[2], now)
+            return float("inf") if price is None else price
+
+        return [(t, s) for t, s, z in sorted(pairs, key=cost)]
+
+    def _provision(self, machine: Machine) -> None:
+        c = self.cfg.cloud
+        key = f"squall_node_{uuid.uuid4().hex[:12]}"
+        tags = {JOB_TAG: self.cfg.run.name, NODE_TAG: key,
+                "Name": f"squall-{self.cfg.run.name}-{machine.id}"}
+        rounds = 1 if self._running else c.launch_rounds
+        script = user_data(c.setup, self.head, key)
+        info = self.ec2.launch(tags, script, self.choices, c, rounds)
+        instance = Instance(info["InstanceId"], info["InstanceType"],
+                            info.get("Placement", {}).get("AvailabilityZone", ""), key)
+        self.instances[instance.id] = machine.node = instance
+        log.info("machine %d: spot instance %s (%s, %s)", machine.id, instance.id,
+                 instance.instance_type, instance.zone)
+        if c.local_nodes:
+            instance.node = self.cluster.add_node(
+                num_cpus=max(1, round(self.cfg.worker.num_cpus)), resources={key: 1},
+                wait=False)
+        url = c.imds_url.replace("{instance_id}", instance.id)
+        instance.watcher = RemoteWatcher.options(resources={key: 1 - WORKER_SHARE}).remote(
+            url, c.imds_poll_s, c.rebalance == "drain")
+        self._watching[instance.watcher.watch.remote()] = machine
+
+    def _launch(self, markets: list[str]) -> list[Machine]:
+        """Start machines; after start(), a replacement without capacity is asked for later."""
+        machines = []
+        for market in markets:
+            try:
+                machines += super()._launch([market])
+            except AwsError as e:
+                if not self._running:
+                    raise
+                self.machines_started -= 1  # counted by Pool._launch, never started
+                delay = min(300.0, max(1.0, self.cfg.cloud.retry_backoff_s) * 2 ** self._failures)
+                self._failures += 1
+                log.warning("%s; asking again in %.0f s", e, delay)
+                self._requests.append((time.monotonic() + delay, market))
+            else:
+                self._failures = 0
+        return machines
+
+    def _remove(self, machine: Machine) -> None:
+        instance: Instance | None = machine.node
+        if instance is None:
+            return
+        self._watching = {r: m for r, m in self._watching.items() if m.id != machine.id}
+        with contextlib.suppress(RayError, ValueError):
+            ray.kill(instance.watcher)
+        if instance.node is not None:  # a stand-in node dies as the instance would
+            if machine.worker_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(machine.worker_pid, signal.SIGKILL)
+            self.cluster.remove_node(instance.node, allow_graceful=False)
+            instance.node = None
+        try:
+            self.ec2.terminate([instance.id])
+            self.instances.pop(instance.id, None)
+        except AwsError as e:  # shutdown() tries again
+            log.warning("%s", e)
+
+    def placement(self, machine: Machine) -> dict:
+        return {"resources": {machine.node.key: WORKER_SHARE}}
+
+    def shutdown(self) -> None:
+        """Terminate every instance the job started, then let go of Ray."""
+        try:
+            if self.instances:
+                ids = sorted(self.instances)
+                self.ec2.terminate(ids)
+                log.info("terminated %d spot instance(s): %s", len(ids), " ".join(ids))
+                self.instances.clear()
+        finally:
+            super().shutdown()
+            if self.cluster is not None:
+                self.cluster.shutdown()
+
+    # ---- notices
+    def poll(self, step: int) -> PollResult:
+        for machine in self._draining:  # their workers were drained after the last poll
+            self._reclaim(machine)
+        self._draining = []
+        if time.monotonic() - self._prices_at > 3600:
+            self._refresh_prices()
+        result = super().poll(step)
+        for machine, notice in self._notices():
+            now = time.monotonic()
+            machine.reclaim_at = now
+            if notice["kind"] == "interruption":
+                with contextlib.suppress(ValueError):  # a garbled time: reclaimed any moment
+                    at = datetime.fromisoformat(notice["time"].replace("Z", "+00:00"))
+                    machine.reclaim_at = now + max(0.0, at.timestamp() - time.time())
+            log.warning("machine %d (%s): %s notice %s; draining its worker", machine.id,
+                        machine.node.id, notice["kind"], notice["time"])
+            result.noticed.append(machine)
+            self._draining.append(machine)
+            self._request(machine.market)  # the replacement is asked for at the notice
+        return result
+
+    def _notices(self) -> list[tuple[Machine, dict]]:
+        """Notices the watchers returned since the last poll (never waits)."""
+        if not self._watching:
+            return []
+        ready, _ = ray.wait(list(self._watching), num_returns=len(self._watching), timeout=0)
+        found = []
+        for ref in ready:
+            machine = self._watching.pop(ref)
+            try:
+                notice = ray.get(ref)
+            except RayError:  # the node is gone; the job notices its worker is lost
+                continue
+            if machine.id in self.alive and machine.reclaim_at is None:
+                found.append((machine, notice))
+        return found
+
+    # ---- prices
+    def _refresh_prices(self) -> None:
+        start = datetime.now(timezone.utc) - timedelta(days=1)
+        try:
+            self.prices = SpotPrices(self.ec2.price_history(self.cfg.cloud.instance_types, start))
+        except AwsError as e:  # costs fall back to cloud.spot_price
+            log.warning("%s; pricing at cloud.spot_price", e)
+        self._prices_at = time.monotonic()
+
+    def price(self, machine: Machine, now: float) -> float:
+        instance: Instance | None = machine.node
+        if instance is None:
+            return self.cfg.cloud.spot_price
+        at = time.time() - (time.monotonic() - now)
+        found = self.prices.price(instance.instance_type, instance.zone, at)
+        return self.cfg.cloud.spot_price if found is None else found
+
+    def on_demand_price(self) -> float:
+        return self.cfg.cloud.on_demand_price
+
+
+# --------------------------------------------------------------------------- squall cloud
+CLOUD_USAGE = ("squall cloud cleanup run.name=NAME [cloud.region=...] | squall cloud prices "
+               "out=FILE [hours=24] [zone=us-east-1a] [cloud.instance_types=[...]]")
+
+
+def cloud_command(args: list[str]) -> int:
+    """`squall cloud cleanup|prices ...`; errors raise ConfigError (one line)."""
+    if not args or args[0] not in ("cleanup", "prices"):
+        raise ConfigError(f"usage: {CLOUD_USAGE}")
+    command, options, overrides = args[0], {}, []
+    for text in args[1:]:
+        key, _, value = text.partition("=")
+        if command == "prices" and key in ("out", "hours", "zone"):
+            options[key] = value
+        else:
+            overrides.append(text)
+    cfg = load_config(["cloud=aws", *overrides])
+    if command == "cleanup":
+        if not cfg.run.name:
+            raise ConfigError("squall cloud cleanup needs run.name=NAME (the squall:job tag)")
+        ec2 = Ec2(cfg.cloud)
+        ids = ec2.find(cfg.run.name)
+        if ids:
+            ec2.terminate(ids)
+        print(f"squall: terminated {len(ids)} instance(s) tagged {JOB_TAG}={cfg.run.name}"
+              + (f": {' '.join(ids)}" if ids else ""))
+        return 0
+    if not options.get("out"):
+        raise ConfigError(f"squall cloud prices needs out=FILE; usage: {CLOUD_USAGE}")
+    try:
+        hours = float(options.get("hours", 24))
+    except ValueError:
+        raise ConfigError(f"hours={options['hours']}: expected a number of hours") from None
+    if not 0 < hours <= 90 * 24:
+        raise ConfigError(f"hours={hours:g}: must be > 0 and <= 2160 (EC2 keeps 90 days)")
+    ec2 = Ec2(cfg.cloud)
+    start = datetime.now(timezone.utc) - timedelta(hours=hours)
+    rows = ec2.price_history(cfg.cloud.instance_types, start, options.get("zone", ""))
+    if not rows:
+        raise AwsError(f"cloud=aws: no spot prices for {', '.join(cfg.cloud.instance_types)} in "
+                       f"{ec2.region} over the last {hours:g} h")
+    write_trace(rows, options["out"])
+    print(f"squall: wrote {len(rows)} spot prices of {', '.join(cfg.cloud.instance_types)} in "
+          f"{ec2.region} to {options['out']} (use it as cloud.trace=FILE "
+          "cloud.instance_type=TYPE)")
+    return 0

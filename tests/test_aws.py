@@ -1,0 +1,449 @@
+"""cloud=aws against real servers on 127.0.0.1: the moto server answers EC2 and S3 over HTTP, a
+small proxy in front of it injects EC2's capacity errors and serves a paginated spot price
+history (moto has no pages and one constant price), and tests/imds_server.py plays the
+instance metadata service. End to end, local Ray nodes stand in for the instances."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import pytest
+from imds_server import ImdsServer
+from moto_server import fake_aws_env, moto_server
+
+from cloud.aws import AwsError, AwsPool, Ec2, Instance, SpotPrices, user_data
+from cloud.imds import ImdsClient, Watcher, check
+from cloud.pool import Machine
+from cloud.traces import load_trace
+from orchestrator.checkpoint import CheckpointStore
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, load_config
+
+AMI = "ami-03cf127a"  # one of the images moto knows
+TYPES = "cloud.instance_types=[g5.xlarge,g4dn.xlarge]"
+
+
+# --------------------------------------------------------------------------- servers
+class Ec2Proxy:
+    """Forwards EC2 calls to moto, except: RunInstances calls fail with an EC2 error while a
+    rule says so, and DescribeSpotPriceHistory is answered from `history` in pages of 3."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.fail: dict[str, tuple[str, int]] = {}  # type or "*" -> (code, calls left; -1: all)
+        self.history: list[dict] = []
+        self.calls: list[dict] = []  # the form of every EC2 call
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
+                proxy.calls.append(form)
+                reply = proxy.answer(form)
+                if reply is None:  # pass it on to moto
+                    upstream = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                    upstream.request("POST", self.path, body, headers)
+                    response = upstream.getresponse()
+                    reply = response.status, response.read()
+                status, data = reply
+                self.send_response(status)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, form: dict) -> tuple[int, bytes] | None:
+        if form.get("Action") == "RunInstances":
+            for key in (form.get("InstanceType"), "*"):
+                code, left = self.fail.get(key, ("", 0))
+                if left:
+                    self.fail[key] = (code, left - 1)
+                    status = 500 if code.startswith("Insufficient") else 400
+                    return status, (f"<Response><Errors><Error><Code>{code}</Code><Message>"
+                                    f"injected by the test</Message></Error></Errors>"
+                                    f"<RequestID>r</RequestID></Response>").encode()
+        if form.get("Action") == "DescribeSpotPriceHistory" and self.history:
+            start = int(form.get("NextToken", 0))
+            page = self.history[start:start + 3]
+            items = "".join(
+                f"<item><instanceType>{r['InstanceType']}</instanceType><productDescription>"
+                f"Linux/UNIX</productDescription><spotPrice>{r['SpotPrice']}</spotPrice>"
+                f"<timestamp>{r['Timestamp']}</timestamp><availabilityZone>"
+                f"{r['AvailabilityZone']}</availabilityZone></item>" for r in page)
+            more = (f"<nextToken>{start + 3}</nextToken>"
+                    if start + 3 < len(self.history) else "")
+            return 200, (f'<DescribeSpotPriceHistoryResponse xmlns="http://ec2.amazonaws.com/'
+                         f'doc/2016-11-15/"><requestId>r</requestId><spotPriceHistorySet>{items}'
+                         f"</spotPriceHistorySet>{more}</DescribeSpotPriceHistoryResponse>"
+                         ).encode()
+        return None
+
+    def launches(self) -> list[str]:
+        return [c["InstanceType"] for c in self.calls if c.get("Action") == "RunInstances"]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def moto():
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def aws(moto, monkeypatch):
+    fake_aws_env(monkeypatch)
+    return moto
+
+
+@pytest.fixture
+def proxy(aws):
+    p = Ec2Proxy(aws)
+    yield p
+    p.close()
+
+
+def cloud_config(endpoint: str, *more: str):
+    return load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={endpoint}",
+                        f"cloud.ami={AMI}", "cloud.retry_backoff_s=0", *more]).cloud
+
+
+def ec2_client(endpoint: str):
+    return boto3.client("ec2", endpoint_url=endpoint)
+
+
+def instances(endpoint: str, job: str) -> dict[str, dict]:
+    found = ec2_client(endpoint).describe_instances(
+        Filters=[{"Name": "tag:squall:job", "Values": [job]}])
+    return {i["InstanceId"]: i for r in found["Reservations"] for i in r["Instances"]}
+
+
+def running(endpoint: str, job: str) -> list[str]:
+    return sorted(i for i, d in instances(endpoint, job).items()
+                  if d["State"]["Name"] in ("pending", "running"))
+
+
+# --------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize("overrides, message", [
+    (["cloud.instance_types=[g5.xlarge]"], "cloud.instance_types needs cloud=aws"),
+    (["cloud=simulated", "cloud.local_nodes=true"], "cloud.local_nodes needs cloud=aws"),
+    (["cloud=aws", "cloud.preempt_prob=0.1"], "cloud.preempt_prob needs cloud=simulated"),
+    (["cloud=aws", "cloud.instance_types=[]"], "cloud=aws needs cloud.instance_types"),
+    (["cloud=aws", "cloud.imds_poll_s=0"], r"cloud.imds_poll_s=0.0: must be > 0"),
+    (["cloud=aws", "cloud.imds_url=169.254.169.254"], "expected http://host"),
+    (["cloud=aws", "cloud.rebalance=maybe"], "valid: drain, ignore"),
+    (["cloud=aws", "cloud.launch_rounds=0"], "must be >= 1"),
+])
+def test_aws_options_are_checked_before_anything_starts(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_the_pool_needs_an_image_a_run_name_and_a_region(aws, monkeypatch):
+    with pytest.raises(ConfigError, match="cloud=aws needs cloud.ami"):
+        AwsPool(load_config(["cloud=aws"]))
+    with pytest.raises(ConfigError, match="cloud=aws needs run.name"):
+        AwsPool(load_config(["cloud=aws", f"cloud.ami={AMI}"]))
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(AwsError, match="no region; set cloud.region"):
+        Ec2(load_config(["cloud=aws"]).cloud)
+
+
+# --------------------------------------------------------------------------- provisioning
+def test_launch_makes_a_tagged_imdsv2_spot_instance_that_joins_the_head(aws):
+    cloud = cloud_config(aws, "cloud.bid=0.7", "cloud.setup=['source /opt/venv/bin/activate']")
+    ec2 = Ec2(cloud)
+    script = user_data(cloud.setup, "10.0.0.5:6379", "squall_node_abc")
+    choices = [(t, s) for t in cloud.instance_types for s, _ in ec2.subnets([])]
+    info = ec2.launch({"squall:job": "prov", "squall:node": "squall_node_abc"}, script, choices,
+                      cloud, rounds=1)
+    found = instances(aws, "prov")[info["InstanceId"]]
+    assert found["InstanceType"] == "g5.xlarge" and found["InstanceLifecycle"] == "spot"
+    assert {t["Key"]: t["Value"] for t in found["Tags"]}["squall:node"] == "squall_node_abc"
+    assert found["MetadataOptions"]["HttpTokens"] == "required"  # IMDSv1 off on the instance
+    client = ec2_client(aws)
+    sent = base64.b64decode(client.describe_instance_attribute(
+        InstanceId=info["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
+    assert sent == script
+    lines = sent.splitlines()
+    assert lines[0] == "#!/bin/bash" and "source /opt/venv/bin/activate" in lines
+    assert lines[-1] == ("ray start --address=10.0.0.5:6379 "
+                         "--resources='{\"squall_node_abc\": 1}'")
+    assert client.describe_instance_attribute(
+        InstanceId=info["InstanceId"], Attribute="instanceInitiatedShutdownBehavior")[
+        "InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+
+
+def test_capacity_errors_move_on_to_the_next_type(proxy):
+    proxy.fail["g5.xlarge"] = ("InsufficientInstanceCapacity", -1)
+    cloud = cloud_config(proxy.url)
+    choices = [("g5.xlarge", None), ("g4dn.xlarge", None)]
+    info = Ec2(cloud).launch({"squall:job": "cap"}, "#!/bin/bash\n", choices, cloud, rounds=3)
+    assert info["InstanceType"] == "g4dn.xlarge"
+    assert proxy.launches() == ["g5.xlarge", "g4dn.xlarge"]  # EC2 saw one call per choice
+
+
+@pytest.mark.parametrize("code", ["SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded",
+                                  "InsufficientInstanceCapacity"])
+def test_capacity_errors_are_retried_in_rounds_then_reported_once(proxy, code):
+    cloud = cloud_config(proxy.url)
+    choices = [("g5.xlarge", None), ("g4dn.xlarge", None)]
+    proxy.fail["*"] = (code, 3)  # the first round and the first call of the second fail
+    info = Ec2(cloud).launch({"squall:job": "rounds"}, "#!/bin/bash\n", choices, cloud, rounds=2)
+    assert info["InstanceType"] == "g4dn.xlarge" and len(proxy.launches()) == 4
+
+    proxy.fail["*"] = (code, -1)
+    with pytest.raises(AwsError) as e:
+        Ec2(cloud).launch({"squall:job": "rounds"}, "#!/bin/bash\n", choices, cloud, rounds=2)
+    assert str(e.value) == (
+        f"cloud=aws: no spot capacity for g5.xlarge, g4dn.xlarge in 2 type/subnet choices after "
+        f"cloud.launch_rounds=2 (last: g4dn.xlarge in any subnet: {code}); try more "
+        "cloud.instance_types or cloud.subnets, or a higher cloud.bid")
+    assert len(proxy.launches()) == 4 + 4
+
+
+def test_other_launch_errors_fail_at_once(proxy):
+    proxy.fail["*"] = ("InvalidAMIID.NotFound", -1)
+    cloud = cloud_config(proxy.url)
+    with pytest.raises(AwsError, match="run_instances g5.xlarge: InvalidAMIID.NotFound: "
+                                       "injected by the test"):
+        Ec2(cloud).launch({}, "", [("g5.xlarge", None), ("g4dn.xlarge", None)], cloud, 3)
+    assert proxy.launches() == ["g5.xlarge"]
+
+
+def test_cleanup_terminates_what_a_crashed_run_left_by_its_tag(aws, capsys):
+    cloud = cloud_config(aws)
+    ec2 = Ec2(cloud)
+    left = [ec2.launch({"squall:job": "crashed"}, "", [("g5.xlarge", None)], cloud, 1)
+            ["InstanceId"] for _ in range(2)]
+    other = ec2.launch({"squall:job": "other"}, "", [("g5.xlarge", None)], cloud, 1)
+    assert running(aws, "crashed") == sorted(left)
+
+    assert main(["cloud", "cleanup", "run.name=crashed", f"cloud.endpoint_url={aws}"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"squall: terminated 2 instance(s) tagged squall:job=crashed: {' '.join(sorted(left))}")
+    assert running(aws, "crashed") == [] and running(aws, "other") == [other["InstanceId"]]
+    assert main(["cloud", "cleanup", "run.name=crashed", f"cloud.endpoint_url={aws}"]) == 0
+    assert "terminated 0 instance(s)" in capsys.readouterr().out
+    assert main(["cloud", "cleanup", f"cloud.endpoint_url={aws}"]) == 2
+    assert "needs run.name=NAME" in capsys.readouterr().err
+
+
+def test_a_replacement_without_capacity_is_asked_for_again_later(proxy, caplog):
+    """During training a launch makes one round and never sleeps in the training loop; the
+    replacement is requested again after a backoff instead of stopping the job."""
+    pool = AwsPool(load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}",
+                                f"cloud.ami={AMI}", "run.name=later",
+                                "cloud.retry_backoff_s=2"]))
+    pool.choices, pool._running = [("g5.xlarge", None), ("g4dn.xlarge", None)], True
+    proxy.fail["*"] = ("InsufficientInstanceCapacity", -1)
+    pool._request("spot")
+    result = pool.poll(1)
+    assert result.joined == [] and pool.machines_started == 0 and pool.instances == {}
+    assert proxy.launches() == ["g5.xlarge", "g4dn.xlarge"]
+    [(ready_at, market)] = pool._requests
+    assert market == "spot" and ready_at > time.monotonic() + 1
+    assert "no spot capacity for g5.xlarge, g4dn.xlarge" in caplog.text
+    assert "asking again in 2 s" in caplog.text
+
+
+# --------------------------------------------------------------------------- prices
+def test_price_history_is_read_page_by_page_and_exported_as_a_trace(proxy, tmp_path, capsys):
+    points = [("2026-03-01T00:00:00Z", "0.40"), ("2026-03-01T01:00:00Z", "0.45"),
+              ("2026-03-01T02:00:00Z", "0.90"), ("2026-03-01T03:00:00Z", "0.38"),
+              ("2026-03-01T04:00:00Z", "0.41"), ("2026-03-01T05:00:00Z", "0.39"),
+              ("2026-03-01T06:00:00Z", "0.42")]
+    proxy.history = [{"Timestamp": t, "AvailabilityZone": "us-east-1a",
+                      "InstanceType": "g5.xlarge", "SpotPrice": p} for t, p in reversed(points)]
+    out = tmp_path / "g5.csv"
+    assert main(["cloud", "prices", f"out={out}", "hours=24", "cloud.instance_types=[g5.xlarge]",
+                 f"cloud.endpoint_url={proxy.url}"]) == 0
+    assert "wrote 7 spot prices of g5.xlarge" in capsys.readouterr().out
+    pages = [c for c in proxy.calls if c["Action"] == "DescribeSpotPriceHistory"]
+    assert [c.get("NextToken") for c in pages] == [None, "3", "6"]
+    trace = load_trace(str(out), "g5.xlarge")
+    assert trace.prices == [float(p) for _, p in points]
+    assert trace.times == [3600.0 * i for i in range(7)]
+
+    since = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    prices = SpotPrices(Ec2(cloud_config(proxy.url)).price_history(["g5.xlarge"], since))
+    t0 = 1772323200.0  # 2026-03-01T00:00:00Z
+    assert prices.price("g5.xlarge", "us-east-1a", t0 + 2 * 3600 + 5) == 0.90
+    assert prices.price("g5.xlarge", "us-east-1b", t0 + 10 * 3600) == 0.42  # another zone
+    assert prices.price("g5.xlarge", "us-east-1a", t0 - 60) == 0.40
+    assert prices.price("p4d.24xlarge", "us-east-1a", t0) is None
+
+    assert main(["cloud", "prices", f"out={out}", "hours=abc"]) == 2
+    assert "hours=abc: expected a number of hours" in capsys.readouterr().err
+
+
+def test_machines_are_priced_from_the_spot_price_history_of_their_type_and_zone(proxy):
+    proxy.history = [
+        {"Timestamp": "2026-03-01T00:00:00Z", "AvailabilityZone": "us-east-1a",
+         "InstanceType": "g5.xlarge", "SpotPrice": "0.45"},
+        {"Timestamp": "2026-03-01T00:00:00Z", "AvailabilityZone": "us-east-1b",
+         "InstanceType": "g5.xlarge", "SpotPrice": "0.31"},
+        {"Timestamp": "2026-03-01T00:00:00Z", "AvailabilityZone": "us-east-1a",
+         "InstanceType": "g4dn.xlarge", "SpotPrice": "0.22"}]
+    pool = AwsPool(load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}",
+                                f"cloud.ami={AMI}", "run.name=priced"]))
+    pool._refresh_prices()
+    now = time.monotonic()
+    priced = [pool.price(Machine(0, "spot", now, Instance("i-1", t, z, "k")), now)
+              for t, z in [("g5.xlarge", "us-east-1a"), ("g5.xlarge", "us-east-1b"),
+                           ("g4dn.xlarge", "us-east-1c")]]
+    assert priced == [0.45, 0.31, 0.22]
+    assert pool._order([("subnet-a", "us-east-1a"), ("subnet-b", "us-east-1b")]) == [
+        ("g4dn.xlarge", "subnet-a"), ("g4dn.xlarge", "subnet-b"), ("g5.xlarge", "subnet-b"),
+        ("g5.xlarge", "subnet-a")]  # cheapest first
+
+
+def test_prices_from_moto_load_as_a_trace(aws, tmp_path):
+    out = tmp_path / "moto.csv"
+    assert main(["cloud", "prices", f"out={out}", "zone=us-east-1a", TYPES,
+                 f"cloud.endpoint_url={aws}"]) == 0
+    assert load_trace(str(out), "g4dn.xlarge").prices == [0.00001]
+
+
+# --------------------------------------------------------------------------- IMDSv2 watcher
+def test_watcher_reads_notices_with_imdsv2_tokens_only():
+    with ImdsServer() as imds:
+        url = f"{imds.url}/i-0123"
+        client = ImdsClient(url)
+        assert check(client) is None
+        imds.rebalance("i-0123")
+        notice = check(client)
+        assert notice["kind"] == "rebalance" and notice["time"].endswith("Z")
+        assert check(client, rebalance=False) is None
+        imds.interrupt("i-0123", action="stop", in_s=120)
+        imds.revoke_tokens()  # as when the token's TTL runs out: get another one, carry on
+        notice = check(client)
+        assert notice["kind"] == "interruption" and notice["action"] == "stop"
+        gets = imds.gets("i-0123")
+        assert [valid for _, _, valid in gets].count(False) == 1  # the revoked token, once
+        assert [r[0] for r in imds.requests].count("PUT") == 2
+        assert Watcher(url, poll_s=0.01).watch()["kind"] == "interruption"
+
+        with pytest.raises(urllib.error.HTTPError) as e:  # IMDSv1 (no token): refused
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"{url}/latest/meta-data/spot/instance-action", timeout=5)
+        assert e.value.code == 401
+
+
+def test_watcher_keeps_polling_until_a_notice_arrives():
+    with ImdsServer() as imds:
+        url = f"{imds.url}/i-0456"
+        threading.Timer(0.3, imds.interrupt, ("i-0456",)).start()
+        assert Watcher(url, poll_s=0.05, rebalance=False).watch()["action"] == "terminate"
+        assert len(imds.gets("i-0456")) >= 2 and all(v for _, _, v in imds.gets("i-0456"))
+
+
+# --------------------------------------------------------------------------- end to end
+def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up(aws,
+                                                                                 tmp_path):
+    """squall train cloud=aws with local Ray nodes standing in for the instances: a spot
+    interruption notice through IMDS drains that worker and a replacement instance joins; then
+    Ctrl-C ends the run: it checkpoints to S3, writes its summary and terminates everything.
+    The run's files, its checkpoints and its output never contain the AWS secret."""
+    moto, job = aws, "spot-e2e"
+    secret = f"squall-test-secret-{uuid.uuid4().hex}"
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "SQUALL_S3_ENDPOINT_URL": moto}
+    boto3.client("s3", endpoint_url=moto).create_bucket(Bucket="spot-ckpts")
+    metrics = tmp_path / job / "metrics.jsonl"
+
+    def live() -> list[int]:
+        text = metrics.read_text() if metrics.exists() else ""
+        return [json.loads(line)["live_workers"] for line in text.splitlines() if line]
+
+    with ImdsServer() as imds:
+        args = [sys.executable, "-m", "orchestrator", "train", "cloud=aws", TYPES,
+                "cloud.local_nodes=true", f"cloud.endpoint_url={moto}", f"cloud.ami={AMI}",
+                f"cloud.imds_url={imds.url}/{{instance_id}}", "cloud.imds_poll_s=0.2",
+                "workers=2", "steps=1000000", "model=mlp", "log.progress=false", "eval.every=0",
+                f"run.dir={tmp_path}", f"run.name={job}", f"checkpoint.dir=s3://spot-ckpts/{job}"]
+        with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+            proc = subprocess.Popen(args, stdout=out, stderr=err, env=env,
+                                    start_new_session=True)  # its Ray nodes: one group
+        try:
+            deadline = time.time() + 420  # a guard against a hang, not a speed test
+            first: list[str] = []
+            while proc.poll() is None and time.time() < deadline and not (first and live()):
+                first = running(moto, job)
+                time.sleep(0.2)
+            assert len(first) == 2, (tmp_path / "err").read_text()[-3000:]
+            imds.interrupt(first[0], in_s=120)  # EC2 schedules the reclaim of one instance
+            back = False  # one worker drained, then two again: the replacement took part
+            while proc.poll() is None and time.time() < deadline and not back:
+                seen = live()
+                back = 1 in seen and seen[-1] == 2 and seen.index(1) < len(seen) - 1
+                time.sleep(0.2)
+            assert back, (tmp_path / "err").read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            assert proc.wait(timeout=120) == 130, (tmp_path / "err").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:  # a failed test leaves no driver or Ray node behind
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert all(valid for _, _, valid in imds.gets())  # every IMDS read carried a token
+
+    summary = json.loads((tmp_path / job / "summary.json").read_text())
+    assert summary["interrupted"] and summary["preemptions"] == 1 and summary["joins"] == 1
+    assert 0 < summary["cost_usd"] < summary["on_demand_cost_usd"]
+    started = instances(moto, job)
+    assert len(started) == 3 and running(moto, job) == []  # 2 + 1 replacement, all gone
+    assert started[first[0]]["State"]["Name"] == "terminated"
+    assert "interruption notice" in (tmp_path / "err").read_text()
+    store = CheckpointStore(f"s3://spot-ckpts/{job}", endpoint_url=moto)
+    assert store.load_latest().step == summary["steps_done"]  # the Ctrl-C checkpoint
+
+    # No secret anywhere: run directory, output, checkpoints in S3.
+    s3 = boto3.client("s3", endpoint_url=moto)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="spot-ckpts")["Contents"]]
+    assert keys and all(key.startswith(f"{job}/ckpt-") for key in keys)
+    for key in keys:
+        assert secret.encode() not in s3.get_object(Bucket="spot-ckpts", Key=key)["Body"].read()
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(files) >= 5  # out, err, config.yaml, metrics.jsonl, summary.json, model.pt
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_the_cluster_launcher_file_passes_rays_schema_with_spot_workers():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    path = Path(__file__).parent.parent / "conf" / "cluster" / "aws-spot.yaml"
+    cluster = prepare_config(yaml.safe_load(path.read_text()))
+    validate_config(cluster)  # raises on anything `ray up` would refuse
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]
+    assert "InstanceMarketOptions" not in head["node_config"]  # on demand
+    spot = [t for name, t in types.items() if name != cluster["head_node_type"]]
+    assert spot and all(t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+                        for t in spot)
