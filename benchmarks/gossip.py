@@ -75,7 +75,7 @@ def main() -> None:
              f"- digits, 8 workers, mlp, {steps} steps, batch 32 per worker, plain SGD lr 0.1, "
              "seed 0; the accuracy is that of the averaged model",
              "- bytes/worker/step counts the message each worker puts into the object store "
-             "(payload and header); ratio = D-PSGD bytes / these bytes", "",
+             "(payload and header); ratio = D-PSGD bytes / these bytes",
              "- consensus dist: mean ||x_i - x_bar|| over the replicas at the last step, and its "
              "ratio to D-PSGD's", "",
              "| topology | method | test acc | vs D-PSGD (points) | consensus dist | "
