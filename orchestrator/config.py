@@ -387,6 +387,7 @@ def _check_combinations(cfg: Config) -> None:
         if step not in PREAGGREGATORS:
             raise ConfigError(f"strategy.pre={st.pre}: unknown step '{step}'; valid: "
                               f"{', '.join(PREAGGREGATORS)}")
+    _check_cloud(cfg)
     if st.name == "gossip":
         _check_gossip(cfg)
         return
@@ -398,6 +399,9 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(f"strategy.noise needs strategy=median or sign_vote (got {st.name})")
     if st.m and st.m > cfg.workers - f:
         raise ConfigError(f"strategy.m={st.m}: must be <= workers - f = {cfg.workers - f}")
+
+
+def _check_cloud(cfg: Config) -> None:
     cloud = cfg.cloud
     if cloud.name != "simulated":
         for key in ("preempt_prob", "trace", "notice_s", "on_demand_workers"):

@@ -118,6 +118,8 @@ class GossipWorker:
         st, x = self.cfg.strategy, self.x
         msgs: dict[int, object] = {}
         for (j, _), ref in zip(weights.items(), refs):
+            if ref is None and j != self.rank:
+                continue  # that neighbour was lost before it sent
             try:
                 msgs[j] = self.own if j == self.rank else ray.get(ref)
             except ray.exceptions.RayError:
@@ -258,12 +260,22 @@ def train_gossip(cfg: Config) -> dict:
             if sorted(workers.live) != members:  # W is rebuilt over the live workers
                 members = sorted(workers.live)
                 workers.call("reset_neighbours", ())
+                if st.compress == "moniqua" and workers.live and recent_steps:
+                    # New neighbour pairs: theta from the replicas themselves (the spread
+                    # over all pairs, per block) rather than from the old pairs' distances.
+                    states = torch.from_numpy(np.stack(average()[1]))
+                    spread = block_max(states.amax(0) - states.amin(0), st.block_size
+                                       or states.shape[1]).numpy()
+                    theta = np.maximum(margin * (spread + 2 * recent_steps[-1]), 1e-8)
 
             messages, lost = workers.call("message", (step, theta), reclaim=events.reclaim_now,
                                           payload=True)
+            # W over the round's members: a worker lost during this round leaves a gap (its
+            # weight stays home) rather than new neighbour pairs that theta was not set for.
             live = sorted(messages)
-            weights = {r: gossip_weights(live, st.topology, r, step) for r in live}
-            mix_args = {r: ([messages[j][0] for j in weights[r]], weights[r]) for r in live}
+            weights = {r: gossip_weights(members, st.topology, r, step) for r in live}
+            mix_args = {r: ([messages[j][0] if j in messages else None for j in weights[r]],
+                            weights[r]) for r in live}
             stats, lost2 = workers.call("mix", mix_args) if live else ({}, 0)
             progress.preemptions += lost + lost2
 

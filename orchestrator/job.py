@@ -23,7 +23,7 @@ from orchestrator.checkpoint import CheckpointStore, capture_rng_state, restore_
 from orchestrator.config import Config, ConfigError, OptimConfig, to_dict
 from orchestrator.data import Dataset, load_dataset, partition
 from orchestrator.metrics import RunLog
-from orchestrator.models import build_model, flatten, float_buffers, unflatten_into
+from orchestrator.models import build_model, flat_grads, float_buffers, share_flat
 from orchestrator.workers import WorkerPool
 from strategies.bitpack import unpack_signs
 
@@ -94,8 +94,9 @@ def train(cfg: Config) -> dict:
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
     buffers = float_buffers(model)
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    # Parameters+buffers and the gradients each live in one flat vector that the tensors
+    # view: publishing is one ray.put of it, applying an update one copy.
+    state, grad = share_flat(params + buffers), flat_grads(params)
     optimizer = build_optimizer(cfg.optim, params)
     aggregation = Aggregation(cfg)
 
@@ -145,7 +146,7 @@ def train(cfg: Config) -> dict:
             progress.joins += workers.admit()
             progress.preemptions += workers.drain(events.noticed)
 
-            state_ref = ray.put(flatten(params + buffers))  # published once, read by all
+            state_ref = ray.put(state.numpy())  # published once, read by all (zero-copy)
             results, lost = workers.gradients(state_ref, step, reclaim=events.reclaim_now)
             progress.preemptions += lost
 
@@ -157,10 +158,11 @@ def train(cfg: Config) -> dict:
                 update = aggregation(grads, [r.rank for r in results], step)
                 progress.loss = float(np.mean([r.loss for r in results]))
             if update is not None:
-                unflatten_into(update, [p.grad for p in params])
+                grad.copy_(update)
                 optimizer.step()
                 if buffers:
-                    unflatten_into(np.mean([r.buffers for r in results], axis=0), buffers)
+                    state[n_params:] = torch.from_numpy(np.mean([r.buffers for r in results],
+                                                                axis=0))
             else:  # nobody (or too few) answered: no update, and the step's time still passes
                 progress.skipped_steps += 1
                 if not results:
@@ -171,8 +173,11 @@ def train(cfg: Config) -> dict:
                 typical_step_s = 0.9 * typical_step_s + 0.1 * (time.perf_counter() - t0)
             progress.live.append(len(results))
             progress.bytes_sent += sum(r.nbytes for r in results)
+            spot, on_demand = pool.costs()  # so far, for plots over time
             record = {"step": step, "loss": progress.loss, "live_workers": len(results),
-                      "step_s": time.perf_counter() - t0, "bytes_sent": progress.bytes_sent}
+                      "step_s": time.perf_counter() - t0, "bytes_sent": progress.bytes_sent,
+                      "wall_s": progress.wall_s + time.perf_counter() - t_start,
+                      "cost_usd": cost0[0] + spot, "on_demand_cost_usd": cost0[1] + on_demand}
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.steps:
                 record["test_acc"] = evaluate(model, data, cfg.eval.batch_size)
             log.step(record)
@@ -182,7 +187,6 @@ def train(cfg: Config) -> dict:
                     ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
                 save_checkpoint()
                 last_save = time.monotonic()
-        typical_step_s = 0.05  # running mean of step time: how long a skipped step waits
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint()

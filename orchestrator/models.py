@@ -82,6 +82,30 @@ def flatten(tensors: list[torch.Tensor]) -> np.ndarray:
     return torch.cat([t.detach().reshape(-1) for t in tensors]).float().cpu().numpy()
 
 
+def share_flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Move float32 tensors (parameters, buffers) into one contiguous vector and make each a
+    view of its slice, in order: copying the whole set in or out is then one memcpy, and
+    in-place updates (optimizer steps, BatchNorm statistics) land in the vector."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+    offset = 0
+    for t in tensors:
+        t.data = flat[offset:offset + t.numel()].view_as(t)
+        offset += t.numel()
+    return flat
+
+
+def flat_grads(params: list[torch.Tensor]) -> torch.Tensor:
+    """A zeroed flat vector whose slices become the parameters' .grad: backward accumulates
+    straight into it (zero it with .zero_(), not zero_grad(set_to_none=True))."""
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32,
+                       device=params[0].device if params else None)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
 def unflatten_into(vector: np.ndarray | torch.Tensor, tensors: list[torch.Tensor]) -> None:
     """Copy a flat vector into tensors (in place), in order."""
     vec = torch.as_tensor(vector)

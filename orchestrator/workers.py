@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError
 from cloud.pool import Machine, Pool
 from orchestrator.config import Config, ConfigError
 from orchestrator.data import Dataset, batch_indices
-from orchestrator.models import build_model, flatten, float_buffers, unflatten_into
+from orchestrator.models import build_model, flat_grads, float_buffers, share_flat
 from strategies.attacks import flip_labels
 from strategies.bitpack import pack_signs
 
@@ -51,32 +51,48 @@ class Worker:
             self.y = flip_labels(self.y, num_classes)
         self.model = build_model(cfg.model, input_shape, num_classes).to(self.device)
         self.params = list(self.model.parameters())
-        self.buffers = float_buffers(self.model)
         self.n_params = sum(p.numel() for p in self.params)
+        # Parameters and buffers are views of one flat vector, the gradients of another: the
+        # driver's state loads with one copy and the gradient leaves without a concatenation.
+        self.state = share_flat(self.params + float_buffers(self.model))
+        self.grad = flat_grads(self.params)
 
     def ready(self) -> int:
         return os.getpid()
 
     def gradient(self, state: np.ndarray, step: int) -> GradientResult:
         """Load the driver's parameters and buffers, return the gradient on this step's batch."""
-        state_t = torch.from_numpy(state).to(self.device)
-        unflatten_into(state_t[:self.n_params], self.params)
-        unflatten_into(state_t[self.n_params:], self.buffers)
+        self.load(state)
+        loss = self.backward(step)
+        return self.pack(loss, step)
+
+    def load(self, state: np.ndarray) -> None:
+        """The driver's flat parameters and buffers into the model (one copy)."""
+        self.state.copy_(torch.from_numpy(state))
+
+    def backward(self, step: int) -> torch.Tensor:
+        """Forward and backward on this step's mini-batch; the gradient lands in self.grad."""
         idx = batch_indices(len(self.y), self.cfg.data.batch_size, step, self.cfg.seed, self.rank)
         idx_t = torch.from_numpy(idx).to(self.device)
         self.model.train()
-        self.model.zero_grad(set_to_none=False)
+        self.grad.zero_()
         loss = torch.nn.functional.cross_entropy(self.model(self.x[idx_t]), self.y[idx_t])
         loss.backward()
-        grad = torch.cat([p.grad.reshape(-1) for p in self.params])
-        strategy = self.cfg.strategy
+        return loss
+
+    def pack(self, loss: torch.Tensor, step: int) -> GradientResult:
+        """The message to the driver: the flat gradient (or its packed signs) and buffers."""
+        grad, strategy = self.grad, self.cfg.strategy
         if strategy.noise:  # Chen et al. 2020: symmetric noise before the sign or the median
             gen = torch.Generator(device=self.device).manual_seed(
                 self.cfg.seed * 1_000_003 + step * 1009 + self.rank)
-            grad += strategy.noise * torch.randn(grad.shape, generator=gen, device=self.device)
+            grad = grad + strategy.noise * torch.randn(grad.shape, generator=gen,
+                                                       device=self.device)
         payload = pack_signs(grad) if strategy.name == "sign_vote" else grad  # 1 bit per value
-        return GradientResult(self.rank, payload.cpu().numpy(), flatten(self.buffers),
-                              loss.item())
+        # Views of this worker's vectors are safe to return: Ray copies a result into the
+        # object store when the call returns, before the next call can change them.
+        return GradientResult(self.rank, payload.cpu().numpy(),
+                              self.state[self.n_params:].cpu().numpy(), loss.item())
 
 
 RemoteWorker = ray.remote(Worker)
@@ -205,13 +221,17 @@ class WorkerPool:
         ready, late = ray.wait(waiting, num_returns=len(waiting),
                                timeout=self.cfg.worker.step_timeout_s)
         lost += [pending[ref] for ref in late]
-        results = {}
-        for ref in ready:
-            rank = pending[ref]
-            try:
-                results[rank] = (payloads[rank], ray.get(ref)) if payload else ray.get(ref)
-            except RayActorError:
-                lost.append(rank)
+        try:  # one batched fetch from the object store
+            answers = dict(zip(ready, ray.get(ready)))
+        except RayActorError:  # a worker died after answering ray.wait: fetch one by one
+            answers = {}
+            for ref in ready:
+                try:
+                    answers[ref] = ray.get(ref)
+                except RayActorError:
+                    lost.append(pending[ref])
+        results = {pending[ref]: (payloads[pending[ref]], answer) if payload else answer
+                   for ref, answer in answers.items()}
         for rank in lost:
             actor, machine = self.live.pop(rank)
             ray.kill(actor, no_restart=True)

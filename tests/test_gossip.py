@@ -24,6 +24,7 @@ HEADER = 9 + math.ceil(D_MLP / 128)  # Moniqua: count, bits, block size; a byte 
     (["strategy=gossip", "strategy.compress=moniqua", "strategy.bits=1",
       "strategy.rounding=stochastic"], "strategy.bits=1 needs strategy.rounding=dither or nearest"),
     (["strategy=gossip", "strategy.topology=star"], "valid: ring, torus, exponential"),
+    (["strategy=gossip", "cloud.preempt_prob=0.1"], "cloud.preempt_prob needs cloud=simulated"),
 ])
 def test_gossip_options_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -112,3 +112,17 @@ def test_squall_trace_writes_a_usable_trace(tmp_path, capsys):
     assert load_trace(str(path)).duration == pytest.approx(2 * 3600 - 300)
     assert main(["trace", str(path), "hourz=2"]) == 2
     assert "unknown option 'hourz'; valid: hours, base" in capsys.readouterr().err
+
+
+def test_gossip_on_a_spot_pool_drops_reclaimed_workers_and_continues(make_config):
+    """strategy=gossip on cloud=simulated: a reclaimed worker leaves the topology (W is rebuilt
+    over the live workers), its replacement starts from a live neighbour's model."""
+    summary = train(make_config("strategy=gossip", "strategy.compress=moniqua", "strategy.bits=2",
+                                "workers=4", "steps=300", "model=mlp", "optim.momentum=0",
+                                "optim.lr=0.1", "run.name=gspot", "cloud=simulated",
+                                "cloud.preempt_prob=0.004", "cloud.replace_delay_s=0"))
+    live = [json.loads(line)["live_workers"]
+            for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    assert summary["steps_done"] == 300 and summary["preemptions"] >= 1
+    assert min(live) < 4 and live[0] == 4
+    assert summary["test_acc"] > 0.8

@@ -1,0 +1,215 @@
+"""Where a squall step goes: compute vs serialization, object-store transfer, aggregation,
+optimizer.
+
+    python -m benchmarks.overhead [--steps 40] [--workers 2] [--cluster] [--quick]
+
+Runs the parameter-server step of orchestrator/job.py phase by phase with timers, on real
+worker actors (a Worker subclass that times its own load / forward+backward / pack), for
+resnet20 on data=fake and the digits cnn, and writes benchmarks/overhead.md. Per step (median
+over the steps after 5 warm-up steps):
+
+- driver publish: the flat parameters+buffers as a numpy array, then ray.put (one object-store
+  copy, read zero-copy by every worker)
+- round trip: submitting the calls until every result is back on the driver; of that, the
+  slowest worker's time inside its method (load, compute, pack), and the rest: Ray's dispatch,
+  argument fetch, result serialization and object-store transfer
+- driver: stacking the results, the aggregation rule, and the optimizer (gradient copy-in,
+  step, BatchNorm buffers)
+- for scale, a no-op actor call round trip on the same workers (Ray's per-call floor here)
+
+With --cluster the workers run on their own 1-CPU nodes of a local multi-node Ray cluster
+(ray.cluster_utils.Cluster, as under cloud=simulated), so parameters and gradients cross
+between object stores (raylet to raylet) instead of sharing one; the table goes to
+benchmarks/overhead.md under its own heading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from cloud import make_pool  # noqa: E402
+from orchestrator.aggregation import Aggregation  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
+from orchestrator.data import load_dataset, partition  # noqa: E402
+from orchestrator.job import build_optimizer  # noqa: E402
+from orchestrator.models import build_model, flat_grads, float_buffers, share_flat  # noqa: E402
+from orchestrator.workers import GradientResult, Worker, WorkerPool  # noqa: E402
+
+MD = Path(__file__).with_suffix(".md")
+MODELS = {"resnet20": ["model=resnet20", "data=fake"], "cnn": ["model=cnn", "data=digits"]}
+
+
+class TimedWorker(Worker):
+    """The real worker; its gradient() also reports (load, compute, pack) seconds."""
+
+    def gradient(self, state: np.ndarray, step: int) -> GradientResult:
+        t0 = time.perf_counter()
+        self.load(state)
+        t1 = time.perf_counter()
+        loss = self.backward(step)
+        t2 = time.perf_counter()
+        result = self.pack(loss, step)
+        result.timings = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return result
+
+
+def measure(model_name: str, workers: int, steps: int, tmp: str) -> dict[str, float]:
+    """Median seconds per step of each phase."""
+    cfg = load_config([*MODELS[model_name], f"workers={workers}", f"run.dir={tmp}",
+                       "log.progress=false"])
+    data = load_dataset(cfg.data, cfg.seed)
+    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    params = list(model.parameters())
+    buffers = float_buffers(model)
+    state, grad = share_flat(params + buffers), flat_grads(params)  # as in job.py
+    n_params = grad.numel()
+    optimizer = build_optimizer(cfg.optim, params)
+    aggregation = Aggregation(cfg)
+    pool = make_pool(cfg)
+    pool.start(cfg.workers)
+    pool_workers = WorkerPool(cfg, data, shards, pool, set(), ray.remote(TimedWorker))
+    pool_workers.start(list(pool.alive.values()))
+    actors = [actor for actor, _ in pool_workers.live.values()]
+
+    times: dict[str, list[float]] = defaultdict(list)
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        array = state.numpy()
+        t1 = time.perf_counter()
+        state_ref = ray.put(array)
+        t2 = time.perf_counter()
+        results, _ = pool_workers.gradients(state_ref, step, reclaim=[])
+        t3 = time.perf_counter()
+        grads = torch.from_numpy(np.stack([r.grad for r in results]))
+        t4 = time.perf_counter()
+        update = aggregation(grads, [r.rank for r in results], step)
+        t5 = time.perf_counter()
+        grad.copy_(update)
+        optimizer.step()
+        state[n_params:] = torch.from_numpy(np.mean([r.buffers for r in results], axis=0))
+        t6 = time.perf_counter()
+        t_noop = time.perf_counter()
+        ray.get([a.ready.remote() for a in actors])
+        t7 = time.perf_counter()
+        slowest = max(results, key=lambda r: sum(r.timings))
+        load, compute, pack = slowest.timings
+        if step > 5:
+            for key, value in [("serialize", t1 - t0), ("put", t2 - t1),
+                               ("round trip", t3 - t2), ("load", load), ("compute", compute),
+                               ("pack", pack), ("transfer", t3 - t2 - load - compute - pack),
+                               ("stack", t4 - t3), ("aggregate", t5 - t4),
+                               ("optimizer", t6 - t5), ("step", t6 - t0),
+                               ("noop", t7 - t_noop)]:
+                times[key].append(value)
+    for actor in actors:
+        ray.kill(actor)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+ROWS = [  # (label, key, indent)
+    ("driver: parameters to a flat numpy array", "serialize", ""),
+    ("driver: ray.put of the parameters (object store)", "put", ""),
+    ("round trip: calls out, every gradient back", "round trip", ""),
+    ("worker: load parameters (one copy)", "load", "&nbsp;&nbsp;"),
+    ("worker: forward + backward (compute)", "compute", "&nbsp;&nbsp;"),
+    ("worker: pack gradient + buffers", "pack", "&nbsp;&nbsp;"),
+    ("Ray dispatch, argument fetch, result serialization and transfer", "transfer",
+     "&nbsp;&nbsp;"),
+    ("driver: stack the gradients", "stack", ""),
+    ("driver: aggregation rule (mean, with the NaN check)", "aggregate", ""),
+    ("driver: optimizer (gradient in, SGD step, buffers)", "optimizer", ""),
+    ("**whole step**", "step", ""),
+    ("for scale: a no-op actor call round trip", "noop", ""),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cluster", action="store_true",
+                        help="workers on their own nodes of a local multi-node Ray cluster")
+    parser.add_argument("--quick", action="store_true", help="a few steps; writes no markdown")
+    args = parser.parse_args()
+    steps = 10 if args.quick else args.steps
+    cluster = None
+    if args.cluster:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(args.workers):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="warning")
+    else:
+        ray.init(address="local", num_cpus=args.workers, include_dashboard=False,
+                 logging_level="warning")
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in MODELS:
+                results[name] = measure(name, args.workers, steps, tmp)
+                print(name, {k: round(v * 1e3, 2) for k, v in results[name].items()},
+                      flush=True)
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+
+    header = "| phase | " + " | ".join(f"{m} ms | {m} share" for m in MODELS) + " |"
+    lines = [header, "|---" * (1 + 2 * len(MODELS)) + "|"]
+    for label, key, indent in ROWS:
+        cells = []
+        for m in MODELS:
+            ms = results[m][key] * 1e3
+            share = "" if key == "noop" else f"{results[m][key] / results[m]['step']:.0%}"
+            cells.append(f"{ms:.2f} | {share}")
+        lines.append(f"| {indent}{label} | " + " | ".join(cells) + " |")
+    key = "cluster" if args.cluster else "single"
+    where = ("workers on their own 1-CPU nodes of a local multi-node cluster (head node: "
+             "driver only)" if args.cluster else "one Ray node: driver and workers share "
+             "one object store")
+    flag = " --cluster" if args.cluster else ""
+    text = "\n".join([
+        f"## {'Multi-node' if args.cluster else 'Single node'}: {where}", "",
+        f"Produced by `python -m benchmarks.overhead --steps {steps} --workers {args.workers}"
+        f"{flag}` from the repository root.", "",
+        f"- machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"load average {os.getloadavg()[0]:.1f} at the end (other jobs share the cores), "
+        f"torch {torch.__version__}, Ray {ray.__version__}",
+        f"- {args.workers} workers (1 CPU, 1 torch thread each), batch 32 per worker, "
+        f"strategy=mean, SGD momentum 0.9; medians over steps 6-{steps}; the worker rows are "
+        "those of the slowest worker of each step; shares are of the median whole step, so "
+        "they need not add up to 100%", "",
+        *lines])
+    print(text)
+    if not args.quick:
+        write_part(key, text)
+
+
+def write_part(key: str, text: str) -> None:
+    """Replace this table's block of the markdown file, keep the rest."""
+    old = MD.read_text() if MD.exists() else "# squall: per-step overhead breakdown\n"
+    block = f"<!-- {key} -->\n{text}\n<!-- /{key} -->"
+    pattern = re.compile(f"<!-- {key} -->.*?<!-- /{key} -->", re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old}\n{block}\n"
+    MD.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
