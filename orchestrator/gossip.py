@@ -12,7 +12,11 @@ One round, top to bottom:
   3. the driver sets Moniqua's bound theta >= max |x_i - x_j| for the next round, one per block
      of strategy.block_size values: margin x the smaller of two upper bounds on the spread,
      (a) D-PSGD's 2 lr max|g| / (spectral gap of W) and (b) the largest distance to a decoded
-     neighbour plus two local steps. A detected wrap-around doubles the margin for good.
+     neighbour plus two local steps. (b) alone can run away (its decoding error grows with
+     theta); (a) caps it but holds in steady state only, and quantization noise widens the
+     spread beyond D-PSGD's. So after a membership change or a detected wrap-around the driver
+     measures the spread on the replicas themselves (all pairs, per block) and lets theta stay
+     up to that spread while they settle; a wrap also doubles (a)'s factor for good.
      With rounding=dither all workers share the round's dither, drawn from (seed, step).
 Membership changes (preemption, join) rebuild W over the live workers; a joining worker
 starts from a live neighbour's model.
@@ -48,6 +52,8 @@ from strategies.compression import (
     wrapped,
 )
 from strategies.topology import gossip_weights, mixing_matrix, spectral_gap
+
+SETTLE_ROUNDS = 20  # rounds after a resync in which theta may stay up to the measured spread
 
 
 class GossipWorker:
@@ -210,9 +216,11 @@ def train_gossip(cfg: Config) -> dict:
     pool = make_pool(cfg)
     interrupted, ray_address = False, ""
     wraps, theta, margin = 0, np.full(1, 1e-8), st.theta_margin  # theta: one per block
+    cap = 2.0  # (a)'s factor
+    held, resynced_at = np.zeros(1), -SETTLE_ROUNDS  # spread measured on the replicas, when
     recent_steps: deque[np.ndarray] = deque(maxlen=20)  # per block, for theta's bound (a)
     if checkpoint is not None:
-        theta, margin = checkpoint.state["theta"].numpy(), checkpoint.state["margin"]
+        theta, cap = checkpoint.state["theta"].numpy(), checkpoint.state["cap"]
         recent_steps.extend(checkpoint.state["recent_steps"].numpy())
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     workers: WorkerPool | None = None
@@ -230,11 +238,18 @@ def train_gossip(cfg: Config) -> dict:
         states = ray.get([actor.state.remote() for actor, _ in workers.live.values()])
         return np.mean(states, axis=0), states
 
+    def theta_from_replicas() -> np.ndarray:
+        """theta per block measured on the replicas themselves: their spread over all pairs
+        plus two local steps (one all-gather through the driver, only when needed)."""
+        states = torch.from_numpy(np.stack(average()[1]))
+        spread = block_max(states.amax(0) - states.amin(0), st.block_size or states.shape[1])
+        return np.maximum(margin * (spread.numpy() + 2 * recent_steps[-1]), 1e-8)
+
     def save_checkpoint() -> None:
         avg, states = average()
         snapshot = {**progress.__dict__, "wall_s": progress.wall_s + time.perf_counter() - t_start}
         state = {"average": torch.from_numpy(avg), "progress": snapshot,
-                 "theta": torch.from_numpy(theta), "margin": margin,
+                 "theta": torch.from_numpy(theta), "cap": cap,
                  "recent_steps": torch.from_numpy(np.array(recent_steps)), "replicas": {
             str(rank): torch.from_numpy(s) for rank, s in zip(workers.live, states)}
             if cfg.checkpoint.replicas == "all" else {}}
@@ -256,17 +271,15 @@ def train_gossip(cfg: Config) -> dict:
             for machine in events.joined:
                 workers.add(machine)
             progress.joins += workers.admit()
+            if events.noticed and workers.live:  # a noticed replica is about to go with its
+                save_checkpoint()  # machine: a just-in-time checkpoint keeps it
             progress.preemptions += workers.drain(events.noticed)
             if sorted(workers.live) != members:  # W is rebuilt over the live workers
                 members = sorted(workers.live)
                 workers.call("reset_neighbours", ())
                 if st.compress == "moniqua" and workers.live and recent_steps:
-                    # New neighbour pairs: theta from the replicas themselves (the spread
-                    # over all pairs, per block) rather than from the old pairs' distances.
-                    states = torch.from_numpy(np.stack(average()[1]))
-                    spread = block_max(states.amax(0) - states.amin(0), st.block_size
-                                       or states.shape[1]).numpy()
-                    theta = np.maximum(margin * (spread + 2 * recent_steps[-1]), 1e-8)
+                    theta, resynced_at = theta_from_replicas(), step  # new neighbour pairs
+                    held = theta / margin
 
             messages, lost = workers.call("message", (step, theta), reclaim=events.reclaim_now,
                                           payload=True)
@@ -282,18 +295,21 @@ def train_gossip(cfg: Config) -> dict:
             if stats:
                 round_wraps = sum(s["wraps"] for s in stats.values())
                 wraps += round_wraps
-                if round_wraps:
-                    margin *= 2  # the bound was too tight: widen it for good
                 # theta per block for the next round: margin x the smaller of (a) D-PSGD's
-                # spread bound 2 lr max|g| / gap and (b) the distance seen to decoded
+                # spread bound cap lr max|g| / gap and (b) the distance seen to decoded
                 # neighbours plus both sides' next local step.
                 recent_steps.append(np.max([s["max_step"] for s in stats.values()], axis=0))
                 seen = np.max([s["max_diff"] + 2 * s["max_step"] for s in stats.values()],
                               axis=0)
-                if np.isfinite(seen).all():
-                    bound = 2 * np.max(recent_steps, axis=0) / mixing_gap(tuple(live),
-                                                                          st.topology)
-                    theta = np.maximum(margin * np.minimum(bound, seen), 1e-8)
+                if round_wraps and workers.live:  # a decode was not to be trusted
+                    theta, resynced_at, cap = theta_from_replicas(), step, 2 * cap
+                    held = theta / margin
+                elif np.isfinite(seen).all():
+                    limit = cap * np.max(recent_steps, axis=0) / mixing_gap(tuple(live),
+                                                                            st.topology)
+                    if step - resynced_at <= SETTLE_ROUNDS:
+                        limit = np.maximum(limit, held)
+                    theta = np.maximum(margin * np.minimum(seen, limit), 1e-8)
                 progress.loss = float(np.mean([s["loss"] for s in stats.values()]))
                 progress.bytes_sent += sum(s["bytes"] for s in stats.values())
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -12,6 +13,11 @@ import pytest
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from orchestrator.config import Config, load_config
+
+# A suite started as a background job (`make test &`, some CI runners) inherits SIGINT ignored,
+# and so would every `squall` it starts: the Ctrl-C tests need it delivered. (A Python handler
+# is reset to the default in child processes; an ignored signal would stay ignored.)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")

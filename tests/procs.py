@@ -12,9 +12,15 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
+def _start_time(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
 def own_ray_workers(name: str) -> list[int]:
     """PIDs whose command line starts with `name` (e.g. 'ray::Worker') and that descend from
-    this process (the local Ray it started)."""
+    this process (the local Ray it started), oldest first: the last ones belong to the run
+    started last (actors of an earlier run in the same session may still be exiting)."""
     me, found = os.getpid(), []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -29,4 +35,4 @@ def own_ray_workers(name: str) -> list[int]:
             continue
         if pid == me:
             found.append(int(entry.name))
-    return sorted(found)
+    return sorted(found, key=_start_time)

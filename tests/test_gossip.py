@@ -121,7 +121,7 @@ def test_a_worker_removed_mid_training_drops_out_and_the_run_completes(ray_sessi
     while time.time() < deadline and not (os.path.exists(metrics) and
                                           len(open(metrics).readlines()) >= 20):
         time.sleep(0.2)
-    os.kill(own_ray_workers("ray::GossipWorker")[0], signal.SIGKILL)
+    os.kill(own_ray_workers("ray::GossipWorker")[-1], signal.SIGKILL)
     thread.join(timeout=600)
     assert result["steps_done"] == 300 and result["preemptions"] == 1
     with open(metrics) as f:

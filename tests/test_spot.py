@@ -10,6 +10,7 @@ import pytest
 
 from cloud.pool import spot_rng
 from cloud.traces import availability, load_trace, synthetic_trace, write_trace
+from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import ConfigError, load_config
 from orchestrator.job import train
 
@@ -120,9 +121,13 @@ def test_gossip_on_a_spot_pool_drops_reclaimed_workers_and_continues(make_config
     summary = train(make_config("strategy=gossip", "strategy.compress=moniqua", "strategy.bits=2",
                                 "workers=4", "steps=300", "model=mlp", "optim.momentum=0",
                                 "optim.lr=0.1", "run.name=gspot", "cloud=simulated",
-                                "cloud.preempt_prob=0.004", "cloud.replace_delay_s=0"))
+                                "cloud.preempt_prob=0.004", "cloud.replace_delay_s=0",
+                                "cloud.notice_s=0.2", "checkpoint.every_steps=0"))
     live = [json.loads(line)["live_workers"]
             for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
     assert summary["steps_done"] == 300 and summary["preemptions"] >= 1
     assert min(live) < 4 and live[0] == 4
     assert summary["test_acc"] > 0.8
+    # Periodic checkpoints are off: the ones before the last step were taken at notices.
+    steps = CheckpointStore(os.path.join(summary["run_dir"], "checkpoints")).steps()
+    assert steps[-1] == 300 and len(steps) >= 2, steps
