@@ -234,14 +234,24 @@ def train_gossip(cfg: Config) -> dict:
             return actor.state.remote()
         return None
 
-    def average() -> np.ndarray:
-        states = ray.get([actor.state.remote() for actor, _ in workers.live.values()])
-        return np.mean(states, axis=0), states
+    def average() -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The mean of the live replicas, and each of them (a worker that just died is left
+        out here; the next round drops it)."""
+        refs = {rank: actor.state.remote() for rank, (actor, _) in workers.live.items()}
+        states = {}
+        for rank, ref in refs.items():
+            try:
+                states[rank] = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+        if not states:
+            return flatten(params), states
+        return np.mean(list(states.values()), axis=0), states
 
     def theta_from_replicas() -> np.ndarray:
         """theta per block measured on the replicas themselves: their spread over all pairs
         plus two local steps (one all-gather through the driver, only when needed)."""
-        states = torch.from_numpy(np.stack(average()[1]))
+        states = torch.from_numpy(np.stack(list(average()[1].values())))
         spread = block_max(states.amax(0) - states.amin(0), st.block_size or states.shape[1])
         return np.maximum(margin * (spread.numpy() + 2 * recent_steps[-1]), 1e-8)
 
@@ -251,7 +261,7 @@ def train_gossip(cfg: Config) -> dict:
         state = {"average": torch.from_numpy(avg), "progress": snapshot,
                  "theta": torch.from_numpy(theta), "cap": cap,
                  "recent_steps": torch.from_numpy(np.array(recent_steps)), "replicas": {
-            str(rank): torch.from_numpy(s) for rank, s in zip(workers.live, states)}
+            str(rank): torch.from_numpy(s) for rank, s in states.items()}
             if cfg.checkpoint.replicas == "all" else {}}
         store.save(progress.step, state, {"config": to_dict(cfg)})
 
@@ -327,7 +337,7 @@ def train_gossip(cfg: Config) -> dict:
             if (step % st.consensus_every == 0 or step == cfg.steps) and workers.live:
                 avg, states = average()
                 record["consensus_dist"] = float(np.mean(
-                    [np.linalg.norm(s - avg) for s in states]))
+                    [np.linalg.norm(s - avg) for s in states.values()] or [0.0]))
                 if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.steps:
                     unflatten_into(avg, params)
                     record["test_acc"] = evaluate(model, data, cfg.eval.batch_size)
