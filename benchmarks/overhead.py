@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -42,6 +41,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from benchmarks.md_parts import write_part  # noqa: E402
 from cloud import make_pool  # noqa: E402
 from orchestrator.aggregation import Aggregation  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
@@ -51,6 +51,7 @@ from orchestrator.models import build_model, flat_grads, float_buffers, share_fl
 from orchestrator.workers import GradientResult, Worker, WorkerPool  # noqa: E402
 
 MD = Path(__file__).with_suffix(".md")
+TITLE = "squall: per-step overhead breakdown"
 MODELS = {"resnet20": ["model=resnet20", "data=fake"], "cnn": ["model=cnn", "data=digits"]}
 
 
@@ -199,16 +200,7 @@ def main() -> None:
         *lines])
     print(text)
     if not args.quick:
-        write_part(key, text)
-
-
-def write_part(key: str, text: str) -> None:
-    """Replace this table's block of the markdown file, keep the rest."""
-    old = MD.read_text() if MD.exists() else "# squall: per-step overhead breakdown\n"
-    block = f"<!-- {key} -->\n{text}\n<!-- /{key} -->"
-    pattern = re.compile(f"<!-- {key} -->.*?<!-- /{key} -->", re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old}\n{block}\n"
-    MD.write_text(new)
+        write_part(MD, TITLE, key, text)
 
 
 if __name__ == "__main__":

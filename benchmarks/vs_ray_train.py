@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import tempfile
 import threading
@@ -42,10 +41,12 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from benchmarks.md_parts import write_part  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.job import build_optimizer, train  # noqa: E402
 
 MD = Path(__file__).with_suffix(".md")
+TITLE = "squall vs Ray Train (TorchTrainer)"
 MODELS = {"resnet20": ["model=resnet20", "data=fake"], "cnn": ["model=cnn", "data=digits"]}
 
 
@@ -325,15 +326,6 @@ def machine() -> str:
             f"torch {torch.__version__}, Ray {ray.__version__}")
 
 
-def write_part(key: str, text: str) -> None:
-    """Replace this part's block of the markdown file, keep the rest."""
-    old = MD.read_text() if MD.exists() else "# squall vs Ray Train (TorchTrainer)\n"
-    block = f"<!-- {key} -->\n{text}\n<!-- /{key} -->"
-    pattern = re.compile(f"<!-- {key} -->.*?<!-- /{key} -->", re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old}\n{block}\n"
-    MD.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["throughput", "preemption", "all"], default="all")
@@ -357,12 +349,12 @@ def main() -> None:
         text = throughput(args)
         print(text)
         if not args.quick:
-            write_part("throughput", text)
+            write_part(MD, TITLE, "throughput", text)
     if args.part in ("preemption", "all"):
         text = preemption(args)
         print(text)
         if not args.quick:
-            write_part("preemption", text)
+            write_part(MD, TITLE, "preemption", text)
 
 
 if __name__ == "__main__":
