@@ -48,6 +48,7 @@ from strategies.compression import (
     moniqua_decode,
     moniqua_delta,
     moniqua_encode,
+    moniqua_theta,
     shared_dither,
     wrapped,
 )
@@ -253,7 +254,7 @@ def train_gossip(cfg: Config) -> dict:
         plus two local steps (one all-gather through the driver, only when needed)."""
         states = torch.from_numpy(np.stack(list(average()[1].values())))
         spread = block_max(states.amax(0) - states.amin(0), st.block_size or states.shape[1])
-        return np.maximum(margin * (spread.numpy() + 2 * recent_steps[-1]), 1e-8)
+        return moniqua_theta(spread + torch.from_numpy(2 * recent_steps[-1]), margin).numpy()
 
     def save_checkpoint() -> None:
         avg, states = average()
@@ -319,7 +320,8 @@ def train_gossip(cfg: Config) -> dict:
                                                                             st.topology)
                     if step - resynced_at <= SETTLE_ROUNDS:
                         limit = np.maximum(limit, held)
-                    theta = np.maximum(margin * np.minimum(seen, limit), 1e-8)
+                    theta = moniqua_theta(torch.from_numpy(np.minimum(seen, limit)),
+                                          margin).numpy()
                 progress.loss = float(np.mean([s["loss"] for s in stats.values()]))
                 progress.bytes_sent += sum(s["bytes"] for s in stats.values())
             else:

@@ -230,15 +230,19 @@ def moniqua_decode(msg: MoniquaMessage, x_local: torch.Tensor,
     return x_hat.to(x_local.dtype).reshape(x_local.shape)
 
 
-def moniqua_theta(max_abs_diff: float, margin: float = 2.0, floor: float = 1e-8) -> float:
-    """A safe theta: ``margin`` times the measured max |x_i - x_j|, at least ``floor``."""
-    if not math.isfinite(max_abs_diff) or max_abs_diff < 0:
+def moniqua_theta(max_abs_diff: float | torch.Tensor, margin: float = 2.0,
+                  floor: float = 1e-8) -> float | torch.Tensor:
+    """A safe theta: ``margin`` times the measured max |x_i - x_j| (one value, or one per
+    block), at least ``floor``."""
+    diff = torch.as_tensor(max_abs_diff, dtype=torch.float64)
+    if not bool(torch.isfinite(diff).all() and (diff >= 0).all()):
         raise ValueError(f"max_abs_diff must be finite and >= 0, got {max_abs_diff!r}")
     if margin < 1:
         raise ValueError(f"margin must be >= 1, got {margin!r}")
     if not floor > 0:
         raise ValueError(f"floor must be > 0, got {floor!r}")
-    return max(margin * max_abs_diff, floor)
+    theta = torch.clamp(margin * diff, min=floor)
+    return theta if isinstance(max_abs_diff, torch.Tensor) else float(theta)
 
 
 def block_max(v: torch.Tensor, block: int) -> torch.Tensor:
