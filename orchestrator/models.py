@@ -3,6 +3,8 @@ workers)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -82,15 +84,21 @@ def flatten(tensors: list[torch.Tensor]) -> np.ndarray:
     return torch.cat([t.detach().reshape(-1) for t in tensors]).float().cpu().numpy()
 
 
+def _slices(flat: torch.Tensor, tensors: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """flat cut into views shaped like tensors, in order."""
+    offset = 0
+    for t in tensors:
+        yield flat[offset:offset + t.numel()].view_as(t)
+        offset += t.numel()
+
+
 def share_flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Move float32 tensors (parameters, buffers) into one contiguous vector and make each a
     view of its slice, in order: copying the whole set in or out is then one memcpy, and
     in-place updates (optimizer steps, BatchNorm statistics) land in the vector."""
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
-    offset = 0
-    for t in tensors:
-        t.data = flat[offset:offset + t.numel()].view_as(t)
-        offset += t.numel()
+    for t, view in zip(tensors, _slices(flat, tensors)):
+        t.data = view
     return flat
 
 
@@ -99,10 +107,8 @@ def flat_grads(params: list[torch.Tensor]) -> torch.Tensor:
     straight into it (zero it with .zero_(), not zero_grad(set_to_none=True))."""
     flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32,
                        device=params[0].device if params else None)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
+    for p, view in zip(params, _slices(flat, params)):
+        p.grad = view
     return flat
 
 
@@ -112,8 +118,6 @@ def unflatten_into(vector: np.ndarray | torch.Tensor, tensors: list[torch.Tensor
     total = sum(t.numel() for t in tensors)
     if vec.numel() != total:
         raise ValueError(f"flat vector has {vec.numel()} values, the model {total}")
-    offset = 0
     with torch.no_grad():
-        for t in tensors:
-            t.copy_(vec[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        for t, view in zip(tensors, _slices(vec, tensors)):
+            t.copy_(view)
