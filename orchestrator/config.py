@@ -370,6 +370,7 @@ def _check_gossip(cfg: Config) -> None:
                           "exponential, complete")
 
 
+SIMULATED_ONLY = ("preempt_prob", "trace", "notice_s", "on_demand_workers")
 AWS_ONLY = ("instance_types", "region", "subnets", "security_groups", "ami", "setup",
             "head_address", "endpoint_url", "imds_url", "imds_poll_s", "rebalance",
             "launch_rounds", "retry_backoff_s", "local_nodes")
@@ -402,18 +403,14 @@ def _check_combinations(cfg: Config) -> None:
 
 
 def _check_cloud(cfg: Config) -> None:
-    cloud = cfg.cloud
-    if cloud.name != "simulated":
-        for key in ("preempt_prob", "trace", "notice_s", "on_demand_workers"):
-            if getattr(cloud, key) != getattr(CloudConfig, key):
-                raise ConfigError(f"cloud.{key} needs cloud=simulated (got cloud={cloud.name})")
-    if cloud.name != "aws":
-        for key in AWS_ONLY:
-            if getattr(cloud, key) != getattr(CloudConfig(), key):
-                raise ConfigError(f"cloud.{key} needs cloud=aws (got cloud={cloud.name})")
-    elif not cloud.instance_types:
+    cloud, defaults = cfg.cloud, CloudConfig()
+    for only, keys in (("simulated", SIMULATED_ONLY), ("aws", AWS_ONLY)):
+        for key in keys if cloud.name != only else ():
+            if getattr(cloud, key) != getattr(defaults, key):
+                raise ConfigError(f"cloud.{key} needs cloud={only} (got cloud={cloud.name})")
+    if cloud.name == "aws" and not cloud.instance_types:
         raise ConfigError("cloud=aws needs cloud.instance_types, e.g. [g5.xlarge,g4dn.xlarge]")
-    elif not re.match(r"^https?://[^/]", cloud.imds_url):
+    if cloud.name == "aws" and not re.match(r"^https?://[^/]", cloud.imds_url):
         raise ConfigError(f"cloud.imds_url={cloud.imds_url}: expected http://host[:port]")
     if cloud.trace and cloud.preempt_prob:
         raise ConfigError("cloud.trace and cloud.preempt_prob are two preemption models; "
