@@ -353,7 +353,7 @@ class AwsPool(Pool):
             if machine.worker_pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(machine.worker_pid, signal.SIGKILL)
-            self.cluster.remove_node(instance.node, allow_graceful=False)
+            self.cluster.remove_node(instance.node, allow_graceful=True)  # see simulated
             instance.node = None
         try:
             self.ec2.terminate([instance.id])

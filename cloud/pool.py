@@ -53,6 +53,7 @@ class Pool:
         self.alive: dict[int, Machine] = {}
         self._next_id = 0
         self._requests: list[tuple[float, str]] = []  # (ready_at, market) of replacements
+        self._booting: list[Machine] = []  # launched (and billed), not ready for a worker yet
         self._accrued_at = time.monotonic()
         self._started_at = self._accrued_at
         self.cost_usd = 0.0
@@ -77,7 +78,10 @@ class Pool:
         due = [r for r in self._requests if r[0] <= now and self._may_join(r[1], now)]
         if due:
             self._requests = [r for r in self._requests if r not in due]
-            result.joined = self._launch([market for _, market in due])
+            self._booting += self._launch([market for _, market in due])
+        self._booting = [m for m in self._booting if m.id in self.alive]
+        result.joined = [m for m in self._booting if self._ready(m)]
+        self._booting = [m for m in self._booting if m not in result.joined]
         return result
 
     def reclaim(self, machines: list[Machine]) -> None:
@@ -140,6 +144,10 @@ class Pool:
 
     def _provision(self, machine: Machine) -> None:
         """Bring the machine up (nothing to do when Ray already has the capacity)."""
+
+    def _ready(self, machine: Machine) -> bool:
+        """Whether a launched machine has finished booting (it may take a worker)."""
+        return True
 
     def _remove(self, machine: Machine) -> None:
         """Take the machine away (nothing to do for capacity the pool does not own)."""

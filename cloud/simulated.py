@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 from ray.cluster_utils import Cluster
@@ -43,34 +44,61 @@ class SimulatedPool(Pool):
                 raise ConfigError(str(e)) from None
         self.bid = cfg.cloud.bid or cfg.cloud.on_demand_price
         self._trace_start: float | None = None
+        # Adding a Ray node holds its caller ~1 s even with wait=False: nodes are added on this
+        # thread, beside the training loop, the way a cloud boots machines while a job runs.
+        self._node_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-node")
+        self._adding: dict[int, Future] = {}  # machine id -> its add_node call
 
     # ---- Ray nodes
     def start(self, n: int) -> list[Machine]:
         if ray.is_initialized():
             raise ConfigError("cloud=simulated starts its own Ray cluster; call it without a "
                               "Ray session already running")
-        return super().start(n)
+        machines = super().start(n)
+        for machine in machines:  # the first machines are waited for
+            self._node_of(machine)
+        return machines
 
     def _connect(self) -> None:
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": self.cfg.ray.dashboard})
+        # Nodes are added on a helper thread (_provision), and Ray's exit hooks for a node set
+        # signal handlers, which only the main thread may: the head keeps them (its reaper takes
+        # the cluster down with a killed driver); added nodes are removed by shutdown().
+        self.cluster._shutdown_at_exit = False
         # Reclaims kill raylets on purpose: keep Ray's per-node death reports off the terminal
         # (worker exceptions still reach the driver through ray.get).
         ray.init(address=self.cluster.address, logging_level=logging.WARNING,
                  log_to_driver=False)
 
     def _provision(self, machine: Machine) -> None:
-        machine.node = self.cluster.add_node(
-            num_cpus=max(1, round(self.cfg.worker.num_cpus)),
+        self._adding[machine.id] = self._node_starter.submit(
+            self.cluster.add_node, num_cpus=max(1, round(self.cfg.worker.num_cpus)),
             resources={WORKER_RESOURCE: 1}, wait=False)
 
+    def _ready(self, machine: Machine) -> bool:
+        adding = self._adding.get(machine.id)
+        if adding is not None and not adding.done():
+            return False
+        self._node_of(machine)
+        return True
+
+    def _node_of(self, machine: Machine) -> None:
+        """Wait for the machine's add_node call (if still pending) and keep its node."""
+        adding = self._adding.pop(machine.id, None)
+        if adding is not None:
+            machine.node = adding.result()
+
     def _remove(self, machine: Machine) -> None:
-        """Everything on the machine dies at once: the worker's process and the Ray node."""
+        """Everything on the machine dies at once: the worker's process (SIGKILL) and the Ray
+        node. The node's raylet gets SIGTERM: a SIGKILLed raylet makes Ray print its last 20
+        log lines to the driver's terminal, for every simulated reclaim."""
         if machine.worker_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(machine.worker_pid, signal.SIGKILL)
+        self._node_of(machine)  # a machine reclaimed while booting
         if machine.node is not None:
-            self.cluster.remove_node(machine.node, allow_graceful=False)
+            self.cluster.remove_node(machine.node, allow_graceful=True)
             machine.node = None
 
     def placement(self, machine: Machine) -> dict:
@@ -80,6 +108,7 @@ class SimulatedPool(Pool):
 
     def shutdown(self) -> None:
         super().shutdown()
+        self._node_starter.shutdown(wait=True, cancel_futures=True)
         if self.cluster is not None:
             self.cluster.shutdown()
 

@@ -339,10 +339,11 @@ def fit_error_model(points: list[tuple[float, float, float]]) -> ErrorModel:
 # Everything below runs jobs and prints; the math above never does.
 PLAN_USAGE = """usage: squall plan [workers=1,2,4,8] [steps=N | error=LOSS] [deadline=SECONDS]
            [bids=B1,B2,...] [step_s=BASE,PER_WORKER] [startup_s=BILLED,PER_WORKER,UNBILLED]
-           [rejoin_s=S] [calibrate_steps=60] [dynamic=true] [--check] [train overrides]
+           [rejoin_s=S] [calibrate_steps=60] [dynamic=true] [--check] [check_runs=3]
+           [train overrides]
 (docs/planning.md explains each option and the model)"""
 PLAN_KEYS = ("workers", "steps", "error", "deadline", "bids", "step_s", "startup_s", "rejoin_s",
-             "calibrate_steps", "dynamic")
+             "calibrate_steps", "dynamic", "check_runs")
 
 
 
@@ -359,6 +360,7 @@ class PlanRequest:
     startup_s: Startup | None = None
     rejoin_s: float | None = None
     calibrate_steps: int = 60
+    check_runs: int = 3  # --check runs each plan this often (seeds seed, seed+1, ...)
     dynamic: bool = True
     check: bool = False
     overrides: list[str] = field(default_factory=list)
@@ -392,7 +394,7 @@ def parse_plan_args(args: list[str]) -> PlanRequest:
             if any(v < 1 or v != int(v) for v in values):
                 raise ConfigError(f"workers={value}: expected whole numbers >= 1")
             req.workers = [int(v) for v in values]
-        elif key in ("steps", "calibrate_steps"):
+        elif key in ("steps", "calibrate_steps", "check_runs"):
             number = _numbers(key, value, 1)[0]
             if number < 1 or number != int(number):
                 raise ConfigError(f"{key}={value}: expected a whole number >= 1")
@@ -469,7 +471,7 @@ def run_plan(args: list[str]) -> int:
         print("  squall train " + " ".join(command))
     if not req.check:
         return 0
-    report = check(best, plans, base, out_dir, req.deadline)
+    report = check(best, plans, base, out_dir, req.deadline, req.check_runs)
     print(report)
     (out_dir / "check.md").write_text(report + "\n")
     return 0
@@ -545,41 +547,56 @@ def plan_table(plans: list[Plan], best: Plan | None, deadline: float | None) -> 
 
 
 def check(best: Plan, plans: list[Plan], base: list[str], out_dir: Path,
-          deadline: float | None) -> str:
-    """Run the recommendation and up to two alternatives on cloud=simulated; compare."""
+          deadline: float | None, runs: int = 3) -> str:
+    """Run the recommendation and up to two alternatives on cloud=simulated, each `runs` times
+    (seeds seed, seed+1, ...: other preemption draws); compare the means with the model."""
     from orchestrator.job import train
 
     others = sorted((p for p in plans if p.runnable and p.feasible and p is not best),
                     key=lambda p: p.cost_usd)
     cheaper = [p for p in others if p.cost_usd < best.cost_usd][:1]  # missed the deadline
     dearer = [p for p in others if p.cost_usd >= best.cost_usd][:2 - len(cheaper)]
+    seed0 = load_config(base).seed
     rows, measured, offs = [], {}, []
     for plan in [best, *cheaper, *dearer]:
-        summary = None
-        for command in train_commands(plan, base, "check-" + _slug(plan)):
-            cfg = load_config([*command, f"run.dir={out_dir}", "log.progress=false"])
-            print(f"check run: {plan.label} ({cfg.steps} steps)")
-            summary = train(cfg)
-            if summary["interrupted"] or summary["error"]:
+        summaries = []
+        for r in range(runs):
+            name = f"check-{_slug(plan)}-seed{seed0 + r}"
+            for command in train_commands(plan, base, name):
+                cfg = load_config([*command, f"seed={seed0 + r}", f"run.dir={out_dir}",
+                                   "log.progress=false"])
+                print(f"check run: {plan.label}, seed {cfg.seed} ({cfg.steps} steps)")
+                summary = train(cfg)
+                if summary["interrupted"] or summary["error"]:
+                    break
+            summaries.append(summary)
+            if summary["interrupted"]:
                 break
-        meets = (summary["steps_done"] == plan.steps and not summary["error"] and
-                 (deadline is None or summary["wall_s"] <= deadline))
-        measured[plan.label] = (summary["cost_usd"], meets)
-        off = summary["cost_usd"] / plan.cost_usd - 1 if plan.cost_usd else math.inf
+        met = sum(s["steps_done"] == plan.steps and not s["error"] and
+                  (deadline is None or s["wall_s"] <= deadline) for s in summaries)
+        cost, wall, live, preempted = (float(np.mean([s[key] for s in summaries])) for key in
+                                       ("cost_usd", "wall_s", "live_workers_mean", "preemptions"))
+        updates = np.mean([s["steps_done"] - s.get("skipped_steps", 0) for s in summaries])
+        measured[plan.label] = (cost, met == len(summaries))
+        off = cost / plan.cost_usd - 1 if plan.cost_usd else math.inf
         offs.append(off)
+        spread = (f" ({min(s['cost_usd'] for s in summaries):.5f}-"
+                  f"{max(s['cost_usd'] for s in summaries):.5f})" if len(summaries) > 1 else "")
         rows.append([("* " if plan is best else "") + plan.label, str(plan.steps),
-                     f"{plan.cost_usd:.5f}", f"{summary['cost_usd']:.5f}", f"{off:+.0%}",
-                     f"{plan.time_s:.1f}", f"{summary['wall_s']:.1f}",
-                     f"{plan.e_y:.2f}", f"{summary['live_workers_mean']:.2f}",
-                     str(summary["preemptions"]), "yes" if meets else "no"])
-        if summary["interrupted"]:
+                     f"{plan.updates:.0f}", f"{updates:.0f}", f"{plan.cost_usd:.5f}",
+                     f"{cost:.5f}{spread}", f"{off:+.0%}", f"{plan.time_s:.1f}", f"{wall:.1f}",
+                     f"{plan.e_y:.2f}", f"{live:.2f}", f"{preempted:.1f}",
+                     f"{met}/{len(summaries)}"])
+        if summaries[-1]["interrupted"]:
             break
-    table = format_table(["plan", "steps", "predicted $", "measured $", "cost off",
-                          "predicted s", "measured s", "E[y]", "live mean", "preemptions",
-                          "meets"], rows)
+    table = format_table(["plan", "steps", "E[updates]", "updates", "predicted $",
+                          "measured $ (range)", "cost off", "predicted s", "measured s",
+                          "E[y]", "live mean", "preemptions", "met"], rows)
     within = all(abs(off) <= 0.2 for off in offs)
     best_cost, best_meets = measured[best.label]
     cheapest = best_meets and all(cost >= best_cost for cost, ok in measured.values() if ok)
-    return (f"{table}\nmeasured cost within 20% of predicted: {'yes' if within else 'no'}\n"
+    return (f"{table}\n(measured: the mean of {runs} runs per plan, seeds {seed0}-"
+            f"{seed0 + runs - 1})\n"
+            f"measured cost within 20% of predicted: {'yes' if within else 'no'}\n"
             f"recommended plan is the cheapest run that meets the target: "
             f"{'yes' if cheapest else 'no'}")

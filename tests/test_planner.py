@@ -4,6 +4,7 @@ short `plan --check` on the simulated spot pool (the slow test of this module, m
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -201,6 +202,7 @@ def test_fits_recover_known_constants():
     (["steps=10", "workers=0,2"], "workers=0,2: expected whole numbers >= 1"),
     (["steps=10", "step_s=0.1"], "step_s=0.1: expected 2 numbers"),
     (["steps=10", "dynamic=maybe"], "dynamic=maybe: not allowed; valid: true, false"),
+    (["steps=10", "check_runs=0"], "check_runs=0: expected a whole number >= 1"),
 ])
 def test_bad_plan_options_are_one_line_errors(args, message):
     with pytest.raises(ConfigError, match=message):
@@ -229,21 +231,25 @@ def test_plan_command_rejects_bad_train_overrides_before_running(tmp_path, capsy
 
 
 def test_slow_plan_check_runs_plans_on_the_simulated_pool(tmp_path, capsys):
-    """SLOW (two short cloud=simulated runs, about a minute on a busy 2-core machine): the
-    recommended plan and one alternative run for real and are compared with the prediction."""
-    code = main(["plan", "workers=1,2", "steps=30", "step_s=0.03,0.005", "startup_s=3,1,15",
+    """SLOW (four short cloud=simulated runs, about a minute on a 2-core machine): the
+    recommended plan and one alternative run for real, twice each with other seeds, and are
+    compared with the prediction."""
+    code = main(["plan", "workers=1,2", "steps=20", "step_s=0.03,0.005", "startup_s=3,1,15",
                  "cloud.preempt_prob=0.01", "model=mlp", "data=digits", "--check",
-                 f"run.dir={tmp_path}", "run.name=c"])
+                 "check_runs=2", "seed=3", f"run.dir={tmp_path}", "run.name=c"])
     out = capsys.readouterr().out
     assert code == 0
     report = (tmp_path / "c" / "check.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ") and "plan" not in line
             and "---" not in line]
     assert len(rows) == 2 and rows[0].startswith("| * n=")
+    summaries = sorted((tmp_path / "c").glob("check-*/summary.json"))
+    assert [p.parent.name[-6:] for p in summaries] == ["-seed3", "-seed4"] * 2
     for line in rows:
-        measured = float(line.split("|")[4])
-        assert measured > 0
-    summaries = list((tmp_path / "c").glob("check-*/summary.json"))
-    assert len(summaries) == 2
+        label = line.split("|")[1].strip().removeprefix("* ")
+        pair = [p for p in summaries if p.parent.name.startswith(f"check-{label}-seed")]
+        costs = [json.loads(p.read_text())["cost_usd"] for p in pair]
+        measured = float(line.split("|")[6].split()[0])  # the mean of the two runs
+        assert measured == pytest.approx(sum(costs) / 2, abs=1e-5) and measured > 0
     assert "measured cost within 20% of predicted:" in out
     assert "recommended plan is the cheapest run that meets the target:" in out

@@ -94,13 +94,15 @@ def test_price_spike_above_the_bid_reclaims_everyone_with_notice(tmp_path, make_
                     "".join(f"{t},us-east-1a,m5.large,Linux/UNIX,{p}\n" for t, p in rows))
     # 1 wall second = 2 trace hours: the price is above the bid from 0.5 s to 1.5 s into
     # training; the steps are enough for a replacement node to start after that (a few s).
+    # The replacements asked for at the first notices arrive 0.2 s later, just before the
+    # spike, and get a notice at once; theirs arrive after it.
     summary = train(make_config("workers=2", "steps=2500", "model=mlp", "run.name=spike",
                                 "cloud=simulated", f"cloud.trace={path}", "cloud.bid=0.4",
                                 "cloud.time_scale=7200", "cloud.notice_s=0.25",
-                                "cloud.replace_delay_s=0.2", "cloud.max_nodes=4",
+                                "cloud.replace_delay_s=0.2", "cloud.max_nodes=6",
                                 "checkpoint.every_s=5"))
     rows = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
-    assert summary["preemptions"] == 2 and summary["joins"] >= 1  # replacements (max_nodes=4)
+    assert summary["preemptions"] == 2 and summary["joins"] >= 1  # replacements (max_nodes=6)
     assert summary["skipped_steps"] > 0
     zero = [r["step"] for r in rows if r["live_workers"] == 0]
     assert rows[-1]["live_workers"] >= 1 and zero[-1] < rows[-1]["step"]
@@ -132,3 +134,36 @@ def test_gossip_on_a_spot_pool_drops_reclaimed_workers_and_continues(make_config
     # Periodic checkpoints are off: the ones before the last step were taken at notices.
     steps = CheckpointStore(os.path.join(summary["run_dir"], "checkpoints")).steps()
     assert steps[-1] == 300 and len(steps) >= 2, steps
+
+
+def test_a_booting_replacement_is_billed_but_does_not_hold_the_loop(make_config):
+    """Adding a Ray node takes its caller ~1 s: the simulated pool adds nodes on a helper thread,
+    so poll() returns while a replacement boots (billed from its launch) and hands it over once
+    its node is up. The helper is held busy here so that the boot cannot finish early."""
+    import threading
+
+    from cloud.simulated import SimulatedPool
+
+    pool = SimulatedPool(make_config("cloud=simulated", "workers=1", "cloud.replace_delay_s=0"))
+    try:
+        (first,) = pool.start(1)
+        assert first.node is not None  # the first machines are waited for
+        hold = threading.Event()
+        pool._node_starter.submit(hold.wait, 60)
+        pool.reclaim([first])
+        booting = pool.poll(1)
+        assert booting.joined == [] and len(pool.alive) == 1  # launched, billed, not ready
+        (machine,) = pool.alive.values()
+        assert machine.id != first.id and machine.node is None
+        cost = pool.costs()[0]
+        hold.set()
+        joined: list = []
+        for step in range(2, 10_000):  # until the node is up (~1 s)
+            joined = pool.poll(step).joined
+            if joined:
+                break
+            threading.Event().wait(0.01)
+        assert joined == [machine] and machine.node is not None
+        assert pool.costs()[0] > cost  # billed all along
+    finally:
+        pool.shutdown()
