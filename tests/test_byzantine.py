@@ -64,6 +64,19 @@ def test_non_finite_gradients_are_rejected_and_counted():
     assert agg.rejected == 2 and torch.allclose(out, kept.mean(0))
 
 
+def test_finite_rows_whose_sum_overflows_are_kept_and_inf_rows_rejected():
+    """The finiteness check sums each row; a sum can overflow float32 on finite values."""
+    agg = Aggregation(load_config(["workers=4", "strategy=mean"]))
+    G = torch.zeros(4, 3)
+    G[0] = torch.tensor([3e38, 3e38, -1.0])  # finite, sum overflows to +inf
+    G[1, 2] = float("inf")
+    G[2, 0], G[2, 1] = float("inf"), float("-inf")  # sums to NaN
+    G[3] = 1.0
+    out = agg(G, list(range(4)), step=1)
+    assert agg.rejected == 2
+    assert torch.equal(out, (G[0] + G[3]) / 2)
+
+
 def test_too_few_live_workers_skip_or_fail():
     skip = Aggregation(load_config(["workers=5", "strategy=krum", "byzantine.f=1"]))
     assert skip(rows(4), [0, 1, 2, 3], step=1) is None  # krum needs 5 for f=1
