@@ -46,8 +46,14 @@ NOTES = """\
 
 - Threads: 1 unless `--threads` says otherwise. On a shared 2-core machine a 2-thread OpenMP
   region stalls for a scheduler slice (~8 ms) whenever another process holds a core, which
-  swamps millisecond timings. Other jobs ran during this benchmark: single cells can be off
-  by ~1.5x (compare `mean`, where both libraries call the same torch.mean).
+  swamps millisecond timings. Single cells can be off by ~1.5x between runs (compare `mean`,
+  where both libraries call the same torch.mean).
+- The three implementations of a case run in turn, so each starts with the others' data in
+  the caches: at d = 1e5 (6-13 MB inputs) that doubles squall's times against the same call
+  repeated alone (geomed at n = 16: 1.0 ms alone, 2-2.3 ms here). At d = 1e5 the Gram matrix
+  route (Krum, Multi-Krum, geometric median, centered clipping) is bound by the GEMM itself
+  (2 n^2 d flops: 0.6 ms alone at n = 16, 2.2 ms at n = 32), which ByzFL's torch path also
+  runs (torch.cdist): against it the ratio stays 1.4-3x there, and reaches 10-28x at d = 1e6.
 - median, trimmed_mean and Bulyan's coordinate phase need a few order statistics per column,
   not a sort. On CPU torch.sort along dim 0 costs ~300 ns per column (torch.topk and
   torch.kthvalue along dim 0 as much: 50-60 ms at n = 32, d = 1e5), so squall runs Parberry's
@@ -258,7 +264,7 @@ def report(rows: list[list[str]], bulyan_rows: list[str], threads: int, reps: in
             f"Produced by `{command}` (from the repository root).",
             "",
             f"- machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()}; load average "
-            f"at the end {load} (a shared machine: other jobs were running)",
+            f"at the end {load}",
             f"- torch {torch.__version__}, numpy {np.__version__}, "
             f"byzfl {importlib.metadata.version('byzfl')}, Python {platform.python_version()}",
             f"- threads: {threads} for both libraries (torch.set_num_threads and threadpoolctl)",

@@ -44,7 +44,7 @@ from ray.cluster_utils import Cluster
 from ray.exceptions import RayError
 
 from cloud.imds import Watcher
-from cloud.pool import Machine, PollResult, Pool
+from cloud.pool import Machine, PollResult, Pool, join_cluster
 from cloud.traces import write_trace
 from orchestrator.config import CloudConfig, Config, ConfigError, load_config
 
@@ -277,6 +277,7 @@ class AwsPool(Pool):
 
     def _connect(self) -> None:
         if self.cfg.cloud.local_nodes:
+            self.workers_here = True
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": 1, "include_dashboard": self.cfg.ray.dashboard})
             ray.init(address=self.cluster.address, logging_level=logging.WARNING,
@@ -284,10 +285,10 @@ class AwsPool(Pool):
         else:  # the driver runs on the head node of the cluster the instances join
             address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
             try:
-                ray.init(address=address, logging_level=logging.WARNING)
-            except ConnectionError:
-                raise ConfigError(f"cloud=aws: no Ray cluster at ray.address={address}; run the "
-                                  "driver on a Ray head node (ray start --head)") from None
+                join_cluster(self.cfg, address)
+            except ConfigError as e:
+                raise ConfigError(f"cloud=aws: {e}; the driver runs on the head node of the "
+                                  "cluster the instances join") from None
         self.head = self.head or ray.get_runtime_context().gcs_address
 
     # ---- instances

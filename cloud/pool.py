@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ class Pool:
         self.cost_usd = 0.0
         self.machines_started = 0
         self.owns_ray = False  # True when the pool connected Ray (and so shuts it down)
+        self.workers_here = False  # the workers compute on this machine's cores (local Ray)
 
     # ---- protocol
     def start(self, n: int) -> list[Machine]:
@@ -123,8 +125,9 @@ class Pool:
     def _connect(self) -> None:
         address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            join_cluster(self.cfg, address)
         else:
+            self.workers_here = True
             cpus = self.cfg.ray.num_cpus or max(
                 os.cpu_count() or 1, math.ceil(self.cfg.workers * self.cfg.worker.num_cpus))
             ray.init(address="local", num_cpus=cpus, include_dashboard=self.cfg.ray.dashboard,
@@ -179,13 +182,32 @@ class StaticPool(Pool):
         if not address:
             raise ConfigError("cloud=static needs the cluster's address: ray.address=<host:port> "
                               "or $RAY_ADDRESS")
-        ray.init(address=address, logging_level=logging.WARNING)
+        join_cluster(self.cfg, address)
 
     def price(self, machine: Machine, now: float) -> float:
         return self.cfg.cloud.on_demand_price
 
     def on_demand_price(self) -> float:
         return self.cfg.cloud.on_demand_price
+
+
+def join_cluster(cfg: Config, address: str) -> None:
+    """ray.init on an existing cluster. An address where nothing listens is a one-line error
+    at once: ray.init itself retries for minutes, then raises with a traceback."""
+    key = "ray.address" if cfg.ray.address else "$RAY_ADDRESS"
+    host, _, port = address.rpartition(":")
+    if address != "auto" and "://" not in address:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}={address}: no Ray cluster answers there "
+                              f"({getattr(e, 'strerror', None) or e}); start one with "
+                              "`ray start --head` or fix the address") from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise ConfigError(f"{key}={address}: cannot join the Ray cluster there "
+                          f"({str(e).splitlines()[0]})") from None
 
 
 def spot_rng(seed: int, step: int) -> random.Random:

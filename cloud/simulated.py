@@ -66,6 +66,7 @@ class SimulatedPool(Pool):
         # signal handlers, which only the main thread may: the head keeps them (its reaper takes
         # the cluster down with a killed driver); added nodes are removed by shutdown().
         self.cluster._shutdown_at_exit = False
+        self.workers_here = True
         # Reclaims kill raylets on purpose: keep Ray's per-node death reports off the terminal
         # (worker exceptions still reach the driver through ray.get).
         ray.init(address=self.cluster.address, logging_level=logging.WARNING,

@@ -202,6 +202,7 @@ def train_gossip(cfg: Config) -> dict:
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     params = list(model.parameters())
 
+    pool = make_pool(cfg)  # its own checks (cloud=aws: ami, run.name) before the run dir
     log = RunLog(cfg)
     store = CheckpointStore(cfg.checkpoint.dir or str(log.dir / "checkpoints"),
                             keep=cfg.checkpoint.keep)
@@ -214,7 +215,6 @@ def train_gossip(cfg: Config) -> dict:
         unflatten_into(checkpoint.state["average"], params)
     progress.lost_steps += log.open_metrics(progress.step)
 
-    pool = make_pool(cfg)
     interrupted, ray_address = False, ""
     wraps, theta, margin = 0, np.full(1, 1e-8), st.theta_margin  # theta: one per block
     cap = 2.0  # (a)'s factor
@@ -262,7 +262,7 @@ def train_gossip(cfg: Config) -> dict:
         state = {"average": torch.from_numpy(avg), "progress": snapshot,
                  "theta": torch.from_numpy(theta), "cap": cap,
                  "recent_steps": torch.from_numpy(np.array(recent_steps)), "replicas": {
-            str(rank): torch.from_numpy(s) for rank, s in states.items()}
+            str(rank): torch.tensor(s) for rank, s in states.items()}  # s: read-only (Ray)
             if cfg.checkpoint.replicas == "all" else {}}
         store.save(progress.step, state, {"config": to_dict(cfg)})
 

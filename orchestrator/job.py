@@ -10,6 +10,7 @@ run that lost its driver resume where it left off (same run.name).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -101,6 +102,7 @@ def train(cfg: Config) -> dict:
     aggregation = Aggregation(cfg)
 
     # ---- resume from the newest valid checkpoint of this run, if there is one
+    pool = make_pool(cfg)  # its own checks (cloud=aws: ami, run.name) before the run dir
     log = RunLog(cfg)
     store = CheckpointStore(cfg.checkpoint.dir or str(log.dir / "checkpoints"),
                             keep=cfg.checkpoint.keep)
@@ -126,11 +128,14 @@ def train(cfg: Config) -> dict:
 
     # ---- the machines and the workers on them
     aggregation.rejected = progress.rejected_updates
-    pool = make_pool(cfg)
     interrupted, ray_address, error = False, "", ""
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
+    driver_threads = torch.get_num_threads()
     try:
         machines = pool.start(cfg.workers)
+        if pool.workers_here:  # the driver's idle torch threads would spin on workers' cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - math.ceil(
+                cfg.workers * cfg.worker.num_cpus)))
         workers = WorkerPool(cfg, data, shards, pool, aggregation.byzantine)
         workers.start(machines)
         ray_address = ray.get_runtime_context().gcs_address
@@ -193,6 +198,7 @@ def train(cfg: Config) -> dict:
     except TooFewWorkers as e:
         error = str(e)
     finally:
+        torch.set_num_threads(driver_threads)
         spot, on_demand = pool.costs()
         progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
         pool.shutdown()

@@ -57,6 +57,8 @@ class RunLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
         self._tensorboard = None
+        self._bar: tqdm | None = None
+        self._bar_start = 0
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -74,12 +76,14 @@ class RunLog:
         kept = [r for r in rows if r["step"] <= start_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(path, "a")
-        self._bar = tqdm(total=self.cfg.steps, initial=start_step, file=sys.stderr,
-                         disable=not self.cfg.log.progress, desc="train", unit="step",
-                         dynamic_ncols=True)
+        self._bar_start = start_step
         return max([r["step"] for r in rows], default=start_step) - start_step
 
     def step(self, record: dict) -> None:
+        if self._bar is None:  # shown from the first step: start-up errors come out clean
+            self._bar = tqdm(total=self.cfg.steps, initial=self._bar_start, file=sys.stderr,
+                             disable=not self.cfg.log.progress, desc="train", unit="step",
+                             dynamic_ncols=True)
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._tensorboard is not None:
@@ -97,7 +101,8 @@ class RunLog:
         self._bar.update(1)
 
     def finish(self, summary: dict, live: list[int]) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
         self._metrics.close()
         if self._tensorboard is not None:
             self._tensorboard.close()

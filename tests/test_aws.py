@@ -34,6 +34,7 @@ from cloud.traces import load_trace
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
+from orchestrator.job import train
 
 AMI = "ami-03cf127a"  # one of the images moto knows
 TYPES = "cloud.instance_types=[g5.xlarge,g4dn.xlarge]"
@@ -166,9 +167,12 @@ def test_aws_options_are_checked_before_anything_starts(overrides, message):
         load_config(overrides)
 
 
-def test_the_pool_needs_an_image_a_run_name_and_a_region(aws, monkeypatch):
+def test_the_pool_needs_an_image_a_run_name_and_a_region(aws, monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="cloud=aws needs cloud.ami"):
         AwsPool(load_config(["cloud=aws"]))
+    with pytest.raises(ConfigError, match="cloud=aws needs cloud.ami"):  # before the run dir
+        train(load_config(["cloud=aws", "model=mlp", f"run.dir={tmp_path}", "run.name=x"]))
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError, match="cloud=aws needs run.name"):
         AwsPool(load_config(["cloud=aws", f"cloud.ami={AMI}"]))
     monkeypatch.delenv("AWS_DEFAULT_REGION")

@@ -91,6 +91,17 @@ def test_ray_address_env_and_config_key(cluster, tmp_path):
                                    "ray.address=<host:port> or $RAY_ADDRESS")
 
 
+def test_an_address_where_no_cluster_listens_is_one_line_at_once(tmp_path):
+    """ray.init would retry for minutes and end in a traceback."""
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run([*squall_args(tmp_path, "dead"), f"ray.address={address}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"squall: error: ray.address={address}: no Ray cluster answers there (Connection "
+        "refused); start one with `ray start --head` or fix the address")
+
+
 def test_ray_job_submit(cluster, tmp_path):
     gcs, dashboard = cluster
     proc = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--",
