@@ -191,7 +191,7 @@ def main() -> None:
         f"Produced by `python -m benchmarks.overhead --steps {steps} --workers {args.workers}"
         f"{flag}` from the repository root.", "",
         f"- machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-        f"load average {os.getloadavg()[0]:.1f} at the end (other jobs share the cores), "
+        f"load average {os.getloadavg()[0]:.1f} at the end (this benchmark included), "
         f"torch {torch.__version__}, Ray {ray.__version__}",
         f"- {args.workers} workers (1 CPU, 1 torch thread each), batch 32 per worker, "
         f"strategy=mean, SGD momentum 0.9; medians over steps 6-{steps}; the worker rows are "

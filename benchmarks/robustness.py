@@ -231,7 +231,7 @@ def header(grid: Grid, cmd: str, done: int, elapsed_s: float, in_process: bool) 
         f"Produced by `{cmd}` (from the repository root): {status}, "
         f"{elapsed_s / 60:.0f} min.", "",
         f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), "
-        f"shared with other jobs (load average {load} when this was written); "
+        f"load average {load} when this was written (this benchmark included); "
         + ("**in-process replicas of `train`** (`replica` in the script: no Ray, the driver "
            "computes every worker's gradient itself, 1 thread); " if in_process else
            "one Ray session `ray.init(num_cpus=12)` for all runs, one CPU per worker actor; ")

@@ -322,7 +322,7 @@ def run_preemption(args: argparse.Namespace, cluster: Cluster) -> str:
 def machine() -> str:
     load = os.getloadavg()[0]
     return (f"machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-            f"load average {load:.1f} at the end (other jobs share the cores), "
+            f"load average {load:.1f} at the end (this benchmark included), "
             f"torch {torch.__version__}, Ray {ray.__version__}")
 
 
