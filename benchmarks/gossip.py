@@ -10,7 +10,6 @@ distance, bytes sent per worker per step, and wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -24,6 +23,7 @@ import torch  # noqa: E402
 
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.job import train  # noqa: E402
+from orchestrator.metrics import read_metrics  # noqa: E402
 
 METHODS = {  # squall's defaults unless stated: dither rounding, theta per block of 128, margin 1.2
     "D-PSGD (fp32)": ["strategy.compress=none"],
@@ -58,8 +58,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 summary = train(cfg)
                 wall = time.perf_counter() - t0
-                metrics = [json.loads(line) for line in
-                           open(Path(summary["run_dir"]) / "metrics.jsonl")]
+                metrics = read_metrics(summary["run_dir"])
                 consensus = [m["consensus_dist"] for m in metrics if "consensus_dist" in m]
                 rows.append((topology, name, summary["test_acc"], consensus[-1],
                              summary["bytes_per_worker_step"], wall, summary["wraps"]))

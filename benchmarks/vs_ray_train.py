@@ -26,7 +26,6 @@ Writes its part of benchmarks/vs_ray_train.md (the other part is kept).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from benchmarks.md_parts import write_part  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.job import build_optimizer, train  # noqa: E402
+from orchestrator.metrics import read_metrics  # noqa: E402
 
 MD = Path(__file__).with_suffix(".md")
 TITLE = "squall vs Ray Train (TorchTrainer)"
@@ -132,7 +132,7 @@ def run_squall(overrides: list[str], tmp: str, name: str) -> tuple[float, list, 
                        f"run.dir={tmp}", f"run.name={name}"])
     t_call = time.time()
     summary = train(cfg)
-    rows = [json.loads(line) for line in open(Path(summary["run_dir"]) / "metrics.jsonl")]
+    rows = read_metrics(summary["run_dir"])
     return t_call, [(r["step"], t_call + r["wall_s"]) for r in rows], summary
 
 

@@ -38,6 +38,19 @@ def sparkline(values: list[int], top: int, width: int = 60) -> str:
     return "".join(BARS[round(sum(b) / len(b) / max(top, 1) * (len(BARS) - 1))] for b in buckets)
 
 
+def format_value(value: object) -> str:
+    """A table cell: floats to 6 significant digits."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl (none when it does not exist yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """A markdown table (readable as plain text too)."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
@@ -71,8 +84,7 @@ class RunLog:
         """Start logging after `start_step`: lines past it (steps a resumed run redoes) are
         dropped. Returns how many steps are redone."""
         path = self.dir / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()
-                if line.strip()] if path.exists() and start_step else []
+        rows = read_metrics(self.dir) if start_step else []
         kept = [r for r in rows if r["step"] <= start_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(path, "a")

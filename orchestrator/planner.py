@@ -17,7 +17,6 @@ floor + a/J + b E[1/y] to the running mean of the training loss of calibration r
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 
 from cloud.traces import PriceTrace
 from orchestrator.config import ConfigError, load_config
-from orchestrator.metrics import format_table
+from orchestrator.metrics import format_table, read_metrics
 
 
 @dataclass(frozen=True)
@@ -493,7 +492,7 @@ def calibrate(base: list[str], ns: list[int], steps: int,
                               "seconds)")
         print(f"calibration run: workers={n} steps={steps}")
         summary = train(cfg)
-        rows = read_metrics(Path(summary["run_dir"]))
+        rows = read_metrics(summary["run_dir"])
         step_dt = [b["wall_s"] - a["wall_s"] for a, b in zip(rows, rows[1:])]
         skip = min(4, len(step_dt) // 2)  # the first steps warm up
         live += [r["live_workers"] for r in rows[1 + skip:]]
@@ -509,11 +508,6 @@ def calibrate(base: list[str], ns: list[int], steps: int,
     else:
         startup = Startup(max(0.0, billed[ns[0]]), 0.0, float(np.mean(unbilled)))
     return fit_step_time(live, dt), startup, fit_error_model(points)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _slug(plan: Plan) -> str:

@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from orchestrator.config import ConfigError  # noqa: E402
+from orchestrator.metrics import format_value, read_metrics  # noqa: E402
 from orchestrator.sweep import read_sweep  # noqa: E402
 
 
@@ -35,8 +36,7 @@ def report(path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- one run
 def run_report(folder: Path) -> Path:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = read_metrics(folder)
     if not rows:
         raise ConfigError(f"squall report {folder}: metrics.jsonl has no steps yet")
     steps = [r["step"] for r in rows]
@@ -85,7 +85,7 @@ def run_report(folder: Path) -> Path:
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     table = "<table>" + "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>"
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(format_value(v))}</td></tr>"
         for k, v in summary.items()) + "</table>"
     return _index(folder, f"Run {folder.name}", table, images)
 
@@ -170,7 +170,3 @@ def _index(folder: Path, title: str, table: str, images: list[tuple[str, str]]) 
     path = folder / "index.html"
     path.write_text(page)
     return path
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)

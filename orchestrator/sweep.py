@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import Config, ConfigError, load_config
-from orchestrator.metrics import format_table
+from orchestrator.metrics import format_table, format_value
 
 COLUMNS = ["run", "overrides", "test_acc", "steps_done", "wall_s", "cost_usd",
            "on_demand_cost_usd", "preemptions", "live_workers_mean", "interrupted", "error"]
@@ -134,7 +134,7 @@ def _run_all(folder: Path, runs: list[tuple[str, str, Config]], rows: list[dict]
             except KeyboardInterrupt:  # between runs: nothing of this run to keep
                 return True
         rows.append({"run": name, "overrides": swept,
-                     **{c: _fmt(summary[c]) for c in COLUMNS[2:]}})
+                     **{c: format_value(summary[c]) for c in COLUMNS[2:]}})
         write_tables(folder, rows)
         if summary["interrupted"]:
             return True
@@ -149,12 +149,6 @@ def finished_summary(run_dir: Path, cfg: Config) -> dict | None:
     summary = json.loads(path.read_text())
     done = summary["steps_done"] == cfg.steps and not summary["interrupted"]
     return summary if done and not summary["error"] else None
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def write_tables(folder: Path, rows: list[dict]) -> None:
