@@ -19,6 +19,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from strategies import aggregators as agg
+from strategies import kernels
 from strategies import preaggregation as pre
 
 try:
@@ -50,29 +52,29 @@ NOTES = """\
   where both libraries call the same torch.mean).
 - The three implementations of a case run in turn, so each starts with the others' data in
   the caches: at d = 1e5 (6-13 MB inputs) that doubles squall's times against the same call
-  repeated alone (geomed at n = 16: 1.0 ms alone, 2-2.3 ms here). At d = 1e5 the Gram matrix
-  route (Krum, Multi-Krum, geometric median, centered clipping) is bound by the GEMM itself
-  (2 n^2 d flops: 0.6 ms alone at n = 16, 2.2 ms at n = 32), which ByzFL's torch path also
-  runs (torch.cdist): against it the ratio stays 1.4-3x there, and reaches 10-28x at d = 1e6.
+  repeated alone (geomed at n = 16: 1.0 ms alone, 2-2.3 ms here).
 - median, trimmed_mean and Bulyan's coordinate phase need a few order statistics per column,
   not a sort. On CPU torch.sort along dim 0 costs ~300 ns per column (torch.topk and
-  torch.kthvalue along dim 0 as much: 50-60 ms at n = 32, d = 1e5), so squall runs Parberry's
-  pairwise sorting network as torch.minimum / torch.maximum over column chunks that stay in
-  cache, pruned to the comparators the wanted ranks depend on and batched into strided calls.
-  Per column: 98 min/max values for the trimmed mean at n = 16 (6.1 passes over the chunk)
-  and 294 at n = 32 (9.2 passes), against 160 and 480 for the bitonic sort used before; 88
-  and 260 for the median. The trimmed mean is then sum(clamp(x, lo, hi)) - f lo - f hi with
-  lo, hi the values of ranks f and n-1-f (two more passes; every term lies in [lo, hi], so no
-  cancellation). On CUDA squall uses torch.sort.
-- trimmed_mean vs ByzFL's NumPy path (target: 3x): NumPy 2's np.sort sorts each column of
-  16-32 floats in SIMD registers (x86-simd-sort), ~3 ns per value. Each pass of squall's
-  network streams the chunk through L2/L3 at ~0.15 ns per value, and with f = (n-3)//4 a
-  quarter of the values go from each side, so finding lo and hi is close to a full sort.
-  Over repeated runs: 1.6-1.9x faster at d = 1e5 with n = 16, 0.9-1.1x with n = 32; 2-3x at
-  d = 1e6, where NumPy's time swings (60-360 ms) with the machine's memory traffic. Repeated
-  max/min extraction needs a reduction and a masking pass for each of the 2f trimmed values
-  (12-28 passes), more than the network. 3x would take a fused kernel (C++ or
-  torch.compile), not eager torch calls. Against ByzFL's torch path the target is met.
+  torch.kthvalue along dim 0 as much: 50-60 ms at n = 32, d = 1e5), so squall uses Parberry's
+  pairwise sorting network pruned to the comparators the wanted ranks depend on (98 min/max
+  values per column for the trimmed mean at n = 16, 294 at n = 32; 88 and 260 for the
+  median). The trimmed mean is then sum(clamp(x, lo, hi)) - f lo - f hi with lo, hi the
+  values of ranks f and n-1-f (every term lies in [lo, hi]: no cancellation). On CUDA squall
+  uses torch.sort.
+- Fused kernels (the table above): in eager torch that network is 30-60 calls, each a pass
+  over a chunk of columns through L2/L3 (~0.15 ns per value), close to a full sort in
+  passes, while NumPy 2's np.sort sorts each column of 16-32 floats in SIMD registers: eager,
+  the trimmed mean was only 1.2-2.3x faster than ByzFL's NumPy path. torch.compile turns the
+  network and the arithmetic after it into one loop over the columns that keeps a column's n
+  values in vector registers and reads G once (median, Bulyan) or twice (trimmed mean: one
+  kernel selects lo and hi, a second one clamps and sums; fused into one, torch keeps ~30
+  network rows in memory at n = 32, 1.5-2x slower). Compiling is per (rule, n, f), on a
+  helper thread while the eager version serves; tests/test_kernels.py checks the kernels
+  against the slow references.
+- trimmed_mean vs ByzFL's NumPy path (target: 3x): met, but for the cell at n = 32 and
+  d = 1e5, where it lands at 2.9-3.1x over runs: squall's two passes over the 12.8 MB input
+  find it evicted by ByzFL's run just before (round-robin); timed alone the fused trimmed
+  mean takes 1.6 ms there (4.6x).
 - Krum, Multi-Krum, NNM, geometric median, centered clipping: one float32 Gram matrix in
   column chunks accumulated in float64, plus a second, centred pass only when the rows share a
   common component much larger than their spread (the "offset rows" line). At d = 1e5 the
@@ -82,14 +84,21 @@ NOTES = """\
 - Geometric median: ByzFL's GeometricMedian has no tolerance (a fixed T, starting from 0); it
   gets T = the iterations squall needs to reach tol 1e-6 at nu 1e-6 on the same input. These
   isotropic inputs need only 3-4; inputs that need more widen the gap.
-- Bulyan vs Multi-Krum (target: 2x): Bulyan is Multi-Krum's Gram matrix, theta = n - 2f
-  Krum rounds on the distance matrix (~20 us each), then per column the selected values
-  within beta - 1 ranks of their median (ranks 1-8 of 10 at n = 16, 5-12 of 18 at n = 32:
-  60 and 138 min/max values, against 160 and 480 for the padded bitonic sort before) and the
-  mean of the beta closest to the median (pairs Y[j], Y[j+beta] of that band keep their
-  closer value). Multi-Krum is one GEMM (2 n^2 d flops): at n = 16 the near-full sort of 10
-  values costs more than it: over repeated runs the ratio is 2.2-3.1x at n = 16 and
-  1.8-2.5x at n = 32 (it was 3.8-6.5x with the full bitonic sort).
+- Bulyan vs Multi-Krum (target: 2x): met, 0.8-1.5x. Bulyan is Multi-Krum's Gram matrix,
+  theta = n - 2f Krum rounds on the distance matrix (~20 us each), then per column the
+  selected values within beta - 1 ranks of their median (ranks 1-8 of 10 at n = 16, 5-12 of
+  18 at n = 32) and the mean of the beta closest to the median (pairs Y[j], Y[j+beta] of that
+  band keep their closer value), all in one fused kernel that gathers the theta selected rows
+  itself. Eager, that coordinate phase cost more than Multi-Krum's GEMM at n = 16 (ratio
+  1.8-2.5x).
+- Gram-matrix rules at d = 1e5 (target: 3x, not met in four cells): Krum and Multi-Krum at
+  n = 32 run 2.1-2.2x faster than ByzFL's torch path, the geometric median 1.8-3.3x. The GEMM
+  (2 n^2 d flops: 0.6 ms at n = 16, 2.2-2.6 ms at n = 32, ~85% of this core's float32 peak)
+  is most of squall's time, and for n > 25 torch.cdist in ByzFL runs the same GEMM; the
+  round-robin order then costs squall another ~1 ms to re-read G from memory. A symmetric
+  rank-k update (syrk) would halve the flops (NumPy's OpenBLAS ssyrk: 1.6 vs 2.2 ms at n = 32),
+  but torch has none, and a second BLAS thread pool in the driver would spin on the cores the
+  workers compute on; splitting the GEMM into triangular blocks of rows gained 0-17%.
 """
 OFFSET = 10.0  # common component added to every row for the "offset rows" case
 
@@ -160,6 +169,7 @@ def timed(fns: list[Callable[[], object]], reps: int) -> list[tuple[float, objec
             results.append(fn())
         except Exception as err:  # e.g. torch.quantile's input size limit inside ByzFL
             results.append(err)
+    kernels.wait()  # squall's fused kernels for these shapes are compiled: time those
     ok = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
     times: dict[int, list[float]] = {i: [] for i in ok}
     for _ in range(reps):
@@ -191,11 +201,42 @@ def ratio(a: float, b: float) -> str:
     return "" if math.isnan(a) or math.isnan(b) else f"{a / b:.1f}x"
 
 
-def run(sizes: list[tuple[int, int]], reps: int) -> tuple[list[list[str]], list[str]]:
-    rows, bulyan_rows = [], []
+def fused_vs_eager(n: int, d: int, f: int, G: torch.Tensor, reps: int) -> list[str]:
+    """Rows of the fused-kernel table: each order-statistic rule compiled and eager (the
+    eager one runs with SQUALL_COMPILE=0), and the seconds its first compile took."""
+    rows = []
+    for rule in ("median", "trimmed_mean", "bulyan"):
+        fn = partial(getattr(agg, rule), G, f)
+        start = time.perf_counter()
+        fn()  # queues the compile
+        kernels.wait()
+        compile_s = time.perf_counter() - start
+
+        def eager(fn: Callable = fn) -> torch.Tensor:
+            os.environ["SQUALL_COMPILE"] = "0"
+            try:
+                return fn()
+            finally:
+                os.environ["SQUALL_COMPILE"] = "1"
+
+        (fused_ms, fused), (eager_ms, eager_out) = timed([fn, eager], reps)
+        diff = ((fused - eager_out).abs().max() / eager_out.abs().max()).item()
+        rows.append(
+            f"| {rule} | {n} | {d:.0e} | {fmt(eager_ms)} | {fmt(fused_ms)} | "
+            f"{ratio(eager_ms, fused_ms)} | {compile_s:.1f} | {diff:.0e} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def run(
+    sizes: list[tuple[int, int]], reps: int
+) -> tuple[list[list[str]], list[str], list[str]]:
+    rows, bulyan_rows, fused_rows = [], [], []
     for n, d in sizes:
         f = (n - 3) // 4  # the largest f every rule (Bulyan: n >= 4f+3) accepts
         G = torch.randn(n, d, generator=torch.Generator().manual_seed(n * d))
+        fused_rows += fused_vs_eager(n, d, f, G, reps)
         for case in cases(n, f, G):
             X = G + case.offset if case.offset else G
             A = X.numpy()  # same memory, ByzFL's NumPy path
@@ -227,7 +268,7 @@ def run(sizes: list[tuple[int, int]], reps: int) -> tuple[list[list[str]], list[
             f"| {n} | {d:.0e} | {f} | {fmt(bulyan_ms)} | {fmt(krum_ms)} | "
             f"{bulyan_ms / krum_ms:.1f}x |"
         )
-    return rows, bulyan_rows
+    return rows, bulyan_rows, fused_rows
 
 
 def cpu_model() -> str:
@@ -240,7 +281,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(rows: list[list[str]], bulyan_rows: list[str], threads: int, reps: int) -> str:
+def report(
+    rows: list[list[str]], bulyan_rows: list[str], fused_rows: list[str], threads: int, reps: int
+) -> str:
     command = shlex.join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])
     head = [
         "rule",
@@ -285,6 +328,19 @@ def report(rows: list[list[str]], bulyan_rows: list[str], threads: int, reps: in
             "|---|---|---|---|---|---|",
             *bulyan_rows,
             "",
+            "## Fused kernels vs eager networks (squall)",
+            "",
+            "On CPU, median, trimmed_mean and Bulyan's coordinate phase run as one compiled",
+            "kernel (`strategies/kernels.py`, torch.compile) once it is ready, and as eager",
+            "selection networks before that or with SQUALL_COMPILE=0. Timed alternately, median",
+            f"of {reps}. compile s: from the first call until the kernel is ready, with an empty",
+            "torch compile cache (what a fresh machine pays once per (rule, n, f); training goes",
+            "on eagerly meanwhile). rel. diff: max |fused - eager| / max |eager|.",
+            "",
+            "| rule | n | d | eager ms | fused ms | speed-up | compile s | rel. diff |",
+            "|---|---|---|---|---|---|---|---|",
+            *fused_rows,
+            "",
             NOTES,
         ]
     )
@@ -298,13 +354,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # An empty compile cache: the compile times reported are those of a fresh machine.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="squall-bench-inductor-")
+    os.environ["SQUALL_COMPILE"] = "1"
     if args.quick:
         sizes, reps = [(8, 1000), (11, 5000)], 2
     else:
         sizes, reps = [(n, d) for n in (16, 32) for d in (10**5, 10**6)], args.reps
     with threadpool_limits(limits=args.threads), torch.no_grad():
-        rows, bulyan_rows = run(sizes, reps)
-    text = report(rows, bulyan_rows, args.threads, reps)
+        rows, bulyan_rows, fused_rows = run(sizes, reps)
+    text = report(rows, bulyan_rows, fused_rows, args.threads, reps)
     if args.quick:
         print(text)
     else:

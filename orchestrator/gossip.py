@@ -249,12 +249,14 @@ def train_gossip(cfg: Config) -> dict:
             return flatten(params), states
         return np.mean(list(states.values()), axis=0), states
 
-    def theta_from_replicas() -> np.ndarray:
-        """theta per block measured on the replicas themselves: their spread over all pairs
-        plus two local steps (one all-gather through the driver, only when needed)."""
+    def resync(step: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(theta, held, step): theta per block measured on the replicas themselves, their
+        spread over all pairs plus two local steps (one all-gather through the driver, only
+        when needed); the spread theta may hold to for SETTLE_ROUNDS after `step`."""
         states = torch.from_numpy(np.stack(list(average()[1].values())))
         spread = block_max(states.amax(0) - states.amin(0), st.block_size or states.shape[1])
-        return moniqua_theta(spread + torch.from_numpy(2 * recent_steps[-1]), margin).numpy()
+        theta = moniqua_theta(spread + torch.from_numpy(2 * recent_steps[-1]), margin).numpy()
+        return theta, theta / margin, step
 
     def save_checkpoint() -> None:
         avg, states = average()
@@ -289,8 +291,7 @@ def train_gossip(cfg: Config) -> dict:
                 members = sorted(workers.live)
                 workers.call("reset_neighbours", ())
                 if st.compress == "moniqua" and workers.live and recent_steps:
-                    theta, resynced_at = theta_from_replicas(), step  # new neighbour pairs
-                    held = theta / margin
+                    theta, held, resynced_at = resync(step)  # new neighbour pairs
 
             messages, lost = workers.call("message", (step, theta), reclaim=events.reclaim_now,
                                           payload=True)
@@ -313,8 +314,8 @@ def train_gossip(cfg: Config) -> dict:
                 seen = np.max([s["max_diff"] + 2 * s["max_step"] for s in stats.values()],
                               axis=0)
                 if round_wraps and workers.live:  # a decode was not to be trusted
-                    theta, resynced_at, cap = theta_from_replicas(), step, 2 * cap
-                    held = theta / margin
+                    theta, held, resynced_at = resync(step)
+                    cap = 2 * cap
                 elif np.isfinite(seen).all():
                     limit = cap * np.max(recent_steps, axis=0) / mixing_gap(tuple(live),
                                                                             st.topology)
@@ -358,6 +359,8 @@ def train_gossip(cfg: Config) -> dict:
     finally:
         if workers is not None and workers.live:
             unflatten_into(average()[0], params)
+        if workers is not None:
+            workers.stop()
         spot, on_demand = pool.costs()
         progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
         pool.shutdown()

@@ -131,6 +131,7 @@ def train(cfg: Config) -> dict:
     interrupted, ray_address, error = False, "", ""
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     driver_threads = torch.get_num_threads()
+    workers = None
     try:
         machines = pool.start(cfg.workers)
         if pool.workers_here:  # the driver's idle torch threads would spin on workers' cores
@@ -199,6 +200,8 @@ def train(cfg: Config) -> dict:
         error = str(e)
     finally:
         torch.set_num_threads(driver_threads)
+        if workers is not None:
+            workers.stop()
         spot, on_demand = pool.costs()
         progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
         pool.shutdown()

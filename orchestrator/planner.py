@@ -366,12 +366,14 @@ class PlanRequest:
 
 
 def _numbers(key: str, text: str, count: int | None = None) -> list[float]:
+    """count comma-separated numbers >= 0 (any number of them when count is None)."""
+    expected = {None: "comma-separated numbers", 1: "a number"}.get(count, f"{count} numbers")
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"{key}={text}: expected comma-separated numbers") from None
+        raise ConfigError(f"{key}={text}: expected {expected}") from None
     if count is not None and len(values) != count:
-        raise ConfigError(f"{key}={text}: expected {count} numbers")
+        raise ConfigError(f"{key}={text}: expected {expected}")
     if any(v < 0 or not math.isfinite(v) for v in values):
         raise ConfigError(f"{key}={text}: must be >= 0")
     return values
@@ -394,10 +396,9 @@ def parse_plan_args(args: list[str]) -> PlanRequest:
                 raise ConfigError(f"workers={value}: expected whole numbers >= 1")
             req.workers = [int(v) for v in values]
         elif key in ("steps", "calibrate_steps", "check_runs"):
-            number = _numbers(key, value, 1)[0]
-            if number < 1 or number != int(number):
+            if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"{key}={value}: expected a whole number >= 1")
-            setattr(req, key, int(number))
+            setattr(req, key, int(value))
         elif key in ("error", "deadline", "rejoin_s"):
             setattr(req, key, _numbers(key, value, 1)[0])
         elif key == "bids":

@@ -14,9 +14,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
+
+from strategies import kernels
 
 INF = float("inf")
 
@@ -164,7 +167,8 @@ def _pairwise_network(N: int) -> list[tuple[int, int]]:
     return net
 
 
-def _pruned_network(m: int, ranks: tuple[int, ...]) -> tuple[list[tuple], list[int]]:
+@functools.lru_cache(maxsize=256)
+def _pruned_network(m: int, ranks: tuple[int, ...]) -> tuple[kernels.Comparators, tuple]:
     """(comparators, rows): a network on m rows that leaves rank ranks[k] on row rows[k].
 
     Comparators are (i, j, keep_min, keep_max): row i gets the min, row j the max, and only
@@ -188,7 +192,7 @@ def _pruned_network(m: int, ranks: tuple[int, ...]) -> tuple[list[tuple], list[i
         if i in live or j in live:
             kept.append((i, j, i in live, j in live))
             live |= {i, j}
-    return kept[::-1], outs
+    return tuple(kept[::-1]), tuple(outs)
 
 
 def _strided_blocks(rows: list[int]) -> list[tuple[int, tuple[int, int, int, int]]]:
@@ -345,9 +349,25 @@ def _order_statistics(
         yield cols, X, stats
 
 
-def _middle(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """The true median from the two middle order statistics (equal for odd counts)."""
-    return torch.add(a, b, out=out).mul_(0.5)
+def _kernel(key: tuple, body: Callable, G: Tensor, *args: Tensor) -> Callable | None:
+    """The compiled body(G, *args) for key and G's dtype (`kernels`), or None: compiling is
+    off, G is not on the CPU, or the kernel is not ready yet (its compile is then queued).
+    Float args are rows of G's width."""
+    if not kernels.enabled(G):
+        return None
+    n, W = G.shape[0], kernels.EXAMPLE_WIDTH
+
+    def example() -> tuple[Tensor, ...]:  # the same shapes but the width, which is dynamic
+        rows = (torch.randn(W, dtype=a.dtype) if a.is_floating_point() else a for a in args)
+        return (torch.randn(n, W, dtype=G.dtype), *rows)
+
+    return kernels.kernel((*key, G.dtype), body, example)
+
+
+def _nan_free(out: Tensor | None) -> bool:
+    """A kernel's answer stands unless it holds NaN: kernels read G as it is, the eager path
+    reads NaN as +inf (`_order_statistics`)."""
+    return out is not None and not bool(out.isnan().any())
 
 
 # --------------------------------------------------------------------------- rules
@@ -375,9 +395,14 @@ def median(G: Tensor, f: int = 0) -> Tensor:
     """
     _require("median", G, f)
     n = G.shape[0]
+    ranks = ((n - 1) // 2, n // 2)
+    comparators, rows = _pruned_network(n, ranks)
+    kernel = _kernel(("median", n), partial(kernels.median_body, comparators, rows), G)
+    if kernel and _nan_free(out := kernels.run(kernel, G)):
+        return out
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    for cols, _, (a, b) in _order_statistics(G, ((n - 1) // 2, n // 2)):
-        _middle(a, b, out[cols])
+    for cols, _, (a, b) in _order_statistics(G, ranks):
+        out[cols] = kernels.middle(a, b)
     return out
 
 
@@ -385,23 +410,21 @@ def trimmed_mean(G: Tensor, f: int) -> Tensor:
     """Coordinate-wise trimmed mean (Yin et al. 2018): drop the f largest and f smallest
     values of each coordinate and average the n - 2f others; n > 2f. NaN counts as +inf.
 
-    Needs only lo and hi, the values of ranks f and n-1-f: clamping to [lo, hi] turns the
-    f dropped values below into lo and the f above into hi, so the kept values sum to
-    sum(clamp(x, lo, hi)) - f lo - f hi (no cancellation: all terms lie in [lo, hi]).
+    Needs only the values of ranks f and n-1-f (`kernels.clamped_mean`).
     """
     _require("trimmed_mean", G, f)
     n = G.shape[0]
     if f == 0:
         return G.mean(0)
+    comparators, rows = _pruned_network(n, (f, n - 1 - f))
+    select = _kernel(("select", n, f), partial(kernels.select_body, comparators, rows), G)
+    clamp = _kernel(("clamped_mean", n, f), partial(kernels.clamped_mean_body, f), G, G[0], G[0])
+    if select and clamp and (lo_hi := kernels.run(select, G)) is not None:
+        if _nan_free(out := kernels.run(clamp, G, *lo_hi)):
+            return out
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    clamped = None  # every chunk has the same shape: allocated once
     for cols, X, (lo, hi) in _order_statistics(G, (f, n - 1 - f)):
-        clamped = torch.clamp(X, lo, hi, out=clamped)
-        total = torch.sum(clamped, 0, out=out[cols])
-        # An infinite lo or hi is itself kept (more than f infinities): the sum already is
-        # +-inf (or NaN with both), subtracting it would turn +inf into NaN.
-        total.sub_(lo.nan_to_num(posinf=0.0, neginf=0.0), alpha=f)
-        total.sub_(hi.nan_to_num(posinf=0.0, neginf=0.0), alpha=f).div_(n - 2 * f)
+        out[cols] = kernels.clamped_mean(X.unbind(0), lo, hi, f)
     return out
 
 
@@ -479,9 +502,15 @@ def bulyan(G: Tensor, f: int) -> Tensor:
     if n == 1:
         return G[0].clone()
     chosen = _bulyan_select(pairwise_sq_distances(G), f, theta)
+    ranks = _median_band(theta, beta)
+    comparators, rows = _pruned_network(theta, ranks)
+    body = partial(kernels.bulyan_body, beta, comparators, rows)
+    kernel = _kernel(("bulyan", n, f), body, G, chosen)
+    if kernel and _nan_free(out := kernels.run(kernel, G, chosen)):
+        return out
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
-    for cols, _, band in _order_statistics(G, _median_band(theta, beta), chosen):
-        out[cols] = _closest_mean(torch.stack(band), beta)
+    for cols, _, band in _order_statistics(G, ranks, chosen):
+        out[cols] = kernels.closest_mean(band, beta)
     return out
 
 
@@ -491,27 +520,6 @@ def _median_band(theta: int, beta: int) -> tuple[int, ...]:
     about the median, so its own median is the median of all theta."""
     lo = max(0, (theta - 1) // 2 - (beta - 1))
     return tuple(range(lo, theta - lo))
-
-
-def _closest_mean(Y: Tensor, beta: int) -> Tensor:
-    """Per column of Y (m, w), sorted along dim 0 with m <= 2 beta: mean of the beta values
-    closest to the median, the lower one on ties in distance (as a stable sort by distance).
-
-    The m - beta values left out are the farthest, taken from both ends: from the distances
-    below (falling from Y[0]) and above (falling from Y[m-1]), the m - beta largest are the
-    larger of each pair Y[j], Y[j + beta] (a half-cleaner on two sorted lists). So each pair
-    keeps its closer value and Y[m-beta:beta] are all kept.
-    """
-    m = Y.shape[0]
-    below, above = Y[: m - beta], Y[beta:]
-    # below is at least as close as above iff below + above >= 2 med; then
-    # clamp(t, below, above) keeps below for t = -inf and above for t = +inf (on CPU this
-    # is ~15x faster than torch.where on a bool mask)
-    t = torch.ge(below + above, Y[(m - 1) // 2] + Y[m // 2], out=torch.empty_like(below))
-    total = torch.clamp(t.sub_(0.5).mul_(-INF), below, above).sum(0)
-    if m < 2 * beta:
-        total += Y[m - beta : beta].sum(0)
-    return total.div_(beta)
 
 
 def _weiszfeld(K: Tensor, nu: float, tol: float, max_iter: int, tiny: float) -> tuple[Tensor, int]:

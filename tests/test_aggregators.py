@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from strategies import aggregators as agg
+from strategies import kernels
 from strategies.preaggregation import (
     PREAGGREGATORS,
     apply_preaggregation,
@@ -301,10 +302,10 @@ def test_closest_mean_keeps_every_closer_value():
     # sorted values with the smallest radius, [-1, -1, 0], would leave a 0 out.)
     Y = torch.tensor([-2.0, -1.0, -1.0, 0.0, 0.0, 1.0, 2.0])[:, None]
     band = list(agg._median_band(7, 3))
-    assert agg._closest_mean(Y[band], 3).item() == pytest.approx(-1 / 3)
+    assert kernels.closest_mean(Y[band], 3).item() == pytest.approx(-1 / 3)
     Y = torch.tensor([-2.0, -1.0, 0.0, 1.0, 1.0, 2.0])[:, None]  # median 0.5
-    assert agg._closest_mean(Y[list(agg._median_band(6, 2))], 2).item() == 0.5
-    assert agg._closest_mean(Y[list(agg._median_band(6, 4))], 4).item() == 0.25
+    assert kernels.closest_mean(Y[list(agg._median_band(6, 2))], 2).item() == 0.5
+    assert kernels.closest_mean(Y[list(agg._median_band(6, 4))], 4).item() == 0.25
 
 
 def test_closest_mean_of_the_median_band_matches_reference():
@@ -315,7 +316,7 @@ def test_closest_mean_of_the_median_band_matches_reference():
         for beta in range(theta % 2 or 2, theta + 1, 2):  # beta = theta - 2f
             band = list(agg._median_band(theta, beta))
             expected = [ref_closest_mean(Y[:, j].numpy(), beta) for j in range(Y.shape[1])]
-            close(agg._closest_mean(Y[band], beta), np.array(expected))
+            close(kernels.closest_mean(Y[band], beta), np.array(expected))
 
 
 @pytest.mark.parametrize("n,f", [(1, 0), (3, 1), (7, 2), (11, 3), (15, 0)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 from procs import own_ray_workers
@@ -91,6 +92,19 @@ def test_choco_runs(ray_session, make_config):
     summary, _ = gossip(make_config, "strategy.compress=choco", "strategy.gamma=0.3")
     assert summary["test_acc"] > 0.8
     assert summary["bytes_sent"] < 100 * 4 * 4 * D_MLP / 20  # 1 bit per value + a scale
+
+
+def test_a_finished_run_frees_its_workers_cpus_at_once(ray_session, make_config):
+    """The next run in the same Ray session (a sweep, a notebook) must not wait for them:
+    gossip workers hold handles to each other, which kept them alive after the run."""
+    total = ray_session.cluster_resources()["CPU"]
+    for strategy in ("mean", "gossip"):
+        train(make_config(f"strategy={strategy}", "workers=4", "steps=3", "model=mlp"))
+        deadline = time.time() + 3
+        while ray_session.available_resources().get("CPU", 0) < total and (
+                time.time() < deadline):
+            time.sleep(0.05)
+        assert ray_session.available_resources().get("CPU", 0) == total, strategy
 
 
 def test_a_denser_topology_keeps_replicas_closer(ray_session, make_config):

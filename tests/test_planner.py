@@ -198,7 +198,10 @@ def test_fits_recover_known_constants():
 @pytest.mark.parametrize("args, message", [
     (["workers=1,2"], "needs one target"),
     (["steps=10", "error=0.5"], "needs one target"),
-    (["steps=ten"], "steps=ten: expected comma-separated numbers"),
+    (["steps=ten"], "steps=ten: expected a whole number >= 1"),
+    (["check_runs=x", "steps=10"], "check_runs=x: expected a whole number >= 1"),
+    (["steps=10", "deadline=soon"], "deadline=soon: expected a number"),
+    (["steps=10", "bids=0.1,x"], "bids=0.1,x: expected comma-separated numbers"),
     (["steps=10", "workers=0,2"], "workers=0,2: expected whole numbers >= 1"),
     (["steps=10", "step_s=0.1"], "step_s=0.1: expected 2 numbers"),
     (["steps=10", "dynamic=maybe"], "dynamic=maybe: not allowed; valid: true, false"),
