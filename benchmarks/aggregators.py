@@ -71,10 +71,12 @@ NOTES = """\
   network rows in memory at n = 32, 1.5-2x slower). Compiling is per (rule, n, f), on a
   helper thread while the eager version serves; tests/test_kernels.py checks the kernels
   against the slow references.
-- trimmed_mean vs ByzFL's NumPy path (target: 3x): met, but for the cell at n = 32 and
-  d = 1e5, where it lands at 2.9-3.1x over runs: squall's two passes over the 12.8 MB input
-  find it evicted by ByzFL's run just before (round-robin); timed alone the fused trimmed
-  mean takes 1.6 ms there (4.6x).
+- trimmed_mean vs ByzFL's NumPy path (target: 3x): met (3.5-5.2x), but for the cell at
+  n = 32 and d = 1e5, where it lands at 2.7-2.9x over three runs: squall's first pass has to
+  fetch the 12.8 MB input from memory again after ByzFL's run (round-robin, ~0.8 ms); timed
+  alternately with the eager rule instead (table above) the fused trimmed mean takes 1.9 ms
+  there, 3.8x. The selection kernel is compute-bound at n = 32 (294 min/max per column);
+  NaN-ignoring fmin/fmax or where-based comparators compile to slower code.
 - Krum, Multi-Krum, NNM, geometric median, centered clipping: one float32 Gram matrix in
   column chunks accumulated in float64, plus a second, centred pass only when the rows share a
   common component much larger than their spread (the "offset rows" line). At d = 1e5 the
@@ -84,15 +86,17 @@ NOTES = """\
 - Geometric median: ByzFL's GeometricMedian has no tolerance (a fixed T, starting from 0); it
   gets T = the iterations squall needs to reach tol 1e-6 at nu 1e-6 on the same input. These
   isotropic inputs need only 3-4; inputs that need more widen the gap.
-- Bulyan vs Multi-Krum (target: 2x): met, 0.8-1.5x. Bulyan is Multi-Krum's Gram matrix,
-  theta = n - 2f Krum rounds on the distance matrix (~20 us each), then per column the
-  selected values within beta - 1 ranks of their median (ranks 1-8 of 10 at n = 16, 5-12 of
-  18 at n = 32) and the mean of the beta closest to the median (pairs Y[j], Y[j+beta] of that
-  band keep their closer value), all in one fused kernel that gathers the theta selected rows
-  itself. Eager, that coordinate phase cost more than Multi-Krum's GEMM at n = 16 (ratio
-  1.8-2.5x).
-- Gram-matrix rules at d = 1e5 (target: 3x, not met in four cells): Krum and Multi-Krum at
-  n = 32 run 2.1-2.2x faster than ByzFL's torch path, the geometric median 1.8-3.3x. The GEMM
+- Bulyan vs Multi-Krum (target: 2x): met, 0.8-1.5x over three runs. Bulyan is Multi-Krum's
+  Gram matrix, theta = n - 2f Krum rounds on the distance matrix (~20 us each), then per
+  column the selected values within beta - 1 ranks of their median (ranks 1-8 of 10 at
+  n = 16, 5-12 of 18 at n = 32) and the mean of the beta closest to the median (pairs Y[j],
+  Y[j+beta] of that band keep their closer value), all in one fused kernel that gathers the
+  theta selected rows itself. Eager, that coordinate phase cost more than Multi-Krum's GEMM
+  at n = 16 (ratio 1.8-2.5x).
+- Gram-matrix rules at d = 1e5 (target: 3x, not met in six cells; ranges over three runs):
+  Krum and Multi-Krum at n = 32 run 2.0-2.2x faster than ByzFL's torch path; Krum on offset
+  rows, which takes a second, centred Gram matrix, 1.9-2.6x at n = 16 and 1.0x at n = 32;
+  the geometric median 1.8-2.2x at n = 16 (NumPy path) and 2.3-2.9x at n = 32. The GEMM
   (2 n^2 d flops: 0.6 ms at n = 16, 2.2-2.6 ms at n = 32, ~85% of this core's float32 peak)
   is most of squall's time, and for n > 25 torch.cdist in ByzFL runs the same GEMM; the
   round-robin order then costs squall another ~1 ms to re-read G from memory. A symmetric

@@ -11,10 +11,9 @@ and propagates them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch import Tensor
@@ -142,7 +141,9 @@ def _combine(G: Tensor, weights: Tensor, finite: Tensor) -> Tensor:
 # Median, trimmed mean and Bulyan need a few order statistics of each column, not a sort. On
 # CPU torch.sort along dim 0 costs ~300 ns per column for small n, so they come from a
 # sorting network run as vectorised torch.minimum / torch.maximum over column chunks, pruned
-# to the comparators the wanted ranks depend on: only those ranks come out right.
+# to the comparators the wanted ranks depend on: only those ranks come out right. Once its
+# compiled kernel is ready (`kernels`: one loop over the columns, same results to the bit), a
+# rule on CPU runs that instead.
 
 
 def _pairwise_network(N: int) -> list[tuple[int, int]]:
@@ -167,7 +168,7 @@ def _pairwise_network(N: int) -> list[tuple[int, int]]:
     return net
 
 
-@functools.lru_cache(maxsize=256)
+@lru_cache(maxsize=256)
 def _pruned_network(m: int, ranks: tuple[int, ...]) -> tuple[kernels.Comparators, tuple]:
     """(comparators, rows): a network on m rows that leaves rank ranks[k] on row rows[k].
 
@@ -232,7 +233,7 @@ class _Op:
     shape: tuple[int, int, int, int]  # groups, group step, count, step (in rows)
 
 
-@functools.lru_cache(maxsize=256)
+@lru_cache(maxsize=256)
 def _selection_program(m: int, ranks: tuple[int, ...]) -> tuple[tuple[_Op, ...], tuple]:
     """(ops, outputs): batched ops leaving rank ranks[k] of m rows at outputs[k] = (buffer, row).
 
@@ -418,7 +419,8 @@ def trimmed_mean(G: Tensor, f: int) -> Tensor:
         return G.mean(0)
     comparators, rows = _pruned_network(n, (f, n - 1 - f))
     select = _kernel(("select", n, f), partial(kernels.select_body, comparators, rows), G)
-    clamp = _kernel(("clamped_mean", n, f), partial(kernels.clamped_mean_body, f), G, G[0], G[0])
+    lo_hi_like = (G[0], G[0])  # rows of G's width
+    clamp = _kernel(("clamped_mean", n, f), partial(kernels.clamped_mean_body, f), G, *lo_hi_like)
     if select and clamp and (lo_hi := kernels.run(select, G)) is not None:
         if _nan_free(out := kernels.run(clamp, G, *lo_hi)):
             return out
