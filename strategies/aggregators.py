@@ -352,15 +352,13 @@ def _order_statistics(
 
 def _kernel(key: tuple, body: Callable, G: Tensor, *args: Tensor) -> Callable | None:
     """The compiled body(G, *args) for key and G's dtype (`kernels`), or None: compiling is
-    off, G is not on the CPU, or the kernel is not ready yet (its compile is then queued).
-    Float args are rows of G's width."""
+    off, G is not on the CPU, or the kernel is not ready yet (its compile is then queued)."""
     if not kernels.enabled(G):
         return None
     n, W = G.shape[0], kernels.EXAMPLE_WIDTH
 
     def example() -> tuple[Tensor, ...]:  # the same shapes but the width, which is dynamic
-        rows = (torch.randn(W, dtype=a.dtype) if a.is_floating_point() else a for a in args)
-        return (torch.randn(n, W, dtype=G.dtype), *rows)
+        return (torch.randn(n, W, dtype=G.dtype), *args)
 
     return kernels.kernel((*key, G.dtype), body, example)
 
@@ -418,12 +416,10 @@ def trimmed_mean(G: Tensor, f: int) -> Tensor:
     if f == 0:
         return G.mean(0)
     comparators, rows = _pruned_network(n, (f, n - 1 - f))
-    select = _kernel(("select", n, f), partial(kernels.select_body, comparators, rows), G)
-    lo_hi_like = (G[0], G[0])  # rows of G's width
-    clamp = _kernel(("clamped_mean", n, f), partial(kernels.clamped_mean_body, f), G, *lo_hi_like)
-    if select and clamp and (lo_hi := kernels.run(select, G)) is not None:
-        if _nan_free(out := kernels.run(clamp, G, *lo_hi)):
-            return out
+    body = partial(kernels.trimmed_mean_body, comparators, rows, f)
+    kernel = _kernel(("trimmed_mean", n, f), body, G)
+    if kernel and _nan_free(out := kernels.run(kernel, G)):
+        return out
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
     for cols, X, (lo, hi) in _order_statistics(G, (f, n - 1 - f)):
         out[cols] = kernels.clamped_mean(X.unbind(0), lo, hi, f)
