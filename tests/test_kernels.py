@@ -29,14 +29,16 @@ RULES = {
 
 @pytest.fixture(scope="module")
 def compiled():
-    """The three kernels for (N, F), compiled once for the module."""
+    """The three kernels for (N, F), compiled once for the module; yields whether torch's
+    global random state is as it was before (compiling must not draw from it)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SQUALL_COMPILE", "1")
         G = rand(N, 300, seed=0)
+        rng = torch.get_rng_state()
         for rule, _ in RULES.values():
             rule(G)  # the first call queues the compile and answers eagerly
         kernels.wait()
-        yield
+        yield torch.equal(torch.get_rng_state(), rng)
 
 
 KERNELS = {
@@ -87,6 +89,10 @@ def test_an_input_the_kernel_was_not_compiled_for_gets_the_eager_answer(compiled
     assert kernels.run(compiled_median, rand(N, 50, seed=5)) is not None
     with torch.no_grad():  # compiled with it; torch guards the grad mode
         assert kernels.run(compiled_median, rand(N, 50, seed=5)) is not None
+
+
+def test_compiling_leaves_the_global_random_state_alone(compiled):
+    assert compiled  # a run's draws do not depend on when a kernel got compiled
 
 
 def test_a_failed_compile_is_reported_once_and_leaves_the_rule_eager(caplog, monkeypatch):
