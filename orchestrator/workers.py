@@ -189,9 +189,9 @@ class WorkerPool:
         return len(drained)
 
     def stop(self) -> None:
-        """End every worker now: their CPUs are free at once for what runs next in this Ray
-        session (dropped handles end the actors only when Ray gets round to it, seconds
-        later, and a next run's workers wait for those CPUs meanwhile)."""
+        """End every worker now, so that their CPUs are free at once for what runs next in
+        this Ray session (gossip workers hold handles to each other: left to Ray, they
+        outlived their run by seconds, and the next run's workers waited for their CPUs)."""
         actors = [a for a, _ in self.live.values()] + [a for _, a, _ in self.starting.values()]
         for actor in actors:
             ray.kill(actor, no_restart=True)

@@ -124,6 +124,8 @@ def _work() -> None:
 
 
 def _compile(key: Hashable, body: Callable[..., Tensor], example: Callable[[], tuple]) -> None:
+    import torch._inductor.config as inductor  # here: importing the compiler takes seconds
+
     # A fresh top-level function per kernel: torch caches compiled code per code object and
     # stops compiling one after a few variants (the inlined `body` may be shared).
     namespace: dict = {"body": body}
@@ -138,7 +140,7 @@ def _compile(key: Hashable, body: Callable[..., Tensor], example: Callable[[], t
     level, start = quiet.level, time.perf_counter()
     quiet.setLevel(logging.ERROR)
     try:
-        with torch._inductor.config.patch(compile_threads=1, max_fusion_size=1024), torch.no_grad():
+        with inductor.patch(compile_threads=1, max_fusion_size=1024), torch.no_grad():
             compiled(*example())
     finally:
         quiet.setLevel(level)
