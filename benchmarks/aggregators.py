@@ -84,7 +84,7 @@ NOTES = """\
 - Geometric median: ByzFL's GeometricMedian has no tolerance (a fixed T, starting from 0); it
   gets T = the iterations squall needs to reach tol 1e-6 at nu 1e-6 on the same input. These
   isotropic inputs need only 3-4; inputs that need more widen the gap.
-- Bulyan vs Multi-Krum (target: 2x): met, 0.8-1.5x over three runs. Bulyan is Multi-Krum's
+- Bulyan vs Multi-Krum (target: 2x): met, 1.0-1.7x over three runs. Bulyan is Multi-Krum's
   Gram matrix, theta = n - 2f Krum rounds on the distance matrix (~20 us each), then per
   column the selected values within beta - 1 ranks of their median (ranks 1-8 of 10 at
   n = 16, 5-12 of 18 at n = 32) and the mean of the beta closest to the median (pairs Y[j],
