@@ -118,7 +118,8 @@ def _work() -> None:
                 _warned = True
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 log.warning(
-                    "compiling a fused aggregation kernel failed, the eager version is used: %s",
+                    "compiling a fused aggregation kernel failed, the eager version is used "
+                    "(SQUALL_COMPILE=0 skips compiling): %s",
                     reason,
                 )
 
