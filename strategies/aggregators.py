@@ -350,9 +350,10 @@ def _order_statistics(
         yield cols, X, stats
 
 
-def _kernel(key: tuple, body: Callable, G: Tensor, *args: Tensor) -> Callable | None:
-    """The compiled body(G, *args) for key and G's dtype (`kernels`), or None: compiling is
-    off, G is not on the CPU, or the kernel is not ready yet (its compile is then queued)."""
+def _fused(key: tuple, body: Callable, G: Tensor, *args: Tensor) -> Tensor | None:
+    """body(G, *args) by its compiled kernel (`kernels`), or None for the eager path: compiling
+    is off, G is not on the CPU, the kernel is not ready yet (its compile is then queued), or
+    the answer holds NaN (kernels read G as it is, the eager path reads NaN as +inf)."""
     if not kernels.enabled(G):
         return None
     n, W = G.shape[0], kernels.EXAMPLE_WIDTH
@@ -360,13 +361,9 @@ def _kernel(key: tuple, body: Callable, G: Tensor, *args: Tensor) -> Callable | 
     def example() -> tuple[Tensor, ...]:  # the same shapes but the width, which is dynamic
         return (torch.zeros(n, W, dtype=G.dtype), *args)  # (no draw from torch's global RNG)
 
-    return kernels.kernel((*key, G.dtype), body, example)
-
-
-def _nan_free(out: Tensor | None) -> bool:
-    """A kernel's answer stands unless it holds NaN: kernels read G as it is, the eager path
-    reads NaN as +inf (`_order_statistics`)."""
-    return out is not None and not bool(out.isnan().any())
+    kernel = kernels.kernel((*key, G.dtype), body, example)
+    out = None if kernel is None else kernels.run(kernel, G, *args)
+    return None if out is None or bool(out.isnan().any()) else out
 
 
 # --------------------------------------------------------------------------- rules
@@ -396,8 +393,8 @@ def median(G: Tensor, f: int = 0) -> Tensor:
     n = G.shape[0]
     ranks = ((n - 1) // 2, n // 2)
     comparators, rows = _pruned_network(n, ranks)
-    kernel = _kernel(("median", n), partial(kernels.median_body, comparators, rows), G)
-    if kernel and _nan_free(out := kernels.run(kernel, G)):
+    body = partial(kernels.median_body, comparators, rows)
+    if (out := _fused(("median", n), body, G)) is not None:
         return out
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
     for cols, _, (a, b) in _order_statistics(G, ranks):
@@ -417,8 +414,7 @@ def trimmed_mean(G: Tensor, f: int) -> Tensor:
         return G.mean(0)
     comparators, rows = _pruned_network(n, (f, n - 1 - f))
     body = partial(kernels.trimmed_mean_body, comparators, rows, f)
-    kernel = _kernel(("trimmed_mean", n, f), body, G)
-    if kernel and _nan_free(out := kernels.run(kernel, G)):
+    if (out := _fused(("trimmed_mean", n, f), body, G)) is not None:
         return out
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
     for cols, X, (lo, hi) in _order_statistics(G, (f, n - 1 - f)):
@@ -503,8 +499,7 @@ def bulyan(G: Tensor, f: int) -> Tensor:
     ranks = _median_band(theta, beta)
     comparators, rows = _pruned_network(theta, ranks)
     body = partial(kernels.bulyan_body, beta, comparators, rows)
-    kernel = _kernel(("bulyan", n, f), body, G, chosen)
-    if kernel and _nan_free(out := kernels.run(kernel, G, chosen)):
+    if (out := _fused(("bulyan", n, f), body, G, chosen)) is not None:
         return out
     out = torch.empty(G.shape[1], dtype=G.dtype, device=G.device)
     for cols, _, band in _order_statistics(G, ranks, chosen):

@@ -76,7 +76,7 @@ def wait() -> None:
     done.wait()
 
 
-def run(compiled: Callable, *args: Tensor) -> Tensor | tuple | None:
+def run(compiled: Callable[..., Tensor], *args: Tensor) -> Tensor | None:
     """compiled(*args), or None when torch would have to recompile it for these inputs.
 
     Always on contiguous inputs and without autograd, as compiled (torch guards both).
