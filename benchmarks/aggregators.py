@@ -136,7 +136,7 @@ def cases(n: int, f: int, G: torch.Tensor) -> list[Case]:
             "krum, offset rows",
             lambda G: agg.krum(G, f),
             lambda: bz.Krum(f),
-            f"rows + {OFFSET:g}: squall recomputes a centred Gram matrix",
+            f"rows + {OFFSET:g}: squall's Gram matrix is centred on a row",
             offset=OFFSET,
         ),
         Case("bulyan", lambda G: agg.bulyan(G, f), None, "not in ByzFL"),
@@ -205,10 +205,11 @@ def ratio(a: float, b: float) -> str:
 
 
 def fused_vs_eager(n: int, d: int, f: int, G: torch.Tensor, reps: int) -> list[str]:
-    """Rows of the fused-kernel table: each order-statistic rule compiled and eager (the
-    eager one runs with SQUALL_COMPILE=0), and the seconds its first compile took."""
+    """Rows of the compiled-kernel table: the order-statistic rules and two Gram-matrix rules
+    compiled and eager (the eager one runs with SQUALL_COMPILE=0), and the seconds the first
+    compile took."""
     rows = []
-    for rule in ("median", "trimmed_mean", "bulyan"):
+    for rule in ("median", "trimmed_mean", "bulyan", "krum", "geometric_median"):
         fn = partial(getattr(agg, rule), G, f)
         start = time.perf_counter()
         fn()  # queues the compile
@@ -331,14 +332,17 @@ def report(
             "|---|---|---|---|---|---|",
             *bulyan_rows,
             "",
-            "## Fused kernels vs eager networks (squall)",
+            "## Compiled kernels vs eager torch (squall)",
             "",
             "On CPU, median, trimmed_mean and Bulyan's coordinate phase run as one compiled",
             "kernel (`strategies/kernels.py`, torch.compile) once it is ready, and as eager",
-            "selection networks before that or with SQUALL_COMPILE=0. Timed alternately, median",
-            f"of {reps}. compile s: from the first call until the kernel is ready, with an empty",
-            "torch compile cache (what a fresh machine pays once per (rule, n, f); training goes",
-            "on eagerly meanwhile). rel. diff: max |fused - eager| / max |eager|.",
+            "selection networks before that or with SQUALL_COMPILE=0. The Gram-matrix rules",
+            "(krum and geometric_median here; also Multi-Krum, Bulyan's selection, NNM, centered",
+            "clipping) take their Gram matrix from a C kernel (`strategies/gram.c`), eager from",
+            f"torch's matmul. Timed alternately, median of {reps}. compile s: from the first call",
+            "until the kernel is ready, with empty compile caches (what a fresh machine pays once",
+            "per (rule, n, f) for torch.compile, training going on eagerly meanwhile; once per",
+            "machine for gram.c, on the first call). rel. diff: max |fused - eager| / max |eager|.",
             "",
             "| rule | n | d | eager ms | fused ms | speed-up | compile s | rel. diff |",
             "|---|---|---|---|---|---|---|---|",
@@ -359,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     # An empty compile cache: the compile times reported are those of a fresh machine.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="squall-bench-inductor-")
+    tempfile.tempdir = tempfile.mkdtemp(prefix="squall-bench-kernels-")  # gram.c's cache
     os.environ["SQUALL_COMPILE"] = "1"
     if args.quick:
         sizes, reps = [(8, 1000), (11, 5000)], 2

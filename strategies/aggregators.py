@@ -47,11 +47,14 @@ def _column_chunks(d: int, rows: int, itemsize: int, budget: int) -> Iterator[sl
 
 
 def _gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
-    """float64 Gram matrix of the rows of [G; extra] (minus center), over column chunks.
+    """float64 Gram matrix of the rows of [G; extra] (minus center).
 
-    Each chunk is centred in float32 (in cache: no full copy of G), multiplied in float32
-    and accumulated in float64.
+    By the compiled kernel where it applies (`kernels.gram`: CPU float32). Otherwise over
+    column chunks, each centred in float32 (in cache: no full copy of G), multiplied in
+    float32 and accumulated in float64.
     """
+    if (K := kernels.gram(G, center, extra)) is not None:
+        return K
     n, d = G.shape
     e = 0 if extra is None else extra.shape[0]
     K = torch.zeros(n + e, n + e, dtype=torch.float64, device=G.device)
@@ -95,17 +98,26 @@ def _geometry(G: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor, T
     first, raw Gram matrix: even an imprecise Krum-like score lands in the bulk), the Gram
     matrix is recomputed centred on that row: the error is then ~2e-5 of the spread for any
     offset and Krum picks what a float64 reference picks. Otherwise the raw one is as good.
+
+    The compiled Gram kernel centres at no cost, so with it the first Gram matrix is already
+    centred on row 0: one pass for offset rows too, unless row 0 lies far from the bulk (then
+    the same check recentres on the central row) or is not finite (then it starts raw).
     """
     n = G.shape[0]
-    K = _gram(G, None, extra)
+    center = G[0] if kernels.gram_applies(G, *([] if extra is None else [extra])) else None
+    K = _gram(G, center, extra)
     finite = torch.isfinite(K.diagonal()[:n])
+    if center is not None and not bool(finite.all()):  # row 0 may be the non-finite one
+        center = None
+        K = _gram(G, None, extra)
+        finite = torch.isfinite(K.diagonal()[:n])
     D = _dists_from_gram(K[:n, :n])
     if n > 1 and bool(finite.any()):
         c = _central_row(D)
         norms = K.diagonal().nan_to_num(nan=0.0, posinf=0.0)
         spread = D[c][finite].median()
         offset = norms[:n][finite].median()
-        if extra is not None:
+        if extra is not None and center is None:  # extra rows far from 0: centring helps
             offset = torch.maximum(offset, norms[n:].max())
         if bool(offset > _CENTER_RATIO * spread):
             K = _gram(G, G[c], extra)

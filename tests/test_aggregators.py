@@ -139,6 +139,19 @@ def close(a: torch.Tensor, b: np.ndarray, rtol: float = 1e-5, atol: float = 1e-5
     np.testing.assert_allclose(a.double().numpy(), b, rtol=rtol, atol=atol)
 
 
+@pytest.fixture(params=["matmul", "gram_kernel"])
+def gram_path(request, monkeypatch):
+    """Run a distance-based test on both ways to the Gram matrix: torch's matmul (the suite
+    runs with SQUALL_COMPILE=0) and the compiled C kernel, with the order-statistic kernels
+    still off (compiling those takes seconds)."""
+    if request.param == "gram_kernel":
+        monkeypatch.setenv("SQUALL_COMPILE", "1")
+        monkeypatch.setattr(kernels, "enabled", lambda G: False)
+        if not kernels.gram_applies(torch.zeros(1, 16)):
+            pytest.skip("no C compiler for the Gram kernel")
+    return request.param
+
+
 # --------------------------------------------------------------------------- vs reference
 
 
@@ -264,6 +277,7 @@ def test_selection_network_is_pruned_and_batched():
 
 
 @pytest.mark.parametrize("n,f", [(n, f) for n, f in CASES if n >= 2 * f + 3])
+@pytest.mark.usefixtures("gram_path")
 def test_krum_and_multi_krum_match_reference(n, f):
     for d, seed in ((5, 10), (64, 11), (500, 12)):
         G = rand(n, d, seed)
@@ -273,6 +287,7 @@ def test_krum_and_multi_krum_match_reference(n, f):
         close(agg.multi_krum(G, f, m=2), ref_multi_krum(X, f, 2))
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_krum_selection_survives_a_large_common_offset():
     # Rows share an offset 1000x their spread: a float32 Gram of the raw rows loses the
     # distances to cancellation (it picks the wrong row for all of these seeds); the centred
@@ -283,12 +298,14 @@ def test_krum_selection_survives_a_large_common_offset():
 
 
 @pytest.mark.parametrize("n,f", [(7, 1), (11, 2), (15, 3), (12, 2), (8, 1)])
+@pytest.mark.usefixtures("gram_path")
 def test_bulyan_matches_reference(n, f):
     for d, seed in ((3, 20), (50, 21), (400, 22)):
         G = rand(n, d, seed)
         close(agg.bulyan(G, f), ref_bulyan(np64(G), f))
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_bulyan_with_ties_matches_reference():
     # small integers: tied Krum scores (lowest index wins) and tied values around the median
     for n, f in ((7, 1), (11, 2), (15, 3), (16, 3)):
@@ -320,6 +337,7 @@ def test_closest_mean_of_the_median_band_matches_reference():
 
 
 @pytest.mark.parametrize("n,f", [(1, 0), (3, 1), (7, 2), (11, 3), (15, 0)])
+@pytest.mark.usefixtures("gram_path")
 def test_geomed_matches_reference(n, f):
     G = rand(n, 40, seed=30 + n)
     ref = ref_geomed(np64(G), nu=1e-6, tol=1e-9, max_iter=1000)
@@ -330,6 +348,7 @@ def test_geomed_matches_reference(n, f):
     "tau,iters,offset",
     [(0.5, 1, 0.0), (3.0, 3, 0.0), (100.0, 2, 0.0), (2.0, 3, 300.0), (1e4, 3, 300.0)],
 )
+@pytest.mark.usefixtures("gram_path")
 def test_centered_clip_matches_reference(tau, iters, offset):
     G = rand(9, 30, seed=40, offset=offset)
     prev = rand(1, 30, seed=41, offset=offset)[0]
@@ -360,6 +379,7 @@ def test_sign_vote_matches_reference_and_ties_give_zero():
 
 
 @pytest.mark.parametrize("n", [2, 5, 9])
+@pytest.mark.usefixtures("gram_path")
 def test_pairwise_sq_distances(n):
     G = rand(n, 300, seed=60 + n, offset=50.0)
     X = np64(G)
@@ -375,6 +395,7 @@ def test_pairwise_sq_distances(n):
 
 
 @pytest.mark.parametrize("rule", ["krum", "multi_krum", "bulyan"])
+@pytest.mark.usefixtures("gram_path")
 def test_far_outliers_are_never_selected(rule):
     n, f, d = 11, 2, 20
     honest = rand(n - f, d, seed=70)
@@ -390,12 +411,14 @@ def test_far_outliers_are_never_selected(rule):
             assert any(torch.equal(out, h) for h in honest)
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_multi_krum_averages_exactly_the_honest_rows():
     honest = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
     G = torch.cat([honest, torch.tensor([[50.0, 50.0], [-60.0, 40.0]])])
     assert torch.allclose(agg.multi_krum(G, 2), honest.mean(0))
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_krum_ties_go_to_the_lowest_index():
     # integer data: the tied scores are exactly equal in floating point
     G = torch.tensor([[-1.0], [1.0], [-1.0], [1.0], [-1.0], [1.0], [10.0]])
@@ -406,6 +429,7 @@ def test_krum_ties_go_to_the_lowest_index():
     assert torch.equal(agg.multi_krum(G, 2, m=2), torch.tensor([0.0]))  # indices 1 and 2
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_geomed_known_answers():
     # centrally symmetric set around c: the geometric median is c
     c = torch.tensor([3.0, -1.0, 2.0])
@@ -419,6 +443,7 @@ def test_geomed_known_answers():
     assert torch.allclose(agg.geometric_median(tri), torch.zeros(2), atol=1e-5)
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_geomed_iterates_to_tolerance_not_a_fixed_count():
     G = rand(9, 20, seed=80)
     loose = agg.geometric_median(G, max_iter=3)
@@ -427,6 +452,7 @@ def test_geomed_iterates_to_tolerance_not_a_fixed_count():
     assert (tight - ref).norm() < 1e-3 * (loose - ref).norm()
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_centered_clip_bounds_an_outlier_and_reduces_to_mean_without_clipping():
     G = rand(9, 10, seed=90)
     assert torch.allclose(agg.centered_clip(G, tau=1e9, iters=1), G.mean(0), atol=1e-6)
@@ -453,6 +479,7 @@ def test_centered_clip_bounds_an_outlier_and_reduces_to_mean_without_clipping():
         "sign_vote",
     ],
 )
+@pytest.mark.usefixtures("gram_path")
 def test_nan_rows_do_not_reach_the_output(rule):
     n, f = 11, 2
     G = rand(n, 33, seed=100)
@@ -462,6 +489,7 @@ def test_nan_rows_do_not_reach_the_output(rule):
     assert bool(torch.isfinite(out).all())
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_centered_clip_nan_row_contributes_nothing():
     G = rand(9, 12, seed=102)
     prev = rand(1, 12, seed=103)[0]
@@ -572,11 +600,13 @@ def test_bucketing_nan_spoils_at_most_f_buckets():
 
 
 @pytest.mark.parametrize("n,f", [(5, 1), (9, 2), (12, 3)])
+@pytest.mark.usefixtures("gram_path")
 def test_nnm_matches_reference(n, f):
     G = rand(n, 25, seed=130 + n)
     close(nnm(G, f), ref_nnm(np64(G), f))
 
 
+@pytest.mark.usefixtures("gram_path")
 def test_nnm_keeps_honest_rows_finite_with_nan_rows():
     G = rand(9, 7, seed=140)
     G[4] = float("nan")
