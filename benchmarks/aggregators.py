@@ -50,9 +50,14 @@ NOTES = """\
   region stalls for a scheduler slice (~8 ms) whenever another process holds a core, which
   swamps millisecond timings. Single cells can be off by ~1.5x between runs (compare `mean`,
   where both libraries call the same torch.mean).
-- The three implementations of a case run in turn, so each starts with the others' data in
-  the caches: at d = 1e5 (6-13 MB inputs) that doubles squall's times against the same call
-  repeated alone (geomed at n = 16: 1.0 ms alone, 2-2.3 ms here).
+- Order: the implementations of a case take turns, and each timed call follows an untimed
+  call of the same implementation. Timed right after another implementation instead
+  (`--cross`, the order of earlier versions of this file), a millisecond call runs in the
+  state the other one left: after ByzFL's NumPy Krum (scipy cdist, hundreds of MB of
+  temporaries) even squall's small torch calls and plain Python run ~40% slower for a while
+  (not a cache effect: reading a 64 MB buffer in between does not remove it, and it
+  outlasts a 200 ms sleep), and squall's Krum at n = 16, d = 1e5 takes 1.3 ms instead of
+  0.35. The ratios of a `--cross` run are in the notes below.
 - median, trimmed_mean and Bulyan's coordinate phase need a few order statistics per column,
   not a sort. On CPU torch.sort along dim 0 costs ~300 ns per column (torch.topk and
   torch.kthvalue along dim 0 as much: 50-60 ms at n = 32, d = 1e5), so squall uses Parberry's
@@ -163,9 +168,14 @@ def cases(n: int, f: int, G: torch.Tensor) -> list[Case]:
     ]
 
 
+PAIRED = True  # main(--cross) turns it off
+
+
 def timed(fns: list[Callable[[], object]], reps: int) -> list[tuple[float, object]]:
     """(median ms over reps after one warm-up, warm-up result) for each fn; NaN ms for one
-    that raises. Timed round-robin (a, b, c, a, b, c, ...) so that all see the same load."""
+    that raises. Timed round-robin (a, b, c, a, b, c, ...) so that all see the same load;
+    with PAIRED each timed call comes right after an untimed call of the same fn (a a b b
+    c c a a ...), so that none is timed in the state another implementation left."""
     results: list[object] = []
     for fn in fns:
         try:
@@ -177,6 +187,8 @@ def timed(fns: list[Callable[[], object]], reps: int) -> list[tuple[float, objec
     times: dict[int, list[float]] = {i: [] for i in ok}
     for _ in range(reps):
         for i in ok:
+            if PAIRED:
+                fns[i]()
             start = time.perf_counter()
             fns[i]()
             times[i].append(time.perf_counter() - start)
@@ -316,7 +328,13 @@ def report(
             f"byzfl {importlib.metadata.version('byzfl')}, Python {platform.python_version()}",
             f"- threads: {threads} for both libraries (torch.set_num_threads and threadpoolctl)",
             f"- inputs: float32 N(0, 1), f = (n-3)//4; median of {reps} runs after 1 warm-up;",
-            "  squall and ByzFL's two paths timed round-robin so that all see the same load",
+            "  squall and ByzFL's two paths timed round-robin so that all see the same load,",
+            "  "
+            + (
+                "each timed call right after an untimed one of the same implementation"
+                if PAIRED
+                else "each timed call right after the other implementations' (--cross)"
+            ),
             "- byzfl (torch) gets the torch tensor, byzfl (numpy) the same memory as a NumPy",
             "  array; speed-up = byzfl ms / squall ms; max rel. diff compares the outputs",
             "  (ByzFL's Krum family uses n-f-1 neighbours and its geometric median starts from 0,",
@@ -359,7 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
+    parser.add_argument(
+        "--cross", action="store_true", help="time each call right after the other implementations'"
+    )
     args = parser.parse_args(argv)
+    global PAIRED
+    PAIRED = not args.cross
     torch.set_num_threads(args.threads)
     # An empty compile cache: the compile times reported are those of a fresh machine.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="squall-bench-inductor-")

@@ -1,4 +1,5 @@
-"""The distribution ships conf/ so an installed wheel finds its YAML groups."""
+"""The distribution ships conf/ so an installed wheel finds its YAML groups, and the C source
+of the Gram kernel that strategies/kernels.py compiles on first use."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_wheel_contains_packages_and_conf(tmp_path):
         assert str(yaml_file.relative_to(ROOT)) in names
     for pkg in ("orchestrator", "strategies", "cloud"):
         assert f"{pkg}/__init__.py" in names
+    assert "strategies/gram.c" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "squall = orchestrator.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
