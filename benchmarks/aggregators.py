@@ -354,13 +354,14 @@ def report(
             "",
             "On CPU, median, trimmed_mean and Bulyan's coordinate phase run as one compiled",
             "kernel (`strategies/kernels.py`, torch.compile) once it is ready, and as eager",
-            "selection networks before that or with SQUALL_COMPILE=0. The Gram-matrix rules",
-            "(krum and geometric_median here; also Multi-Krum, Bulyan's selection, NNM, centered",
-            "clipping) take their Gram matrix from a C kernel (`strategies/gram.c`), eager from",
-            f"torch's matmul. Timed alternately, median of {reps}. compile s: from the first call",
-            "until the kernel is ready, with empty compile caches (what a fresh machine pays once",
-            "per (rule, n, f) for torch.compile, training going on eagerly meanwhile; once per",
-            "machine for gram.c, on the first call). rel. diff: max |fused - eager| / max |eager|.",
+            "selection networks before that or with SQUALL_COMPILE=0. The distance rules (krum",
+            "and geometric_median here; also Multi-Krum, Bulyan, NNM, centered clipping) take",
+            "their Gram matrix from C (`strategies/distances.c`), eager from torch's matmul.",
+            f"Timed alternately, median of {reps}. compile s: from the first call until the",
+            "kernel is ready, with empty compile caches (what a fresh machine pays once per",
+            "(rule, n, f) for torch.compile, training going on eagerly meanwhile; once per",
+            "machine for distances.c, on the first call, included in the first row that uses",
+            "it). rel. diff: max |fused - eager| / max |eager|.",
             "",
             "| rule | n | d | eager ms | fused ms | speed-up | compile s | rel. diff |",
             "|---|---|---|---|---|---|---|---|",
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     # An empty compile cache: the compile times reported are those of a fresh machine.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="squall-bench-inductor-")
-    tempfile.tempdir = tempfile.mkdtemp(prefix="squall-bench-kernels-")  # gram.c's cache
+    tempfile.tempdir = tempfile.mkdtemp(prefix="squall-bench-kernels-")  # distances.c's cache
     os.environ["SQUALL_COMPILE"] = "1"
     if args.quick:
         sizes, reps = [(8, 1000), (11, 5000)], 2

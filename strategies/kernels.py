@@ -13,12 +13,13 @@ recompile on the caller's thread: a call that would (an input shape the kernel w
 compiled for) raises inside torch and the rule takes the eager path. If compiling fails (no
 C++ compiler, say) the reason is logged once and the eager path stays.
 
-The Gram matrix (Krum, Multi-Krum, Bulyan, NNM, geometric median, centered clipping) comes
-from a small C kernel, `gram.c`: the symmetric product torch lacks, 2-3.5x faster than its
-GEMM on one core. It is compiled once per machine (cc, a fraction of a second, cached in the
-temp directory) on first use, on the caller's thread: every step of a run, the first one
-included, then gets the same bits. Without a C compiler torch's matmul stays, after one
-logged line.
+The distance rules (Krum, Multi-Krum, Bulyan, NNM, geometric median, centered clipping) take
+their Gram matrix, and Bulyan its iterated Krum selection, from a small C file,
+`distances.c`: the symmetric product torch lacks, 2-3.5x faster than its GEMM on one core,
+and a selection loop without a torch call per round. It is compiled once per machine (cc, a
+fraction of a second, cached in the temp directory) on first use, on the caller's thread:
+every step of a run, the first one included, then gets the same bits. Without a C compiler
+torch stays, after one logged line.
 
 SQUALL_COMPILE=0 keeps everything eager (the test suite sets it; tests/test_kernels.py not).
 """
@@ -178,7 +179,7 @@ def _compile(key: Hashable, body: Callable[..., Tensor], example: Callable[[], t
 # --------------------------------------------------------------------------- Gram matrix
 
 GRAM_BLOCK = 1 << 16  # columns per call of the C kernel: the unit of threads and of summing
-_GRAM_SOURCE = Path(__file__).with_name("gram.c")
+_C_SOURCE = Path(__file__).with_name("distances.c")
 _threads: ThreadPoolExecutor | None = None
 
 
@@ -193,12 +194,12 @@ def gram_applies(*operands: Tensor) -> bool:
             and t.shape[-1] == d and t.stride(-1) == 1 and t.numel() > 0
             for t in operands
         )
-        and _gram_library() is not None
+        and _c_library() is not None
     )
 
 
 def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -> Tensor | None:
-    """float64 Gram matrix of the rows of [G; extra], each minus center, by `gram.c`; None
+    """float64 Gram matrix of the rows of [G; extra], each minus center, by `distances.c`; None
     where it does not apply (`gram_applies`) and the caller uses torch's matmul.
 
     Columns go in fixed blocks of GRAM_BLOCK, up to torch.get_num_threads() at a time (the
@@ -207,7 +208,7 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
     blocks = [G] if extra is None else [G, extra]
     if not gram_applies(*blocks, *([] if center is None else [center])):
         return None
-    library = _gram_library()
+    library = _c_library()
     rows = [t.data_ptr() + i * t.stride(0) * 4 for t in blocks for i in range(len(t))]
     m, d = len(rows), G.shape[1]
     row_pointers = (ctypes.c_void_p * m)(*rows)
@@ -235,16 +236,31 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
 
 
 @functools.cache
-def _gram_library() -> ctypes.CDLL | None:
+def _c_library() -> ctypes.CDLL | None:
     try:
-        library = ctypes.CDLL(str(_build(_GRAM_SOURCE)))
+        library = ctypes.CDLL(str(_build(_C_SOURCE)))
     except Exception as error:  # reported once per process, torch's matmul stays
-        _report("the Gram-matrix kernel", "torch's matmul", error)
+        _report("the distance kernels", "torch", error)
         return None
     library.squall_gram.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     library.squall_gram.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     library.squall_gram.restype = None
+    library.squall_bulyan_select.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    library.squall_bulyan_select.argtypes += [ctypes.c_int, ctypes.c_void_p]
+    library.squall_bulyan_select.restype = ctypes.c_int
     return library
+
+
+def bulyan_select(D: Tensor, f: int, theta: int) -> Tensor | None:
+    """Bulyan's theta Krum rounds on the squared distances D by `distances.c` (the rule of
+    `aggregators._bulyan_select`); None where it does not apply (compiling off or failed, D
+    not on the CPU)."""
+    if not (_compiling() and D.device.type == "cpu") or (library := _c_library()) is None:
+        return None
+    D = D.to(torch.float64).contiguous()
+    picked = torch.empty(theta, dtype=torch.int64)
+    failed = library.squall_bulyan_select(D.data_ptr(), D.shape[0], f, theta, picked.data_ptr())
+    return None if failed else picked
 
 
 def _build(source: Path) -> Path:

@@ -20,7 +20,7 @@ def test_wheel_contains_packages_and_conf(tmp_path):
         assert str(yaml_file.relative_to(ROOT)) in names
     for pkg in ("orchestrator", "strategies", "cloud"):
         assert f"{pkg}/__init__.py" in names
-    assert "strategies/gram.c" in names
+    assert "strategies/distances.c" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "squall = orchestrator.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -1,18 +1,24 @@
-/* Gram matrix of float32 rows, for the rules that work on pairwise distances (Krum,
- * Multi-Krum, Bulyan, NNM, geometric median, centered clipping).
+/* C kernels for the rules that work on pairwise distances: the Gram matrix of float32 rows
+ * (Krum, Multi-Krum, Bulyan, NNM, geometric median, centered clipping) and Bulyan's iterated
+ * Krum selection.
  *
- * torch has no symmetric product (BLAS syrk): G @ G.T computes every dot product twice, and
- * for n = 16-33 rows of 1e5-1e6 columns MKL's GEMM runs well below the core's peak. This
- * computes the upper triangle only, in 4 x 4 tiles of rows whose 16 dot products stay in
- * vector registers over a chunk of columns that stays in L2, and subtracts the centre row in
- * registers (a centred Gram matrix costs no extra pass). 2-3.5x faster than torch's GEMM
- * on one core (benchmarks/aggregators.md).
+ * Gram matrix: torch has no symmetric product (BLAS syrk): G @ G.T computes every dot
+ * product twice, and for n = 16-33 rows of 1e5-1e6 columns MKL's GEMM runs well below the
+ * core's peak. squall_gram computes the upper triangle only, in 4 x 4 tiles of rows whose 16
+ * dot products stay in vector registers over a chunk of columns that stays in L2, and
+ * subtracts the centre row in registers (a centred Gram matrix costs no extra pass). 2-3.5x
+ * faster than torch's GEMM on one core (benchmarks/aggregators.md).
+ *
+ * Bulyan's selection: theta rounds of Krum, each a few torch calls (~20 us a round in
+ * torch, ~1 us here).
  *
  * strategies/kernels.py compiles this file once per machine (cc -O3 -march=native) and calls
- * it through ctypes on fixed blocks of columns; it sums the blocks in order, so the result
- * does not depend on the thread count.
+ * it through ctypes; it runs the Gram kernel on fixed blocks of columns and sums them in
+ * order, so the result does not depend on the thread count.
  */
-#include <stddef.h>
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
 
 typedef float vec __attribute__((vector_size(64)));                            /* 16 floats */
 typedef float vec_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
@@ -79,4 +85,64 @@ void squall_gram(const float *const *rows, int m, long k0, long k1, const float 
   }
   for (int i = 0; i < m; i++)
     for (int j = 0; j < i; j++) out[i * m + j] = out[j * m + i];
+}
+
+typedef struct {
+  double distance;
+  int row;
+} neighbour;
+
+static int nearer(const void *x, const void *y) {
+  const neighbour *a = x, *b = y;
+  if (a->distance != b->distance) return a->distance < b->distance ? -1 : 1;
+  return a->row - b->row;
+}
+
+/* Bulyan's selection on the n x n squared distances D (float64, diagonal ignored): theta
+ * rounds of Krum over the rows not picked yet, each scoring a row by the sum of its
+ * n_r - f - 2 smallest distances to the other remaining rows (n_r remaining, at least 1
+ * neighbour), added in ascending order. A non-finite score counts as the largest double;
+ * ties go to the lowest index. Each row's neighbours are sorted once; a round walks them,
+ * skipping picked rows. Writes the picked rows, in order, to picked; returns 0, or -1 when
+ * out of memory. */
+int squall_bulyan_select(const double *D, int n, int f, int theta, long *picked) {
+  neighbour *sorted = malloc(sizeof(neighbour) * (size_t)n * (size_t)(n > 1 ? n - 1 : 1));
+  char *removed = calloc((size_t)n, 1);
+  if (!sorted || !removed) {
+    free(sorted);
+    free(removed);
+    return -1;
+  }
+  for (int i = 0; i < n; i++) {
+    neighbour *mine = sorted + (size_t)i * (n - 1);
+    for (int j = 0, m = 0; j < n; j++)
+      if (j != i) mine[m++] = (neighbour){D[(size_t)i * n + j], j};
+    qsort(mine, n - 1, sizeof(neighbour), nearer);
+  }
+  for (int r = 0; r < theta; r++) {
+    int k = n - r - f - 2;
+    k = k < 1 ? 1 : k > n - 1 ? n - 1 : k;
+    int winner = -1;
+    double best = 0.0;
+    for (int i = 0; i < n; i++) {
+      if (removed[i]) continue;
+      const neighbour *mine = sorted + (size_t)i * (n - 1);
+      double score = 0.0;
+      for (int p = 0, taken = 0; p < n - 1 && taken < k; p++)
+        if (!removed[mine[p].row]) {
+          score += mine[p].distance;
+          taken++;
+        }
+      if (!isfinite(score)) score = DBL_MAX;
+      if (winner < 0 || score < best) {
+        winner = i;
+        best = score;
+      }
+    }
+    removed[winner] = 1;
+    picked[r] = winner;
+  }
+  free(sorted);
+  free(removed);
+  return 0;
 }

@@ -1,4 +1,4 @@
-"""The compiled Gram-matrix kernel (strategies/gram.c via kernels.gram) against float64
+"""The C distance kernels (strategies/distances.c): the Gram matrix against float64
 products: every shape edge (rows not a multiple of the tile, columns not a multiple of the
 vector width, several column blocks), strided rows, centring, extra rows, thread counts,
 non-finite rows, and how the distance rules pick the first centre with it. The rules
@@ -13,7 +13,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_aggregators import close, np64, rand, ref_geomed, ref_krum_index, ref_multi_krum
+from test_aggregators import (
+    close,
+    np64,
+    rand,
+    ref_bulyan,
+    ref_geomed,
+    ref_krum_index,
+    ref_multi_krum,
+)
 
 from strategies import aggregators as agg
 from strategies import kernels
@@ -27,6 +35,13 @@ pytestmark = pytest.mark.skipif(
 def kernel_on(monkeypatch):
     monkeypatch.setenv("SQUALL_COMPILE", "1")
     monkeypatch.setattr(kernels, "enabled", lambda G: False)  # no order-statistic compiles
+
+
+def torch_path(fn, *args):
+    """fn(*args) with the C kernels off."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SQUALL_COMPILE", "0")
+        return fn(*args)
 
 
 def reference(rows: torch.Tensor, center: torch.Tensor | None) -> np.ndarray:
@@ -93,7 +108,7 @@ def test_gram_kernel_is_off_when_compiling_is_off_or_off_cpu(monkeypatch):
 
 def test_a_missing_compiler_is_reported_once_and_matmul_stays(caplog, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    kernels._gram_library.cache_clear()
+    kernels._c_library.cache_clear()
     try:
         G = rand(12, 300, seed=4)
         with caplog.at_level(logging.WARNING, logger="strategies.kernels"):
@@ -103,10 +118,10 @@ def test_a_missing_compiler_is_reported_once_and_matmul_stays(caplog, monkeypatc
         close(K, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
         failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
         assert len(failures) == 1
-        assert "Gram-matrix kernel" in failures[0] and "/nonexistent/cc" in failures[0]
+        assert "distance kernels" in failures[0] and "/nonexistent/cc" in failures[0]
         assert "SQUALL_COMPILE=0" in failures[0]
     finally:
-        kernels._gram_library.cache_clear()
+        kernels._c_library.cache_clear()
 
 
 def test_a_failing_compile_says_what_the_compiler_said(tmp_path, monkeypatch):
@@ -120,9 +135,9 @@ def test_a_failing_compile_says_what_the_compiler_said(tmp_path, monkeypatch):
 
 def test_the_library_is_built_once_and_then_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path))
-    first = kernels._build(kernels._GRAM_SOURCE)
+    first = kernels._build(kernels._C_SOURCE)
     stamp = first.stat().st_mtime_ns
-    assert kernels._build(kernels._GRAM_SOURCE) == first and first.stat().st_mtime_ns == stamp
+    assert kernels._build(kernels._C_SOURCE) == first and first.stat().st_mtime_ns == stamp
 
 
 def counting_gram(monkeypatch) -> list:
@@ -165,3 +180,36 @@ def test_a_far_row_0_is_recentred_and_a_non_finite_one_starts_raw(monkeypatch):
         assert torch.equal(centres[0].nan_to_num(), H[0].nan_to_num())  # first on row 0
         assert centres[1] is None  # not all finite: raw, then centred on a central row
         assert len(centres) == 3 and not torch.equal(centres[2], H[0])
+
+
+@pytest.mark.parametrize("n,f", [(3, 0), (7, 1), (11, 2), (16, 3), (33, 7)])
+def test_bulyan_selection_in_c_picks_what_the_torch_rounds_pick(n, f):
+    theta = n - 2 * f
+    g = torch.Generator().manual_seed(n)
+    cases = [
+        agg.pairwise_sq_distances(rand(n, 50, seed=n)),
+        torch.randint(0, 4, (n, n), generator=g).double(),  # ties everywhere
+    ]
+    inf = cases[0].clone()
+    inf[n // 2, :] = inf[:, n // 2] = float("inf")  # a non-finite row
+    inf[n // 2, n // 2] = 0.0
+    for D in [*cases, inf]:
+        D = (D + D.T).fill_diagonal_(0.0)
+        picked = kernels.bulyan_select(D, f, theta)
+        assert picked is not None and picked.dtype == torch.int64
+        assert picked.tolist() == torch_path(agg._bulyan_select, D, f, theta).tolist()
+    assert f == 0 or n // 2 not in picked.tolist()  # f >= 1: every score has finite terms
+
+
+def test_bulyan_selection_in_c_matches_the_reference_rule_end_to_end():
+    n, f = 15, 3
+    G = rand(n, 400, seed=7)
+    G[4] += 50.0  # far rows: never selected
+    G[9] -= 50.0
+    calls = []
+    select = kernels.bulyan_select
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "bulyan_select", lambda *a: calls.append(select(*a)) or calls[-1])
+        out = agg.bulyan(G, f)
+    assert calls and calls[0] is not None and not {4, 9} & set(calls[0].tolist())
+    close(out, ref_bulyan(np64(G), f))
