@@ -1,5 +1,5 @@
-"""Compiled CPU kernels: fused order-statistic rules (median, trimmed mean, Bulyan) and the
-Gram matrix of the distance-based rules.
+"""Compiled CPU kernels: fused order-statistic rules (median, trimmed mean, Bulyan), and the
+Gram matrix and Bulyan's selection for the distance rules.
 
 In eager torch a pruned selection network runs as 30-60 calls, each a pass over a chunk of
 columns (`aggregators._order_statistics`). torch.compile turns the network and the
@@ -21,7 +21,8 @@ fraction of a second, cached in the temp directory) on first use, on the caller'
 every step of a run, the first one included, then gets the same bits. Without a C compiler
 torch stays, after one logged line.
 
-SQUALL_COMPILE=0 keeps everything eager (the test suite sets it; tests/test_kernels.py not).
+SQUALL_COMPILE=0 keeps everything eager (the test suite sets it; tests/test_kernels.py and
+tests/test_distance_kernels.py, and the `gram_path` tests of test_aggregators.py not).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import getpass
 import hashlib
 import logging
 import os
+import platform
 import queue
 import subprocess
 import tempfile
@@ -209,7 +211,7 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
     if not gram_applies(*blocks, *([] if center is None else [center])):
         return None
     library = _c_library()
-    rows = [t.data_ptr() + i * t.stride(0) * 4 for t in blocks for i in range(len(t))]
+    rows = [t.data_ptr() + i * t.stride(0) * 4 for t in blocks for i in range(len(t))]  # float32
     m, d = len(rows), G.shape[1]
     row_pointers = (ctypes.c_void_p * m)(*rows)
     center_pointer = None if center is None else center.data_ptr()
@@ -263,12 +265,24 @@ def bulyan_select(D: Tensor, f: int, theta: int) -> Tensor | None:
     return None if failed else picked
 
 
+def _cpu_features() -> str:
+    """The CPU's model and instruction-set flags (Linux), else what platform knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = ("model name", "flags", "Features", "CPU part")
+    seen = {line.split(":")[0].strip(): line for line in lines if line.startswith(wanted)}
+    return "\n".join(sorted(seen.values())) or f"{platform.machine()} {platform.processor()}"
+
+
 def _build(source: Path) -> Path:
     """Compile a C file into a shared library, once per machine: cached in the temp directory
-    under a hash of the source, compiler and flags (written under a temporary name and
-    renamed, so concurrent processes never load a half-written file)."""
+    under a hash of the source, compiler, flags and CPU (-march=native code must not reach
+    another CPU through a copied temp directory), written under a temporary name and
+    renamed, so concurrent processes never load a half-written file."""
     compiler = os.environ.get("CC", "cc")
-    code = source.read_bytes()
+    code = source.read_bytes() + _cpu_features().encode()
     try:
         user = getpass.getuser()
     except Exception:  # no user name in some containers
@@ -290,7 +304,8 @@ def _build(source: Path) -> Path:
         partial.unlink(missing_ok=True)
         lines = result.stderr.splitlines()
         said = next((line for line in lines if "error" in line), lines[-1] if lines else "")
-        errors.append(f"{compiler} {' '.join(flags)}: {said.strip() or result.returncode}")
+        said = said.strip() or f"exit status {result.returncode}"
+        errors.append(f"{compiler} {' '.join(flags)}: {said}")
     raise RuntimeError("; ".join(errors))
 
 

@@ -15,7 +15,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Median, trimmed mean and Bulyan compile fused kernels on a helper thread
 # (strategies/kernels.py): seconds of compiler work for every (rule, n, f), which would swamp
 # the 2-core test machine. The suite checks the eager rules against the references, and
-# tests/test_kernels.py the compiled kernels against them (inherited by `squall` subprocesses).
+# tests/test_kernels.py the compiled kernels against them; the C distance kernels are checked
+# by tests/test_distance_kernels.py and the `gram_path` tests of test_aggregators.py (inherited
+# by `squall` subprocesses).
 os.environ["SQUALL_COMPILE"] = "0"
 
 from orchestrator.config import Config, load_config

@@ -138,6 +138,8 @@ def test_the_library_is_built_once_and_then_reused(tmp_path, monkeypatch):
     first = kernels._build(kernels._C_SOURCE)
     stamp = first.stat().st_mtime_ns
     assert kernels._build(kernels._C_SOURCE) == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(kernels, "_cpu_features", lambda: "another CPU")
+    assert kernels._build(kernels._C_SOURCE) != first  # native code is per CPU
 
 
 def counting_gram(monkeypatch) -> list:
