@@ -536,8 +536,11 @@ def _weiszfeld(K: Tensor, nu: float, tol: float, max_iter: int, tiny: float) -> 
 
     K is the Gram matrix of m points plus, as its last row/column, the origin (all relative
     to a common centre). z = sum_j beta_j x_j, so ||z - x_i||^2 = (beta - e_i)^T K (beta - e_i)
-    and ||z||^2 is the same form against the origin's row.
+    and ||z||^2 is the same form against the origin's row. On CPU `kernels.weiszfeld` runs
+    the same iterations in C: ~1 us each, against ~40 us of torch calls.
     """
+    if (done := kernels.weiszfeld(K, nu, tol, max_iter, tiny)) is not None:
+        return done
     m = K.shape[0] - 1
     Kx, k_origin, sq = K[:m, :m], K[:m, m], K.diagonal()[:m]
     origin_sq = float(K[m, m])

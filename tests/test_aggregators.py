@@ -139,16 +139,16 @@ def close(a: torch.Tensor, b: np.ndarray, rtol: float = 1e-5, atol: float = 1e-5
     np.testing.assert_allclose(a.double().numpy(), b, rtol=rtol, atol=atol)
 
 
-@pytest.fixture(params=["matmul", "gram_kernel"])
+@pytest.fixture(params=["torch", "c_kernels"])
 def gram_path(request, monkeypatch):
-    """Run a distance-based test on both ways to the Gram matrix: torch's matmul (the suite
-    runs with SQUALL_COMPILE=0) and the compiled C kernel, with the order-statistic kernels
-    still off (compiling those takes seconds)."""
-    if request.param == "gram_kernel":
+    """Run a distance-based test on both paths: torch (the suite runs with SQUALL_COMPILE=0)
+    and the C distance kernels (Gram matrix, Bulyan's selection, Weiszfeld), with the
+    order-statistic kernels still off (compiling those takes seconds)."""
+    if request.param == "c_kernels":
         monkeypatch.setenv("SQUALL_COMPILE", "1")
         monkeypatch.setattr(kernels, "enabled", lambda G: False)
         if not kernels.gram_applies(torch.zeros(1, 16)):
-            pytest.skip("no C compiler for the Gram kernel")
+            pytest.skip("no C compiler for the distance kernels")
     return request.param
 
 

@@ -1,8 +1,9 @@
-"""The C distance kernels (strategies/distances.c): the Gram matrix against float64
+"""The C distance kernels (strategies/distances.c). The Gram matrix against float64
 products: every shape edge (rows not a multiple of the tile, columns not a multiple of the
 vector width, several column blocks), strided rows, centring, extra rows, thread counts,
-non-finite rows, and how the distance rules pick the first centre with it. The rules
-themselves run on both Gram paths in test_aggregators.py (the `gram_path` fixture)."""
+non-finite rows, and how the distance rules pick the first centre with it; Bulyan's
+selection and the Weiszfeld loop against their torch versions; building and its failures.
+The rules themselves run on both paths in test_aggregators.py (the `gram_path` fixture)."""
 
 from __future__ import annotations
 
@@ -215,3 +216,16 @@ def test_bulyan_selection_in_c_matches_the_reference_rule_end_to_end():
         out = agg.bulyan(G, f)
     assert calls and calls[0] is not None and not {4, 9} & set(calls[0].tolist())
     close(out, ref_bulyan(np64(G), f))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 33])
+def test_weiszfeld_in_c_iterates_like_the_torch_loop(n):
+    G = rand(n, 300, seed=n, offset=3.0)
+    G[0] += 40.0  # an outlier: more iterations
+    K, _ = agg._geomed_gram(G)
+    for tol, max_iter in ((1e-6, 1000), (1e-12, 7), (1e-6, 1), (1e-6, 0)):
+        beta, it = kernels.weiszfeld(K, 1e-6, tol, max_iter, 1e-38)
+        ref_beta, ref_it = torch_path(agg._weiszfeld, K, 1e-6, tol, max_iter, 1e-38)
+        assert it == ref_it and beta.dtype == torch.float64
+        torch.testing.assert_close(beta, ref_beta, rtol=1e-12, atol=1e-14)
+    assert it == 0 and torch.equal(beta, torch.full((n,), 1.0 / n, dtype=torch.float64))
