@@ -57,7 +57,8 @@ NOTES = """\
   temporaries) even squall's small torch calls and plain Python run ~40% slower for a while
   (not a cache effect: reading a 64 MB buffer in between does not remove it, and it
   outlasts a 200 ms sleep), and squall's Krum at n = 16, d = 1e5 takes 1.3 ms instead of
-  0.35. The ratios of a `--cross` run are in the notes below.
+  0.35; ByzFL's own times swing up to 3x in that order. The ratios of a `--cross` run are
+  in the last note.
 - median, trimmed_mean and Bulyan's coordinate phase need a few order statistics per column,
   not a sort. On CPU torch.sort along dim 0 costs ~300 ns per column (torch.topk and
   torch.kthvalue along dim 0 as much: 50-60 ms at n = 32, d = 1e5), so squall uses Parberry's
@@ -78,35 +79,49 @@ NOTES = """\
   the eager rules run the same per-column arithmetic in the same order, so both give the
   same bits (rel. diff 0). tests/test_kernels.py checks the kernels against the slow
   references and the eager rules.
-- trimmed_mean vs ByzFL's NumPy path (target: 3x): met, 4.1-12.7x over three runs (NumPy's
-  time at d = 1e6 swings with the machine's memory traffic).
-- Krum, Multi-Krum, NNM, geometric median, centered clipping: one float32 Gram matrix in
-  column chunks accumulated in float64, plus a second, centred pass only when the rows share a
-  common component much larger than their spread (the "offset rows" line). At d = 1e5 the
-  GEMM flops (2 n^2 d) bound it. Geometric median and centered clipping iterate on n weights
-  over the Gram matrix, so their cost does not grow with the number of iterations, while
-  ByzFL reads G again at every iteration.
+- trimmed_mean vs ByzFL's NumPy path (target: 3x): met, 4.7-6.7x at d = 1e5 and 6.0-9.0x at
+  d = 1e6 over the three runs of this version (NumPy's time at d = 1e6 swings with the
+  machine's memory traffic).
+- Krum, Multi-Krum, Bulyan, NNM, geometric median, centered clipping: one Gram matrix, on CPU
+  from `strategies/distances.c` for float32 (torch's matmul otherwise). torch has no
+  symmetric product and its G @ G.T computes every dot product twice; the C kernel computes
+  the upper triangle in 4 x 4 tiles of rows whose 16 dot products stay in vector registers
+  over 1024-column chunks that stay in L2, prefetches the next chunk during the first pass
+  over a chunk (otherwise each 4 KiB page of each row stalls the hardware prefetcher: 0.45
+  vs 0.35 ms at n = 16, d = 1e5 with cold caches), and sums each lane over at most 64 products
+  in float32, then in float64. Alone and warm on one core: 0.22 vs 0.62 ms for torch's GEMM
+  at n = 16, d = 1e5, 0.27 vs 1.20 ms at 17 rows (the geometric median adds the origin as a
+  row, and MKL is slow at 17 and 33), 0.9 vs 2.3 ms at n = 32, 4.5 vs 8.4 and 12.4 vs 27 ms
+  at d = 1e6. MKL's GEMM ran at ~70% of what this core does, not ~85% as an earlier version
+  of this note assumed. The kernel subtracts a centre row in registers at no cost, so the
+  rules start centred on row 0: rows with a common component much larger than their spread
+  (the "offset rows" line) take one pass instead of a raw and a centred one; a second pass
+  is left for a row 0 far from the bulk. Geometric median and centered clipping iterate on
+  n weights over the Gram matrix (the Weiszfeld loop in C too: ~1 us an iteration), so
+  their cost does not grow with the number of iterations, while ByzFL reads G again at
+  every iteration.
 - Geometric median: ByzFL's GeometricMedian has no tolerance (a fixed T, starting from 0); it
   gets T = the iterations squall needs to reach tol 1e-6 at nu 1e-6 on the same input. These
   isotropic inputs need only 3-4; inputs that need more widen the gap.
-- Bulyan vs Multi-Krum (target: 2x): met, 1.0-1.7x over three runs. Bulyan is Multi-Krum's
-  Gram matrix, theta = n - 2f Krum rounds on the distance matrix (~20 us each), then per
-  column the selected values within beta - 1 ranks of their median (ranks 1-8 of 10 at
-  n = 16, 5-12 of 18 at n = 32) and the mean of the beta closest to the median (pairs Y[j],
-  Y[j+beta] of that band keep their closer value), all in one fused kernel that gathers the
-  theta selected rows itself. Eager, that coordinate phase cost more than Multi-Krum's GEMM
-  at n = 16 (ratio 1.8-2.5x).
-- Gram-matrix rules at d = 1e5 (target: 3x, not met in six cells; ranges over six runs):
-  Krum and Multi-Krum at n = 32 run 2.0-2.3x faster than ByzFL's torch path (3.0x once);
-  Krum on offset rows, which takes a second, centred Gram matrix, 1.9x at n = 16 and
-  1.0-1.1x at n = 32; the geometric median 1.8-2.2x at n = 16 (NumPy path; 0.9x in one run
-  that a load burst hit) and 2.2-2.6x at n = 32. The GEMM
-  (2 n^2 d flops: 0.6 ms at n = 16, 2.2-2.6 ms at n = 32, ~85% of this core's float32 peak)
-  is most of squall's time, and for n > 25 torch.cdist in ByzFL runs the same GEMM; the
-  round-robin order then costs squall another ~1 ms to re-read G from memory. A symmetric
-  rank-k update (syrk) would halve the flops (NumPy's OpenBLAS ssyrk: 1.6 vs 2.2 ms at n = 32),
-  but torch has none, and a second BLAS thread pool in the driver would spin on the cores the
-  workers compute on; splitting the GEMM into triangular blocks of rows gained 0-17%.
+- Bulyan vs Multi-Krum (target: 2x): met, over the three runs 1.7-1.8x (n = 16) and 1.4x
+  (n = 32) at d = 1e5, 1.0-1.2x at d = 1e6. Bulyan is Multi-Krum's Gram matrix, theta =
+  n - 2f Krum rounds on the distance matrix (in C: each row's neighbours sorted once, ~1 us
+  a round, against ~20 us of torch calls), then per column the selected values within
+  beta - 1 ranks of their median (ranks 1-8 of 10 at n = 16, 5-12 of 18 at n = 32) and the
+  mean of the beta closest to the median (pairs Y[j], Y[j+beta] of that band keep their
+  closer value), all in one fused kernel that gathers the theta selected rows itself. With
+  Multi-Krum 2-3x faster than before, that coordinate phase (0.4 ms at n = 16, d = 1e5) is
+  most of the gap.
+- Distance rules at d = 1e5 (target: 3x against both ByzFL paths): met. Over the three runs
+  of this version: the lowest ratios, all against ByzFL's torch path at n = 32, are
+  Krum 4.7-4.9x, Multi-Krum 4.3-5.3x, Krum on offset rows 4.1-5.0x, the geometric median
+  5.6-5.8x (at n = 16 it is 4.6-5.4x against the NumPy path); at n = 16 Krum and Multi-Krum
+  run 9.5-20x faster. In the `--cross` order (one run) all cells but one stay at 3.0x or
+  more (the lowest: Multi-Krum at n = 32, 3.0x); the geometric median at n = 16 gets 3.2x
+  against the torch path but 2.8x against NumPy, its 0.7-0.9 ms then taking 1.7 ms. The
+  previous version (torch's GEMM, a second pass for offset rows, Bulyan's rounds in torch)
+  reached 2.0-2.3x for Krum and Multi-Krum at n = 32, 1.0-1.9x on offset rows and 1.8-2.6x
+  for the geometric median, in the `--cross` order.
 """
 OFFSET = 10.0  # common component added to every row for the "offset rows" case
 
