@@ -20,6 +20,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 typedef float vec __attribute__((vector_size(64)));                            /* 16 floats */
@@ -38,12 +39,12 @@ static inline double lane_sum(vec v) {
 /* Adds to out the dot products of rows a..a+3 with rows b..b+nb-1 (nb <= TILE, a constant
  * once inlined) over columns [k0, k1), k1 - k0 a multiple of LANES. */
 static inline __attribute__((always_inline)) void tile(const float *const *r, int a, int b,
-                                                       int nb, long k0, long k1,
+                                                       int nb, int64_t k0, int64_t k1,
                                                        const float *center, int m, double *out) {
   vec acc[TILE][TILE];
   for (int i = 0; i < TILE; i++)
     for (int j = 0; j < TILE; j++) acc[i][j] = (vec){0};
-  for (long k = k0; k < k1; k += LANES) {
+  for (int64_t k = k0; k < k1; k += LANES) {
     vec c = center ? load(center + k) : (vec){0};
     vec x[TILE], y[TILE];
     for (int i = 0; i < TILE; i++) x[i] = load(r[a + i] + k) - c;
@@ -61,15 +62,15 @@ static inline __attribute__((always_inline)) void tile(const float *const *r, in
 /* out (m x m, float64, zeroed by the caller) += the Gram matrix of columns [k0, k1) of the
  * m rows, each minus center (none when NULL). Products are summed in float32 over at most
  * CHUNK / LANES = 64 terms per lane, then in float64. */
-void squall_gram(const float *const *rows, int m, long k0, long k1, const float *center,
+void squall_gram(const float *const *rows, int m, int64_t k0, int64_t k1, const float *center,
                  double *out) {
   int padded = (m + TILE - 1) / TILE * TILE;
   const float *r[padded];
   for (int i = 0; i < padded; i++) r[i] = rows[i < m ? i : m - 1]; /* padding: discarded */
-  long vector_end = k0 + (k1 - k0) / LANES * LANES;
+  int64_t vector_end = k0 + (k1 - k0) / LANES * LANES;
 
-  for (long c0 = k0; c0 < vector_end; c0 += CHUNK) {
-    long c1 = c0 + CHUNK < vector_end ? c0 + CHUNK : vector_end;
+  for (int64_t c0 = k0; c0 < vector_end; c0 += CHUNK) {
+    int64_t c1 = c0 + CHUNK < vector_end ? c0 + CHUNK : vector_end;
     for (int a = 0; a < m; a += TILE)
       for (int b = a; b < m; b += TILE) {
         switch (m - b) { /* the last block of rows may hold fewer than TILE */
@@ -80,7 +81,7 @@ void squall_gram(const float *const *rows, int m, long k0, long k1, const float 
         }
       }
   }
-  for (long k = vector_end; k < k1; k++) { /* the last < 16 columns */
+  for (int64_t k = vector_end; k < k1; k++) { /* the last < 16 columns */
     float c = center ? center[k] : 0.0f;
     for (int i = 0; i < m; i++)
       for (int j = i; j < m; j++) out[i * m + j] += (double)(r[i][k] - c) * (double)(r[j][k] - c);
@@ -107,7 +108,7 @@ static int nearer(const void *x, const void *y) {
  * ties go to the lowest index. Each row's neighbours are sorted once; a round walks them,
  * skipping picked rows. Writes the picked rows, in order, to picked; returns 0, or -1 when
  * out of memory. */
-int squall_bulyan_select(const double *D, int n, int f, int theta, long *picked) {
+int squall_bulyan_select(const double *D, int n, int f, int theta, int64_t *picked) {
   neighbour *sorted = malloc(sizeof(neighbour) * (size_t)n * (size_t)(n > 1 ? n - 1 : 1));
   char *removed = calloc((size_t)n, 1);
   if (!sorted || !removed) {

@@ -179,7 +179,7 @@ def _compile(key: Hashable, body: Callable[..., Tensor], example: Callable[[], t
         _ready[key] = compiled
 
 
-# --------------------------------------------------------------------------- Gram matrix
+# --------------------------------------------------------------------------- distance kernels
 
 GRAM_BLOCK = 1 << 16  # columns per call of the C kernel: the unit of threads and of summing
 _C_SOURCE = Path(__file__).with_name("distances.c")
@@ -242,10 +242,10 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
 def _c_library() -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(_build(_C_SOURCE)))
-    except Exception as error:  # reported once per process, torch's matmul stays
+    except Exception as error:  # reported once per process, torch stays
         _report("the distance kernels", "torch", error)
         return None
-    library.squall_gram.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    library.squall_gram.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     library.squall_gram.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     library.squall_gram.restype = None
     library.squall_bulyan_select.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
