@@ -190,15 +190,11 @@ def gram_applies(*operands: Tensor) -> bool:
     """Whether `gram` takes these operands (G, extra rows, centre): float32 CPU tensors of
     one width whose rows are contiguous, a C compiler at hand, and compiling on."""
     d = operands[0].shape[-1]
-    return (
-        _compiling()
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and 1 <= t.dim() <= 2
-            and t.shape[-1] == d and t.stride(-1) == 1 and t.numel() > 0
-            for t in operands
-        )
-        and _c_library() is not None
-    )
+    return all(
+        t.dtype == torch.float32 and 1 <= t.dim() <= 2 and t.shape[-1] == d
+        and t.stride(-1) == 1 and t.numel() > 0
+        for t in operands
+    ) and _library_for(*operands) is not None
 
 
 def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -> Tensor | None:
@@ -211,7 +207,7 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
     blocks = [G] if extra is None else [G, extra]
     if not gram_applies(*blocks, *([] if center is None else [center])):
         return None
-    library = _c_library()
+    library = _library_for(G)
     rows = [t.data_ptr() + i * t.stride(0) * 4 for t in blocks for i in range(len(t))]  # float32
     m, d = len(rows), G.shape[1]
     row_pointers = (ctypes.c_void_p * m)(*rows)
@@ -238,6 +234,13 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
     return K
 
 
+def _library_for(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The distance kernels, when compiling is on and the tensors are on the CPU."""
+    if _compiling() and all(t.device.type == "cpu" for t in tensors):
+        return _c_library()
+    return None
+
+
 @functools.cache
 def _c_library() -> ctypes.CDLL | None:
     try:
@@ -245,16 +248,15 @@ def _c_library() -> ctypes.CDLL | None:
     except Exception as error:  # reported once per process, torch stays
         _report("the distance kernels", "torch", error)
         return None
-    library.squall_gram.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    library.squall_gram.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
-    library.squall_gram.restype = None
-    library.squall_bulyan_select.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    library.squall_bulyan_select.argtypes += [ctypes.c_int, ctypes.c_void_p]
-    library.squall_bulyan_select.restype = ctypes.c_int
-    library.squall_weiszfeld.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_double]
-    library.squall_weiszfeld.argtypes += [ctypes.c_double, ctypes.c_int, ctypes.c_double]
-    library.squall_weiszfeld.argtypes += [ctypes.c_void_p]
-    library.squall_weiszfeld.restype = ctypes.c_int
+    pointer, i32, i64, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
+    signatures = {  # name: (argument types, return type), as declared in distances.c
+        "squall_gram": ([pointer, i32, i64, i64, pointer, pointer], None),
+        "squall_bulyan_select": ([pointer, i32, i32, i32, pointer], i32),
+        "squall_weiszfeld": ([pointer, i32, f64, f64, i32, f64, pointer], i32),
+    }
+    for name, (arguments, result) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, result
     return library
 
 
@@ -262,7 +264,7 @@ def bulyan_select(D: Tensor, f: int, theta: int) -> Tensor | None:
     """Bulyan's theta Krum rounds on the squared distances D by `distances.c` (the rule of
     `aggregators._bulyan_select`); None where it does not apply (compiling off or failed, D
     not on the CPU)."""
-    if not (_compiling() and D.device.type == "cpu") or (library := _c_library()) is None:
+    if (library := _library_for(D)) is None:
         return None
     D = D.to(torch.float64).contiguous()
     picked = torch.empty(theta, dtype=torch.int64)
@@ -275,7 +277,7 @@ def weiszfeld(
 ) -> tuple[Tensor, int] | None:
     """`aggregators._weiszfeld` by `distances.c`: (beta, iterations run), or None where it
     does not apply (compiling off or failed, K not on the CPU)."""
-    if not (_compiling() and K.device.type == "cpu") or (library := _c_library()) is None:
+    if (library := _library_for(K)) is None:
         return None
     K = K.to(torch.float64).contiguous()
     beta = torch.empty(K.shape[0] - 1, dtype=torch.float64)
