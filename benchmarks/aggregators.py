@@ -30,9 +30,17 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from strategies import aggregators as agg
 from strategies import kernels
 from strategies import preaggregation as pre
+from strategies.rules.bulyan import bulyan
+from strategies.rules.centered_clip import centered_clip
+from strategies.rules.geomed import _geomed_gram, _weiszfeld, geometric_median
+from strategies.rules.krum import krum
+from strategies.rules.mean import mean
+from strategies.rules.median import median
+from strategies.rules.multi_krum import multi_krum
+from strategies.rules.sign_vote import sign_vote
+from strategies.rules.trimmed_mean import trimmed_mean
 
 try:
     from byzfl.aggregators import aggregators as bz
@@ -43,6 +51,8 @@ except ImportError:  # pragma: no cover - benchmark-only dependency
 NU, TOL = 1e-6, 1e-6  # geometric median smoothing and tolerance
 TAU, ITERS = 1.0, 3  # centered clipping
 BUCKET = 2
+RULE_FUNCTIONS = {"median": median, "trimmed_mean": trimmed_mean, "bulyan": bulyan, "krum": krum,
+                  "geometric_median": geometric_median}
 NOTES = """\
 ## Notes
 
@@ -138,41 +148,41 @@ class Case:
 def cases(n: int, f: int, G: torch.Tensor) -> list[Case]:
     # ByzFL's GeometricMedian runs a fixed T iterations (no tolerance) from z = 0: give it
     # the number of iterations squall needs to reach TOL on this input, at the same nu.
-    K, _ = agg._geomed_gram(G)
-    _, iters = agg._weiszfeld(K, NU, TOL, 1000, torch.finfo(G.dtype).tiny)
+    K, _ = _geomed_gram(G)
+    _, iters = _weiszfeld(K, NU, TOL, 1000, torch.finfo(G.dtype).tiny)
     gen = torch.Generator().manual_seed(0)
     return [
-        Case("mean", agg.mean, bz.Average),
-        Case("median", agg.median, bz.Median),
-        Case("trimmed_mean", lambda G: agg.trimmed_mean(G, f), lambda: bz.TrMean(f)),
-        Case("krum", lambda G: agg.krum(G, f), lambda: bz.Krum(f), "ByzFL: n-f-1 neighbours"),
+        Case("mean", mean, bz.Average),
+        Case("median", median, bz.Median),
+        Case("trimmed_mean", lambda G: trimmed_mean(G, f), lambda: bz.TrMean(f)),
+        Case("krum", lambda G: krum(G, f), lambda: bz.Krum(f), "ByzFL: n-f-1 neighbours"),
         Case(
             "multi_krum",
-            lambda G: agg.multi_krum(G, f),
+            lambda G: multi_krum(G, f),
             lambda: bz.MultiKrum(f),
             "ByzFL: n-f-1 neighbours",
         ),
         Case(
             "krum, offset rows",
-            lambda G: agg.krum(G, f),
+            lambda G: krum(G, f),
             lambda: bz.Krum(f),
             f"rows + {OFFSET:g}: squall's Gram matrix is centred on a row",
             offset=OFFSET,
         ),
-        Case("bulyan", lambda G: agg.bulyan(G, f), None, "not in ByzFL"),
+        Case("bulyan", lambda G: bulyan(G, f), None, "not in ByzFL"),
         Case(
             "geomed",
-            lambda G: agg.geometric_median(G, nu=NU, tol=TOL),
+            lambda G: geometric_median(G, nu=NU, tol=TOL),
             lambda: bz.GeometricMedian(nu=NU, T=iters),
             f"{iters} Weiszfeld iterations each (tol {TOL:g}, nu {NU:g})",
         ),
         Case(
             "centered_clip",
-            lambda G: agg.centered_clip(G, tau=TAU, iters=ITERS),
+            lambda G: centered_clip(G, tau=TAU, iters=ITERS),
             lambda: bz.CenteredClipping(L=ITERS, tau=TAU),
             f"tau {TAU:g}, {ITERS} iterations",
         ),
-        Case("sign_vote", agg.sign_vote, None, "not in ByzFL"),
+        Case("sign_vote", sign_vote, None, "not in ByzFL"),
         Case("nnm (pre)", lambda G: pre.nnm(G, f), lambda: bzpre.NNM(f)),
         Case(
             "bucketing (pre)",
@@ -237,7 +247,7 @@ def fused_vs_eager(n: int, d: int, f: int, G: torch.Tensor, reps: int) -> list[s
     compile took."""
     rows = []
     for rule in ("median", "trimmed_mean", "bulyan", "krum", "geometric_median"):
-        fn = partial(getattr(agg, rule), G, f)
+        fn = partial(RULE_FUNCTIONS[rule], G, f)
         start = time.perf_counter()
         fn()  # queues the compile
         kernels.wait()
@@ -293,7 +303,7 @@ def run(
             )
             print(" | ".join(rows[-1]), flush=True)
         (bulyan_ms, _), (krum_ms, _) = timed(
-            [partial(agg.bulyan, G, f), partial(agg.multi_krum, G, f)], reps
+            [partial(bulyan, G, f), partial(multi_krum, G, f)], reps
         )
         bulyan_rows.append(
             f"| {n} | {d:.0e} | {f} | {fmt(bulyan_ms)} | {fmt(krum_ms)} | "

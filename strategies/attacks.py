@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from strategies.registry import ATTACKS
 
 
 def _repeat(v: Tensor, f: int) -> Tensor:
@@ -121,35 +122,23 @@ def label_flip(honest: Tensor, f: int, n: int, generator: torch.Generator | None
     return None
 
 
-@dataclass(frozen=True)
-class Attack:
-    """fn(honest, f, n, generator, **params) -> Tensor[f, d], or None when data_side."""
-
-    name: str
-    fn: Callable[..., Tensor | None]
-    data_side: bool = False
+def _register(fn: Callable, description: str, options: tuple[str, ...] = (),
+              data_side: bool = False) -> None:
+    """Register `fn` as an attack; `options` names the byzantine.* settings it takes."""
+    ATTACKS.register(fn.__name__, description,
+                     extra={"options": options, "data_side": data_side})(fn)
 
 
-ATTACKS: dict[str, Attack] = {
-    a.name: a
-    for a in (
-        Attack("sign_flip", sign_flip),
-        Attack("gaussian", gaussian),
-        Attack("alie", alie),
-        Attack("ipm", ipm),
-        Attack("bulyan_coord", bulyan_coord),
-        Attack("nan", nan),
-        Attack("label_flip", label_flip, data_side=True),
-    )
-}
-
-
-def get_attack(name: str) -> Attack:
-    try:
-        return ATTACKS[name]
-    except KeyError:
-        valid = ", ".join(ATTACKS)
-        raise KeyError(f"unknown attack {name!r}; valid: {valid}") from None
+_register(sign_flip, "the negated honest mean")
+_register(gaussian, "honest mean plus N(0, std^2) noise (`byzantine.std`)", ("std",))
+_register(alie, "a little is enough: mean - z std per coordinate (Baruch et al. 2019; "
+          "`byzantine.z`, default from n and f)", ("z",))
+_register(ipm, "inner-product manipulation: -eps x the honest mean (Xie et al. 2020; "
+          "`byzantine.eps`)", ("eps",))
+_register(bulyan_coord, "one coordinate shifted by scale x sqrt(d) honest stds, inside "
+          "Bulyan's leeway (El Mhamdi et al. 2018; `byzantine.scale`)", ("scale",))
+_register(nan, "all-NaN gradients")
+_register(label_flip, "the Byzantine workers train on flipped labels y -> C-1-y", data_side=True)
 
 
 def byzantine_ranks(n: int, f: int, seed: int) -> list[int]:

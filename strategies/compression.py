@@ -35,17 +35,19 @@ Two additions to the paper, both measured in benchmarks/gossip.md:
   with a theta that tracks the measured spread both fed back into theta and kept the
   replicas from agreeing at <= 2 bits.
 
-Update (background.md): x_i <- x_i + gamma sum_j W_ij (x_hat_j - x_hat_i) - lr g_i.
+Update (docs/algorithms.md): x_i <- x_i + gamma sum_j W_ij (x_hat_j - x_hat_i) - lr g_i.
 
 CHOCO-SGD (Koloskova et al. 2019): x_half = x - lr g; q = Q(x_half - x_hat_self);
 every holder of a copy does x_hat_j += decompress(q_j); then
-x = x_half + gamma sum_j w_ij (x_hat_j - x_hat_self) (see :func:`choco_step`).
+x = x_half + gamma sum_j w_ij (x_hat_j - x_hat_self).
+
+The updates themselves, and Moniqua's theta controller, are in strategies/consensus.py; this
+module holds the encoders, decoders and their wire formats.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -383,45 +385,6 @@ def choco_compress(
     if compressor == "qsgd":
         return qsgd_compress(v, levels, generator, rescale=rescale)
     raise KeyError(f"unknown CHOCO compressor {compressor!r}; valid: sign, qsgd")
-
-
-def choco_step(
-    x_half: torch.Tensor,
-    x_hat_self: torch.Tensor,
-    x_hat_nbrs: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    gamma: float,
-) -> torch.Tensor:
-    """x = x_half + gamma * sum_j w_ij (x_hat_j - x_hat_self), j over the neighbours.
-
-    CHOCO: ``x_hat_self`` and ``x_hat_nbrs`` are the public copies *after* this round's
-    ``x_hat += decompress(q)`` updates. Moniqua: pass x_i as ``x_half`` and the decoded
-    messages (own message decoded against x_i as ``x_hat_self``), then subtract lr g_i.
-    """
-    if len(x_hat_nbrs) != len(weights):
-        raise ValueError(f"{len(x_hat_nbrs)} neighbour copies but {len(weights)} weights")
-    mix = torch.zeros_like(x_half)
-    for x_hat_j, w in zip(x_hat_nbrs, weights):
-        mix.add_(x_hat_j - x_hat_self, alpha=w)
-    return x_half + gamma * mix
-
-
-# ------------------------------------------------------------------------ registry
-
-COMPRESSORS: dict[str, Callable[..., object]] = {
-    "none": dense_encode,
-    "moniqua": moniqua_encode,
-    "choco": choco_compress,
-}
-
-
-def get_compressor(name: str) -> Callable[..., object]:
-    """The encode function registered as ``name``; KeyError listing valid names."""
-    try:
-        return COMPRESSORS[name]
-    except KeyError:
-        valid = ", ".join(COMPRESSORS)
-        raise KeyError(f"unknown compressor {name!r}; valid: {valid}") from None
 
 
 def _as_f32(value: float) -> float:

@@ -1,15 +1,17 @@
-"""Pre-aggregation steps that run before any rule of `strategies.aggregators`."""
+"""Pre-aggregation steps that run before any rule of `strategies.rules`, as transforms
+(`strategies.transforms`) that `chain` composes with the rule."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from strategies.aggregators import _CHUNK_BYTES, _column_chunks, _combine, _geometry
+from strategies.distances import CHUNK_BYTES, column_chunks, combine, geometry
+from strategies.registry import PREAGGREGATORS
+from strategies.transforms import Transform, chain, stateless
 
 
 def bucketing(G: Tensor, s: int, generator: torch.Generator | None = None) -> Tensor:
@@ -17,7 +19,8 @@ def bucketing(G: Tensor, s: int, generator: torch.Generator | None = None) -> Te
     consecutive buckets of s rows (the last bucket may be smaller): ceil(n/s) rows out.
 
     Run the rule afterwards with the same f on n' = ceil(n/s) rows: each Byzantine worker
-    spoils at most one bucket, so at most f buckets are bad (check_workers(rule, n', f)).
+    spoils at most one bucket, so at most f buckets are bad
+    (`strategies.rules.check_workers(rule, n', f)`).
     The permutation comes from `generator` (on CPU or on G's device).
     """
     if s < 1:
@@ -29,7 +32,7 @@ def bucketing(G: Tensor, s: int, generator: torch.Generator | None = None) -> Te
     out = torch.empty(full + (rest > 0), d, dtype=G.dtype, device=G.device)
     # Gather by column chunks (in cache), not a (buckets x n) weight-matrix product: with BLAS
     # a NaN row would poison every bucket through 0 * NaN = NaN.
-    for cols in _column_chunks(d, n, G.element_size(), _CHUNK_BYTES):
+    for cols in column_chunks(d, n, G.element_size(), CHUNK_BYTES):
         rows = G[:, cols].index_select(0, perm)
         torch.mean(rows[: full * s].view(full, s, -1), dim=1, out=out[:full, cols])
         if rest:
@@ -43,59 +46,46 @@ def nnm(G: Tensor, f: int) -> Tensor:
     n = G.shape[0]
     if not 0 <= f < n:
         raise ValueError(f"nnm needs 0 <= f < n, got f={f}, n={n}")
-    _, D, finite = _geometry(G)
+    _, D, finite = geometry(G)
     D = D.clone().fill_diagonal_(-1.0)  # itself first, even against duplicates
     neighbours = D.topk(n - f, dim=1, largest=False).indices
     weights = torch.zeros(n, n, dtype=G.dtype, device=G.device)
     weights.scatter_(1, neighbours, 1.0 / (n - f))
-    return _combine(G, weights, finite)
+    return combine(G, weights, finite)
 
 
-@dataclass(frozen=True)
-class Preaggregator:
-    """fn(G, f, bucket_size, generator) -> G'; rows(n, bucket_size) is the row count of G'."""
-
-    name: str
-    fn: Callable[[Tensor, int, int, torch.Generator | None], Tensor]
-    rows: Callable[[int, int], int]
-    description: str
+@dataclass
+class BucketingParams:
+    bucket_size: int = field(default=2, metadata={"help": "bucketing: gradients averaged per "
+                                                  "bucket", "ge": 1})
 
 
-PREAGGREGATORS: dict[str, Preaggregator] = {
-    p.name: p
-    for p in (
-        Preaggregator(
-            "bucketing",
-            lambda G, f, s, gen: bucketing(G, s, gen),
-            lambda n, s: math.ceil(n / s),
-            "average random buckets of bucket_size rows; the rule keeps f",
-        ),
-        Preaggregator(
-            "nnm",
-            lambda G, f, s, gen: nnm(G, f),
-            lambda n, s: n,
-            "replace each row by the mean of its n-f nearest neighbours",
-        ),
-    )
-}
+@PREAGGREGATORS.register("bucketing", "average random buckets of `strategy.bucket_size` rows; "
+                         "the rule keeps f and its requirement applies to the ceil(n/s) buckets",
+                         params=BucketingParams)
+def build_bucketing(params: BucketingParams) -> Transform:
+    s = params.bucket_size
+
+    def update(G: Tensor, f: int, state: None, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, None]:
+        return bucketing(G, s, generator), state
+
+    return Transform(lambda: None, update, rows=lambda n: math.ceil(n / s))
 
 
-def get_preaggregator(name: str) -> Preaggregator:
-    try:
-        return PREAGGREGATORS[name]
-    except KeyError:
-        valid = ", ".join(PREAGGREGATORS)
-        raise KeyError(f"unknown preaggregator {name!r}; valid: {valid}") from None
+@PREAGGREGATORS.register("nnm", "replace each row by the mean of its n-f nearest neighbours "
+                         "(Allouah et al. 2023)")
+def build_nnm(params: None) -> Transform:
+    return stateless(nnm)
 
 
-def apply_preaggregation(
-    names: list[str],
-    G: Tensor,
-    f: int,
-    bucket_size: int,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Apply the named steps in order (e.g. ["nnm"] or ["bucketing"])."""
+def preaggregation_chain(names: list[str], params: object, rule: Transform) -> Transform:
+    """The named steps in order, then `rule`, as one transform; `params` carries every step's
+    options by name (e.g. the strategy config's bucket_size)."""
+    steps = []
     for name in names:
-        G = get_preaggregator(name).fn(G, f, bucket_size, generator)
-    return G
+        entry = PREAGGREGATORS.get(name)
+        options = None if entry.params is None else entry.params(
+            **{f.name: getattr(params, f.name) for f in fields(entry.params)})
+        steps.append(entry.build(options))
+    return chain(*steps, rule)

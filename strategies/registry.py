@@ -47,7 +47,7 @@ class Entry:
 
 # Modules that define entries, imported on first use (they import this module).
 _DEFINERS = {
-    "rule": ["strategies.rules"],
+    "aggregator": ["strategies.rules"],
     "pre-aggregation step": ["strategies.preaggregation"],
     "attack": ["strategies.attacks"],
     "compressor": ["strategies.consensus"],
@@ -56,10 +56,11 @@ _DEFINERS = {
 
 
 class Registry:
-    """Entries of one kind by name, in registration order."""
+    """Entries of one kind by name: in registration order, or by name where each entry is a
+    module of its own (import order would decide otherwise)."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, by_name: bool = False) -> None:
+        self.kind, self.by_name = kind, by_name
         self._entries: dict[str, Entry] = {}
         self._loaded = False
 
@@ -93,18 +94,17 @@ class Registry:
 
     def names(self) -> list[str]:
         self._load()
-        return list(self._entries)
+        return sorted(self._entries) if self.by_name else list(self._entries)
 
     def entries(self) -> Iterator[Entry]:
-        self._load()
-        return iter(list(self._entries.values()))
+        return iter([self._entries[name] for name in self.names()])
 
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._entries
 
 
-RULES = Registry("rule")
+RULES = Registry("aggregator", by_name=True)
 PREAGGREGATORS = Registry("pre-aggregation step")
 ATTACKS = Registry("attack")
 COMPRESSORS = Registry("compressor")

@@ -28,13 +28,16 @@ n = 1 has no neighbours; n = 2 makes the two workers neighbours in every topolog
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+
+from strategies.registry import TOPOLOGIES
 
 Neighbours = list[set[int]]
 
 
+@TOPOLOGIES.register("ring", "p <-> p +- 1 (mod n)")
 def _ring(n: int, step: int = 0) -> Neighbours:
     return [{(p - 1) % n, (p + 1) % n} - {p} for p in range(n)]
 
@@ -45,6 +48,7 @@ def torus_shape(n: int) -> tuple[int, int]:
     return rows, (n // rows if rows else 0)
 
 
+@TOPOLOGIES.register("torus", "an r x c grid with wrap-around, as square as n allows")
 def _torus(n: int, step: int = 0) -> Neighbours:
     rows, cols = torus_shape(n)
     out: Neighbours = []
@@ -60,11 +64,13 @@ def _torus(n: int, step: int = 0) -> Neighbours:
     return out
 
 
+@TOPOLOGIES.register("exponential", "static exponential graph: p <-> p +- 2^k (mod n)")
 def _exponential(n: int, step: int = 0) -> Neighbours:
     hops = [1 << k for k in range(max(n - 1, 0).bit_length())]  # all 2^k < n
     return [{(p + sign * h) % n for h in hops for sign in (1, -1)} - {p} for p in range(n)]
 
 
+@TOPOLOGIES.register("one_peer_exp", "time-varying: one peer at distance 2^(t mod log2 n)")
 def _one_peer_exp(n: int, step: int = 0) -> Neighbours:
     if n < 2:
         return [set() for _ in range(n)]
@@ -73,31 +79,14 @@ def _one_peer_exp(n: int, step: int = 0) -> Neighbours:
     return [{p ^ hop} if (p ^ hop) < n else set() for p in range(n)]
 
 
+@TOPOLOGIES.register("complete", "every pair")
 def _complete(n: int, step: int = 0) -> Neighbours:
     return [set(range(n)) - {p} for p in range(n)]
 
 
-TOPOLOGIES: dict[str, Callable[[int, int], Neighbours]] = {
-    "ring": _ring,
-    "torus": _torus,
-    "exponential": _exponential,
-    "one_peer_exp": _one_peer_exp,
-    "complete": _complete,
-}
-
-
-def get_topology(kind: str) -> Callable[[int, int], Neighbours]:
-    """The neighbour builder for ``kind``; KeyError listing the valid names otherwise."""
-    try:
-        return TOPOLOGIES[kind]
-    except KeyError:
-        valid = ", ".join(TOPOLOGIES)
-        raise KeyError(f"unknown topology {kind!r}; valid: {valid}") from None
-
-
 def neighbours(kind: str, n: int, step: int = 0) -> Neighbours:
     """Neighbour sets of positions 0..n-1 for topology ``kind`` at gossip step ``step``."""
-    build = get_topology(kind)
+    build = TOPOLOGIES.get(kind).build
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return build(n, step)

@@ -8,19 +8,26 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from strategies import aggregators as agg
 from strategies.attacks import (
-    ATTACKS,
     alie,
     alie_z,
     bulyan_coord,
     byzantine_ranks,
     flip_labels,
     gaussian,
-    get_attack,
     ipm,
     sign_flip,
 )
+from strategies.registry import ATTACKS
+from strategies.rules import build_rule
+from strategies.rules.mean import mean
+from strategies.rules.median import median
+
+
+def aggregate(rule: str, G: torch.Tensor, f: int) -> torch.Tensor:
+    """The rule as it runs in a step: its transform with default options, from its init."""
+    transform = build_rule(rule)
+    return transform.update(G, f, transform.init())[0]
 
 
 def honest_grads(h: int = 9, d: int = 64, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
@@ -28,19 +35,22 @@ def honest_grads(h: int = 9, d: int = 64, seed: int = 0, offset: float = 0.0) ->
     return offset + torch.randn(h, d, generator=g)
 
 
-@pytest.mark.parametrize("name", [a for a in ATTACKS if not ATTACKS[a].data_side])
+GRADIENT_ATTACKS = [a for a in ATTACKS.names() if not ATTACKS.get(a).extra["data_side"]]
+
+
+@pytest.mark.parametrize("name", GRADIENT_ATTACKS)
 def test_gradient_attacks_return_f_rows_of_honest_shape(name):
     H = honest_grads().double()
-    out = get_attack(name).fn(H, 3, 12, torch.Generator().manual_seed(1))
+    out = ATTACKS.get(name).build(H, 3, 12, torch.Generator().manual_seed(1))
     assert out.shape == (3, 64)
     assert out.dtype == H.dtype and out.device == H.device
 
 
 def test_label_flip_is_data_side():
-    entry = get_attack("label_flip")
-    assert entry.data_side
-    assert entry.fn(honest_grads(), 2, 10, None) is None
-    assert [a for a in ATTACKS if ATTACKS[a].data_side] == ["label_flip"]
+    entry = ATTACKS.get("label_flip")
+    assert entry.extra["data_side"]
+    assert entry.build(honest_grads(), 2, 10, None) is None
+    assert [a for a in ATTACKS.names() if ATTACKS.get(a).extra["data_side"]] == ["label_flip"]
     y = torch.tensor([0, 1, 2, 9, 5])
     assert flip_labels(y, 10).tolist() == [9, 8, 7, 0, 4]
     assert torch.equal(flip_labels(flip_labels(y, 10), 10), y)
@@ -48,7 +58,7 @@ def test_label_flip_is_data_side():
 
 def test_unknown_attack_lists_valid_names():
     with pytest.raises(KeyError, match="unknown attack 'lie'; valid: sign_flip, gaussian, alie"):
-        get_attack("lie")
+        ATTACKS.get("lie")
 
 
 def test_sign_flip_and_ipm_formulas():
@@ -110,7 +120,7 @@ def test_bulyan_coord_fools_norm_rules_but_not_bulyan():
         G = torch.cat([H, bulyan_coord(H, f, n, coord=coord)])
         sd = H.std(0)[coord]
         shifts[d] = {
-            rule: abs((agg.AGGREGATORS[rule].fn(G, f)[coord] - H.mean(0)[coord]) / sd).item()
+            rule: abs((aggregate(rule, G, f)[coord] - H.mean(0)[coord]) / sd).item()
             for rule in ("krum", "geomed", "bulyan")
         }
     # Krum returns a Byzantine vector; geomed moves O(sqrt(d)) stds; Bulyan stays O(1)
@@ -122,7 +132,7 @@ def test_bulyan_coord_fools_norm_rules_but_not_bulyan():
 
 
 def test_nan_attack():
-    out = get_attack("nan").fn(honest_grads(), 2, 10, None)
+    out = ATTACKS.get("nan").build(honest_grads(), 2, 10, None)
     assert bool(torch.isnan(out).all())
 
 
@@ -131,9 +141,9 @@ def test_ipm_pulls_the_mean_but_not_the_median():
     H = honest_grads(h=n - f, d=32, offset=5.0) * 0.1 + 1.0
     G = torch.cat([H, ipm(H, f, n, eps=50.0)])
     mu = H.mean(0)
-    assert torch.all(agg.mean(G, f) * mu < 0)  # the mean points the other way
-    assert (agg.median(G, f) - mu).norm() < 0.5 * mu.norm()
-    assert torch.all(agg.median(G, f) * mu > 0)
+    assert torch.all(mean(G, f) * mu < 0)  # the mean points the other way
+    assert (median(G, f) - mu).norm() < 0.5 * mu.norm()
+    assert torch.all(median(G, f) * mu > 0)
 
 
 def test_byzantine_ranks_are_seeded_sorted_and_distinct():

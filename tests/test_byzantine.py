@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from strategies.aggregators import krum
 
 from orchestrator.aggregation import Aggregation, TooFewWorkers
 from orchestrator.config import ConfigError, load_config
 from orchestrator.job import train
-from strategies.aggregators import krum
 from strategies.attacks import byzantine_ranks
 
 

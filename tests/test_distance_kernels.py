@@ -24,8 +24,11 @@ from test_aggregators import (
     ref_multi_krum,
 )
 
-from strategies import aggregators as agg
-from strategies import kernels
+from strategies import distances, kernels
+from strategies.rules.bulyan import _bulyan_select, bulyan
+from strategies.rules.geomed import _geomed_gram, _weiszfeld, geometric_median
+from strategies.rules.krum import krum
+from strategies.rules.multi_krum import multi_krum
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CC", "cc")) is None, reason="the Gram kernel needs a C compiler"
@@ -72,7 +75,7 @@ def test_gram_kernel_takes_extra_rows_and_strided_rows():
     assert kernels.gram(big.T.contiguous().T) is None  # columns with a stride: torch's path
     assert kernels.gram(big.double()) is None and kernels.gram(big.half()) is None
     ref = reference(big, None)
-    close(agg._gram(big.T.contiguous().T), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    close(distances.gram(big.T.contiguous().T), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_gram_kernel_gives_the_same_bits_for_any_thread_count():
@@ -114,7 +117,7 @@ def test_a_missing_compiler_is_reported_once_and_matmul_stays(caplog, monkeypatc
         G = rand(12, 300, seed=4)
         with caplog.at_level(logging.WARNING, logger="strategies.kernels"):
             assert kernels.gram(G) is None and kernels.gram(G) is None
-            K = agg._gram(G)
+            K = distances.gram(G)
         ref = reference(G, None)
         close(K, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
         failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
@@ -162,8 +165,8 @@ def test_offset_rows_take_one_pass_centred_on_row_0(monkeypatch):
     n, f = 12, 2
     G = rand(n, 3000, seed=5, offset=1e3)  # a common component 1e3 x the spread
     centres = counting_gram(monkeypatch)
-    assert agg.krum(G, f).equal(G[ref_krum_index(np64(G), f)])
-    close(agg.multi_krum(G, f), ref_multi_krum(np64(G), f, n - f), rtol=1e-6, atol=1e-3)
+    assert krum(G, f).equal(G[ref_krum_index(np64(G), f)])
+    close(multi_krum(G, f), ref_multi_krum(np64(G), f, n - f), rtol=1e-6, atol=1e-3)
     assert len(centres) == 2 and all(c.equal(G[0]) for c in centres)
 
 
@@ -172,14 +175,14 @@ def test_a_far_row_0_is_recentred_and_a_non_finite_one_starts_raw(monkeypatch):
     G = rand(n, 3000, seed=6, offset=50.0)
     G[0] += 1e4  # a Byzantine row 0, far from the bulk
     centres = counting_gram(monkeypatch)
-    assert agg.krum(G, f).equal(G[ref_krum_index(np64(G), f)])
+    assert krum(G, f).equal(G[ref_krum_index(np64(G), f)])
     assert len(centres) == 2 and centres[0].equal(G[0]) and not centres[1].equal(G[0])
 
     for bad in (float("nan"), 1e25):  # 1e25: finite, but its square overflows float32
         centres.clear()
         H = G.clone()
         H[0, 7] = bad
-        close(agg.geometric_median(H), ref_geomed(np64(H[1:]), 1e-6, 1e-6, 1000), 1e-5, 1e-3)
+        close(geometric_median(H), ref_geomed(np64(H[1:]), 1e-6, 1e-6, 1000), 1e-5, 1e-3)
         assert torch.equal(centres[0].nan_to_num(), H[0].nan_to_num())  # first on row 0
         assert centres[1] is None  # not all finite: raw, then centred on a central row
         assert len(centres) == 3 and not torch.equal(centres[2], H[0])
@@ -190,7 +193,7 @@ def test_bulyan_selection_in_c_picks_what_the_torch_rounds_pick(n, f):
     theta = n - 2 * f
     g = torch.Generator().manual_seed(n)
     cases = [
-        agg.pairwise_sq_distances(rand(n, 50, seed=n)),
+        distances.pairwise_sq_distances(rand(n, 50, seed=n)),
         torch.randint(0, 4, (n, n), generator=g).double(),  # ties everywhere
     ]
     inf = cases[0].clone()
@@ -200,7 +203,7 @@ def test_bulyan_selection_in_c_picks_what_the_torch_rounds_pick(n, f):
         D = (D + D.T).fill_diagonal_(0.0)
         picked = kernels.bulyan_select(D, f, theta)
         assert picked is not None and picked.dtype == torch.int64
-        assert picked.tolist() == torch_path(agg._bulyan_select, D, f, theta).tolist()
+        assert picked.tolist() == torch_path(_bulyan_select, D, f, theta).tolist()
     assert f == 0 or n // 2 not in picked.tolist()  # f >= 1: every score has finite terms
 
 
@@ -213,7 +216,7 @@ def test_bulyan_selection_in_c_matches_the_reference_rule_end_to_end():
     select = kernels.bulyan_select
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "bulyan_select", lambda *a: calls.append(select(*a)) or calls[-1])
-        out = agg.bulyan(G, f)
+        out = bulyan(G, f)
     assert calls and calls[0] is not None and not {4, 9} & set(calls[0].tolist())
     close(out, ref_bulyan(np64(G), f))
 
@@ -222,10 +225,10 @@ def test_bulyan_selection_in_c_matches_the_reference_rule_end_to_end():
 def test_weiszfeld_in_c_iterates_like_the_torch_loop(n):
     G = rand(n, 300, seed=n, offset=3.0)
     G[0] += 40.0  # an outlier: more iterations
-    K, _ = agg._geomed_gram(G)
+    K, _ = _geomed_gram(G)
     for tol, max_iter in ((1e-6, 1000), (1e-12, 7), (1e-6, 1), (1e-6, 0)):
         beta, it = kernels.weiszfeld(K, 1e-6, tol, max_iter, 1e-38)
-        ref_beta, ref_it = torch_path(agg._weiszfeld, K, 1e-6, tol, max_iter, 1e-38)
+        ref_beta, ref_it = torch_path(_weiszfeld, K, 1e-6, tol, max_iter, 1e-38)
         assert it == ref_it and beta.dtype == torch.float64
         torch.testing.assert_close(beta, ref_beta, rtol=1e-12, atol=1e-14)
     assert it == 0 and torch.equal(beta, torch.full((n,), 1.0 / n, dtype=torch.float64))

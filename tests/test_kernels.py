@@ -11,8 +11,10 @@ import pytest
 import torch
 from test_aggregators import close, np64, rand, ref_bulyan, ref_median, ref_trimmed_mean
 
-from strategies import aggregators as agg
 from strategies import kernels
+from strategies.rules.bulyan import bulyan
+from strategies.rules.median import median
+from strategies.rules.trimmed_mean import trimmed_mean
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None or not hasattr(torch.compiler, "set_stance"),
@@ -21,9 +23,9 @@ pytestmark = pytest.mark.skipif(
 
 N, F = 11, 2  # Bulyan's smallest n for f = 2: theta = 7, beta = 3
 RULES = {
-    "median": (lambda G: agg.median(G, F), ref_median),
-    "trimmed_mean": (lambda G: agg.trimmed_mean(G, F), lambda X: ref_trimmed_mean(X, F)),
-    "bulyan": (lambda G: agg.bulyan(G, F), lambda X: ref_bulyan(X, F)),
+    "median": (lambda G: median(G, F), ref_median),
+    "trimmed_mean": (lambda G: trimmed_mean(G, F), lambda X: ref_trimmed_mean(X, F)),
+    "bulyan": (lambda G: bulyan(G, F), lambda X: ref_bulyan(X, F)),
 }
 
 
@@ -85,7 +87,7 @@ def test_an_input_the_kernel_was_not_compiled_for_gets_the_eager_answer(compiled
     compiled_median = kernels._ready[("median", N, torch.float32)]
     G = rand(N, 1, seed=4)  # width 1: torch would specialise and recompile
     assert kernels.run(compiled_median, G) is None
-    close(agg.median(G), ref_median(np64(G)))
+    close(median(G), ref_median(np64(G)))
     assert kernels.run(compiled_median, rand(N, 50, seed=5)) is not None
     with torch.no_grad():  # compiled with it; torch guards the grad mode
         assert kernels.run(compiled_median, rand(N, 50, seed=5)) is not None

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from strategies.registry import TOPOLOGIES
 from strategies.topology import (
-    TOPOLOGIES,
     gossip_weights,
     metropolis_hastings,
     mixing_matrix,
@@ -18,7 +18,7 @@ from strategies.topology import (
     torus_shape,
 )
 
-KINDS = list(TOPOLOGIES)
+KINDS = TOPOLOGIES.names()
 
 
 def _check_graph(nbrs: list[set[int]], n: int) -> None:
