@@ -576,8 +576,8 @@ def test_min_workers_boundaries(rule, need):
             f"{rule} needs {a.requirement} = {need(f)} workers for f={f}, got {need(f) - 1}"
         )
         with pytest.raises(ValueError, match="needs"):
-            a.fn(rand(need(f) - 1, 3, seed=f) if need(f) > 1 else torch.empty(0, 3), f)
-        assert a.fn(rand(need(f), 3, seed=f), f).shape == (3,)
+            aggregate(rule, rand(need(f) - 1, 3, seed=f) if need(f) > 1 else torch.empty(0, 3), f)
+        assert aggregate(rule, rand(need(f), 3, seed=f), f).shape == (3,)
 
 
 def test_check_workers_message_and_negative_f():
