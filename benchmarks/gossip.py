@@ -22,8 +22,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.job import train  # noqa: E402
 from orchestrator.metrics import read_metrics  # noqa: E402
+from orchestrator.run import train  # noqa: E402
 
 METHODS = {  # squall's defaults unless stated: dither rounding, theta per block of 128, margin 1.2
     "D-PSGD (fp32)": ["strategy.compress=none"],

@@ -3,8 +3,8 @@ optimizer.
 
     python -m benchmarks.overhead [--steps 40] [--workers 2] [--cluster] [--quick]
 
-Runs the parameter-server step of orchestrator/job.py phase by phase with timers, on real
-worker actors (a Worker subclass that times its own load / forward+backward / pack), for
+Runs the step of orchestrator/parameter_server.py phase by phase with timers, on real worker
+actors (a Worker subclass that times its own load / forward+backward / pack), for
 resnet20 on data=fake and the digits cnn, and writes benchmarks/overhead.md. Per step (median
 over the steps after 5 warm-up steps):
 
@@ -43,11 +43,10 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from benchmarks.md_parts import write_part  # noqa: E402
 from cloud import make_pool  # noqa: E402
-from orchestrator.aggregation import Aggregation  # noqa: E402
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config import job_spec, load_config  # noqa: E402
 from orchestrator.data import load_dataset, partition  # noqa: E402
-from orchestrator.job import build_optimizer  # noqa: E402
-from orchestrator.models import build_model, flat_grads, float_buffers, share_flat  # noqa: E402
+from orchestrator.models import build_model  # noqa: E402
+from orchestrator.parameter_server import ParameterServer  # noqa: E402
 from orchestrator.workers import GradientResult, Worker, WorkerPool  # noqa: E402
 
 MD = Path(__file__).with_suffix(".md")
@@ -77,15 +76,13 @@ def measure(model_name: str, workers: int, steps: int, tmp: str) -> dict[str, fl
     shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    params = list(model.parameters())
-    buffers = float_buffers(model)
-    state, grad = share_flat(params + buffers), flat_grads(params)  # as in job.py
-    n_params = grad.numel()
-    optimizer = build_optimizer(cfg.optim, params)
-    aggregation = Aggregation(cfg)
-    pool = make_pool(cfg)
+    ps = ParameterServer(cfg, model)  # the real step's state, optimizer and aggregation
+    ps.actor_class = ray.remote(TimedWorker)
+    state, grad, n_params = ps.flat, ps.grad, ps.n_params
+    optimizer, aggregation = ps.optimizer, ps.aggregation
+    pool = make_pool(cfg.cloud, job_spec(cfg))
     pool.start(cfg.workers)
-    pool_workers = WorkerPool(cfg, data, shards, pool, set(), ray.remote(TimedWorker))
+    pool_workers = WorkerPool(cfg, data, shards, pool, ps)
     pool_workers.start(list(pool.alive.values()))
     actors = [actor for actor, _ in pool_workers.live.values()]
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.robustness            # full run, writes robustness.md
     .venv/bin/python -m benchmarks.robustness --quick    # tiny smoke run, prints only
 
-Each cell is one real `orchestrator.job.train` run (11 worker actors on one local Ray session,
+Each cell is one real `orchestrator.run.train` run (11 worker actors on one local Ray session,
 started once for all cells), built from command-line overrides with `load_config`: every cell
 prints the `squall train ...` line that reproduces it. The markdown is rewritten after every
 cell (pending cells show `...`), so an interrupted run still leaves what it measured; the
@@ -34,11 +34,11 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.aggregation import Aggregation
 from orchestrator.config import Config, load_config
 from orchestrator.data import batch_indices, load_dataset, partition
-from orchestrator.job import build_optimizer, evaluate, train
 from orchestrator.models import build_model, float_buffers
+from orchestrator.parameter_server import Aggregation, build_optimizer
+from orchestrator.run import evaluate, train
 from strategies.attacks import alie_z, flip_labels
 from strategies.bitpack import pack_signs, unpack_signs
 

@@ -43,10 +43,11 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from ray.cluster_utils import Cluster
 from ray.exceptions import RayError
 
+from cloud.config import AwsCloudConfig, JobSpec
 from cloud.imds import Watcher
 from cloud.pool import Machine, PollResult, Pool, join_cluster
 from cloud.traces import write_trace
-from orchestrator.config import CloudConfig, Config, ConfigError, load_config
+from conf.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Instance:
 class Ec2:
     """The few EC2 calls the adapter makes. Credentials come only from boto3's default chain."""
 
-    def __init__(self, cloud: CloudConfig) -> None:
+    def __init__(self, cloud: AwsCloudConfig) -> None:
         session = boto3.session.Session(region_name=cloud.region or None)
         if not session.region_name:
             raise AwsError("cloud=aws: no region; set cloud.region=us-east-1 (or "
@@ -130,7 +131,7 @@ class Ec2:
         return pairs or [(None, "")]  # no default VPC subnets: EC2 picks
 
     def launch(self, tags: dict[str, str], user_data: str, choices: list[tuple[str, str | None]],
-               cloud: CloudConfig, rounds: int) -> dict:
+               cloud: AwsCloudConfig, rounds: int) -> dict:
         """One spot instance of the first (type, subnet) that has capacity; the instance dict."""
         market: dict[str, Any] = {"SpotInstanceType": "one-time",
                                   "InstanceInterruptionBehavior": "terminate"}
@@ -243,18 +244,19 @@ def user_data(setup: list[str], head: str, key: str) -> str:
 
 # --------------------------------------------------------------------------- the pool
 class AwsPool(Pool):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        c = cfg.cloud
-        if not c.ami:
+    cloud: AwsCloudConfig
+
+    def __init__(self, cloud: AwsCloudConfig, job: JobSpec) -> None:
+        super().__init__(cloud, job)
+        if not cloud.ami:
             raise ConfigError("cloud=aws needs cloud.ami: an image with Python, Ray and squall "
                               "installed (see docs/aws.md)")
-        if not cfg.run.name:
+        if not job.run_name:
             raise ConfigError("cloud=aws needs run.name: the instances are tagged "
                               "squall:job=<run.name> (and `squall cloud cleanup` finds them so)")
-        self.ec2 = Ec2(c)
+        self.ec2 = Ec2(cloud)
         self.cluster: Cluster | None = None
-        self.head = c.head_address
+        self.head = cloud.head_address
         self.instances: dict[str, Instance] = {}  # started and not yet terminated
         self.choices: list[tuple[str, str | None]] = []
         self.prices = SpotPrices([])
@@ -265,27 +267,27 @@ class AwsPool(Pool):
         self._failures = 0
 
     def start(self, n: int) -> list[Machine]:
-        if self.cfg.cloud.local_nodes and ray.is_initialized():
+        if self.cloud.local_nodes and ray.is_initialized():
             raise ConfigError("cloud.local_nodes=true starts its own Ray cluster; call it without "
                               "a Ray session already running")
         self._refresh_prices()
-        subnets = self.ec2.subnets(self.cfg.cloud.subnets)
+        subnets = self.ec2.subnets(self.cloud.subnets)
         self.choices = self._order(subnets)
         machines = super().start(n)
         self._running = True
         return machines
 
     def _connect(self) -> None:
-        if self.cfg.cloud.local_nodes:
+        if self.cloud.local_nodes:
             self.workers_here = True
             self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 1, "include_dashboard": self.cfg.ray.dashboard})
+                "num_cpus": 1, "include_dashboard": self.job.ray.dashboard})
             ray.init(address=self.cluster.address, logging_level=logging.WARNING,
                      log_to_driver=False)
         else:  # the driver runs on the head node of the cluster the instances join
-            address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
+            address = self.job.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
             try:
-                join_cluster(self.cfg, address)
+                join_cluster(self.job.ray, address)
             except ConfigError as e:
                 raise ConfigError(f"cloud=aws: {e}; the driver runs on the head node of the "
                                   "cluster the instances join") from None
@@ -295,7 +297,7 @@ class AwsPool(Pool):
     def _order(self, subnets: list[tuple[str | None, str]]) -> list[tuple[str, str | None]]:
         """(type, subnet) pairs, cheapest current spot price first (configured order on ties)."""
         now = time.time()
-        pairs = [(t, s, z) for t in self.cfg.cloud.instance_types for s, z in subnets]
+        pairs = [(t, s, z) for t in self.cloud.instance_types for s, z in subnets]
 
         def cost(pair: tuple[str, str | None, str]) -> float:
             price = self.prices.price(pair[0], pair[2], now)
@@ -304,10 +306,10 @@ class AwsPool(Pool):
         return [(t, s) for t, s, z in sorted(pairs, key=cost)]
 
     def _provision(self, machine: Machine) -> None:
-        c = self.cfg.cloud
+        c = self.cloud
         key = f"squall_node_{uuid.uuid4().hex[:12]}"
-        tags = {JOB_TAG: self.cfg.run.name, NODE_TAG: key,
-                "Name": f"squall-{self.cfg.run.name}-{machine.id}"}
+        tags = {JOB_TAG: self.job.run_name, NODE_TAG: key,
+                "Name": f"squall-{self.job.run_name}-{machine.id}"}
         rounds = 1 if self._running else c.launch_rounds
         script = user_data(c.setup, self.head, key)
         info = self.ec2.launch(tags, script, self.choices, c, rounds)
@@ -318,7 +320,7 @@ class AwsPool(Pool):
                  instance.instance_type, instance.zone)
         if c.local_nodes:
             instance.node = self.cluster.add_node(
-                num_cpus=max(1, round(self.cfg.worker.num_cpus)), resources={key: 1},
+                num_cpus=max(1, round(self.job.worker_num_cpus)), resources={key: 1},
                 wait=False)
         url = c.imds_url.replace("{instance_id}", instance.id)
         instance.watcher = RemoteWatcher.options(resources={key: 1 - WORKER_SHARE}).remote(
@@ -335,7 +337,7 @@ class AwsPool(Pool):
                 if not self._running:
                     raise
                 self.machines_started -= 1  # counted by Pool._launch, never started
-                delay = min(300.0, max(1.0, self.cfg.cloud.retry_backoff_s) * 2 ** self._failures)
+                delay = min(300.0, max(1.0, self.cloud.retry_backoff_s) * 2 ** self._failures)
                 self._failures += 1
                 log.warning("%s; asking again in %.0f s", e, delay)
                 self._requests.append((time.monotonic() + delay, market))
@@ -420,7 +422,7 @@ class AwsPool(Pool):
     def _refresh_prices(self) -> None:
         start = datetime.now(timezone.utc) - timedelta(days=1)
         try:
-            self.prices = SpotPrices(self.ec2.price_history(self.cfg.cloud.instance_types, start))
+            self.prices = SpotPrices(self.ec2.price_history(self.cloud.instance_types, start))
         except AwsError as e:  # costs fall back to cloud.spot_price
             log.warning("%s; pricing at cloud.spot_price", e)
         self._prices_at = time.monotonic()
@@ -428,58 +430,39 @@ class AwsPool(Pool):
     def price(self, machine: Machine, now: float) -> float:
         instance: Instance | None = machine.node
         if instance is None:
-            return self.cfg.cloud.spot_price
+            return self.cloud.spot_price
         at = time.time() - (time.monotonic() - now)
         found = self.prices.price(instance.instance_type, instance.zone, at)
-        return self.cfg.cloud.spot_price if found is None else found
+        return self.cloud.spot_price if found is None else found
 
     def on_demand_price(self) -> float:
-        return self.cfg.cloud.on_demand_price
+        return self.cloud.on_demand_price
 
 
 # --------------------------------------------------------------------------- squall cloud
-CLOUD_USAGE = ("squall cloud cleanup run.name=NAME [cloud.region=...] | squall cloud prices "
-               "out=FILE [hours=24] [zone=us-east-1a] [cloud.instance_types=[...]]")
+def cleanup(cloud: AwsCloudConfig, run_name: str) -> list[str]:
+    """Terminate the instances tagged squall:job=<run_name> (what a crashed driver left
+    running); returns their ids."""
+    if not run_name:
+        raise ConfigError("squall cloud cleanup needs run.name=NAME (the squall:job tag)")
+    ec2 = Ec2(cloud)
+    ids = ec2.find(run_name)
+    if ids:
+        ec2.terminate(ids)
+    return ids
 
 
-def cloud_command(args: list[str]) -> int:
-    """`squall cloud cleanup|prices ...`; errors raise ConfigError (one line)."""
-    if not args or args[0] not in ("cleanup", "prices"):
-        raise ConfigError(f"usage: {CLOUD_USAGE}")
-    command, options, overrides = args[0], {}, []
-    for text in args[1:]:
-        key, _, value = text.partition("=")
-        if command == "prices" and key in ("out", "hours", "zone"):
-            options[key] = value
-        else:
-            overrides.append(text)
-    cfg = load_config(["cloud=aws", *overrides])
-    if command == "cleanup":
-        if not cfg.run.name:
-            raise ConfigError("squall cloud cleanup needs run.name=NAME (the squall:job tag)")
-        ec2 = Ec2(cfg.cloud)
-        ids = ec2.find(cfg.run.name)
-        if ids:
-            ec2.terminate(ids)
-        print(f"squall: terminated {len(ids)} instance(s) tagged {JOB_TAG}={cfg.run.name}"
-              + (f": {' '.join(ids)}" if ids else ""))
-        return 0
-    if not options.get("out"):
-        raise ConfigError(f"squall cloud prices needs out=FILE; usage: {CLOUD_USAGE}")
-    try:
-        hours = float(options.get("hours", 24))
-    except ValueError:
-        raise ConfigError(f"hours={options['hours']}: expected a number of hours") from None
+def export_prices(cloud: AwsCloudConfig, out: str, hours: float, zone: str = "") -> str:
+    """Write the spot price history of cloud.instance_types over the last `hours` to `out`
+    (a trace for cloud=simulated); returns the line to print."""
     if not 0 < hours <= 90 * 24:
         raise ConfigError(f"hours={hours:g}: must be > 0 and <= 2160 (EC2 keeps 90 days)")
-    ec2 = Ec2(cfg.cloud)
+    ec2 = Ec2(cloud)
     start = datetime.now(timezone.utc) - timedelta(hours=hours)
-    rows = ec2.price_history(cfg.cloud.instance_types, start, options.get("zone", ""))
+    rows = ec2.price_history(cloud.instance_types, start, zone)
     if not rows:
-        raise AwsError(f"cloud=aws: no spot prices for {', '.join(cfg.cloud.instance_types)} in "
+        raise AwsError(f"cloud=aws: no spot prices for {', '.join(cloud.instance_types)} in "
                        f"{ec2.region} over the last {hours:g} h")
-    write_trace(rows, options["out"])
-    print(f"squall: wrote {len(rows)} spot prices of {', '.join(cfg.cloud.instance_types)} in "
-          f"{ec2.region} to {options['out']} (use it as cloud.trace=FILE "
-          "cloud.instance_type=TYPE)")
-    return 0
+    write_trace(rows, out)
+    return (f"squall: wrote {len(rows)} spot prices of {', '.join(cloud.instance_types)} in "
+            f"{ec2.region} to {out} (use it as cloud.trace=FILE cloud.instance_type=TYPE)")

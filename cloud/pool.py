@@ -23,7 +23,8 @@ from typing import Any
 
 import ray
 
-from orchestrator.config import Config, ConfigError
+from cloud.config import CloudConfig, JobSpec, RayConfig
+from conf.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ class Pool:
     """Machines that never vanish on their own: the local machine (cloud=local) or an existing
     cluster (cloud=static). A lost worker is replaced at once wherever Ray finds room."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+    def __init__(self, cloud: CloudConfig, job: JobSpec) -> None:
+        self.cloud = cloud
+        self.job = job
         self.alive: dict[int, Machine] = {}
         self._next_id = 0
         self._requests: list[tuple[float, str]] = []  # (ready_at, market) of replacements
@@ -67,9 +69,7 @@ class Pool:
         if not ray.is_initialized():  # else: a session the caller already started
             self._connect()
             self.owns_ray = True
-        markets = ["on_demand"] * self.cfg.cloud.on_demand_workers
-        markets += ["spot"] * (n - len(markets))
-        machines = self._launch(markets)
+        machines = self._launch(self._markets(n))
         self._accrued_at = self._started_at = time.monotonic()
         return machines
 
@@ -115,7 +115,7 @@ class Pool:
     def costs(self) -> tuple[float, float]:
         self._accrue(time.monotonic())
         hours = (time.monotonic() - self._started_at) / 3600
-        return self.cost_usd, self.cfg.workers * hours * self.on_demand_price()
+        return self.cost_usd, self.job.workers * hours * self.on_demand_price()
 
     def shutdown(self) -> None:
         if self.owns_ray:
@@ -123,15 +123,20 @@ class Pool:
 
     # ---- helpers for subclasses
     def _connect(self) -> None:
-        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        ray_cfg = self.job.ray
+        address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
-            join_cluster(self.cfg, address)
+            join_cluster(ray_cfg, address)
         else:
             self.workers_here = True
-            cpus = self.cfg.ray.num_cpus or max(
-                os.cpu_count() or 1, math.ceil(self.cfg.workers * self.cfg.worker.num_cpus))
-            ray.init(address="local", num_cpus=cpus, include_dashboard=self.cfg.ray.dashboard,
+            cpus = ray_cfg.num_cpus or max(
+                os.cpu_count() or 1, math.ceil(self.job.workers * self.job.worker_num_cpus))
+            ray.init(address="local", num_cpus=cpus, include_dashboard=ray_cfg.dashboard,
                      logging_level=logging.WARNING)
+
+    def _markets(self, n: int) -> list[str]:
+        """The markets of the first n machines."""
+        return ["spot"] * n
 
     def _launch(self, markets: list[str]) -> list[Machine]:
         """Start machines for these markets; returns them once they can take a worker."""
@@ -156,7 +161,7 @@ class Pool:
         """Take the machine away (nothing to do for capacity the pool does not own)."""
 
     def _request(self, market: str) -> None:
-        cap = self.cfg.cloud.max_nodes
+        cap = self.cloud.max_nodes
         if cap and self.machines_started + len(self._requests) >= cap:
             log.warning("cloud.max_nodes=%d reached: no replacement machine", cap)
             return
@@ -178,23 +183,23 @@ class StaticPool(Pool):
     """An existing Ray cluster (ray.address / $RAY_ADDRESS): priced as on-demand machines."""
 
     def _connect(self) -> None:
-        address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        address = self.job.ray.address or os.environ.get("RAY_ADDRESS")
         if not address:
             raise ConfigError("cloud=static needs the cluster's address: ray.address=<host:port> "
                               "or $RAY_ADDRESS")
-        join_cluster(self.cfg, address)
+        join_cluster(self.job.ray, address)
 
     def price(self, machine: Machine, now: float) -> float:
-        return self.cfg.cloud.on_demand_price
+        return self.cloud.on_demand_price
 
     def on_demand_price(self) -> float:
-        return self.cfg.cloud.on_demand_price
+        return self.cloud.on_demand_price
 
 
-def join_cluster(cfg: Config, address: str) -> None:
+def join_cluster(ray_cfg: RayConfig, address: str) -> None:
     """ray.init on an existing cluster. An address where nothing listens is a one-line error
     at once: ray.init itself retries for minutes, then raises with a traceback."""
-    key = "ray.address" if cfg.ray.address else "$RAY_ADDRESS"
+    key = "ray.address" if ray_cfg.address else "$RAY_ADDRESS"
     host, _, port = address.rpartition(":")
     if address != "auto" and "://" not in address:
         try:

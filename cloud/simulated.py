@@ -25,29 +25,37 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cloud.config import JobSpec, SimulatedCloudConfig
 from cloud.pool import Machine, PollResult, Pool, spot_rng
 from cloud.traces import PriceTrace, load_trace
-from orchestrator.config import Config, ConfigError
+from conf.schema import ConfigError
 
 WORKER_RESOURCE = "squall_worker"
 
 
 class SimulatedPool(Pool):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+    cloud: SimulatedCloudConfig
+
+    def __init__(self, cloud: SimulatedCloudConfig, job: JobSpec) -> None:
+        super().__init__(cloud, job)
         self.cluster: Cluster | None = None
         self.trace: PriceTrace | None = None
-        if cfg.cloud.trace:
+        if cloud.trace:
             try:
-                self.trace = load_trace(cfg.cloud.trace, cfg.cloud.instance_type)
+                self.trace = load_trace(cloud.trace, cloud.instance_type)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        self.bid = cfg.cloud.bid or cfg.cloud.on_demand_price
+        self.bid = cloud.bid or cloud.on_demand_price
         self._trace_start: float | None = None
         # Adding a Ray node holds its caller ~1 s even with wait=False: nodes are added on this
         # thread, beside the training loop, the way a cloud boots machines while a job runs.
         self._node_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-node")
         self._adding: dict[int, Future] = {}  # machine id -> its add_node call
+
+    def _markets(self, n: int) -> list[str]:
+        """cloud.on_demand_workers machines on demand (never reclaimed), the rest spot."""
+        on_demand = min(n, self.cloud.on_demand_workers)
+        return ["on_demand"] * on_demand + ["spot"] * (n - on_demand)
 
     # ---- Ray nodes
     def start(self, n: int) -> list[Machine]:
@@ -61,7 +69,7 @@ class SimulatedPool(Pool):
 
     def _connect(self) -> None:
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": self.cfg.ray.dashboard})
+            "num_cpus": 1, "include_dashboard": self.job.ray.dashboard})
         # Nodes are added on a helper thread (_provision), and Ray's exit hooks for a node set
         # signal handlers, which only the main thread may: the head keeps them (its reaper takes
         # the cluster down with a killed driver); added nodes are removed by shutdown().
@@ -74,7 +82,7 @@ class SimulatedPool(Pool):
 
     def _provision(self, machine: Machine) -> None:
         self._adding[machine.id] = self._node_starter.submit(
-            self.cluster.add_node, num_cpus=max(1, round(self.cfg.worker.num_cpus)),
+            self.cluster.add_node, num_cpus=max(1, round(self.job.worker_num_cpus)),
             resources={WORKER_RESOURCE: 1}, wait=False)
 
     def _ready(self, machine: Machine) -> bool:
@@ -121,8 +129,8 @@ class SimulatedPool(Pool):
             if machine.reclaim_at is not None and machine.reclaim_at <= now:
                 self._reclaim(machine)
         for machine in self._doomed(step, now):
-            if self.cfg.cloud.notice_s > 0:
-                machine.reclaim_at = now + self.cfg.cloud.notice_s
+            if self.cloud.notice_s > 0:
+                machine.reclaim_at = now + self.cloud.notice_s
                 result.noticed.append(machine)
                 self._request(machine.market)  # the replacement is asked for at the notice
             else:
@@ -133,15 +141,15 @@ class SimulatedPool(Pool):
         """Spot machines without a notice yet that the preemption model takes in this step."""
         spot = [m for m in self.alive.values() if m.market == "spot" and m.reclaim_at is None]
         if self.trace is None:  # each working spot worker independently, with probability q
-            rng = spot_rng(self.cfg.seed, step)
+            rng = spot_rng(self.job.seed, step)
             working = sorted((m for m in spot if m.worker_pid is not None), key=lambda m: m.id)
-            return [m for m in working if rng.random() < self.cfg.cloud.preempt_prob]
+            return [m for m in working if rng.random() < self.cloud.preempt_prob]
         t = self._trace_time(now)
         if self.trace.price_at(t) > self.bid:
             return spot
         rise = self.trace.next_change_above(t, self.bid)
-        lead = self.cfg.cloud.notice_s * self.cfg.cloud.time_scale
-        if rise is not None and self.cfg.cloud.notice_s > 0 and rise - t <= lead:
+        lead = self.cloud.notice_s * self.cloud.time_scale
+        if rise is not None and self.cloud.notice_s > 0 and rise - t <= lead:
             return spot  # the price will pass the bid within the notice period
         return []
 
@@ -150,20 +158,20 @@ class SimulatedPool(Pool):
         """Trace clock: starts with the first training step, runs time_scale x wall time."""
         if self._trace_start is None:
             self._trace_start = now
-        return (now - self._trace_start) * self.cfg.cloud.time_scale
+        return (now - self._trace_start) * self.cloud.time_scale
 
     def price(self, machine: Machine, now: float) -> float:
         if machine.market == "on_demand":
-            return self.cfg.cloud.on_demand_price
+            return self.cloud.on_demand_price
         if self.trace is not None:
             return self.trace.price_at(self._trace_time(now))
-        return self.cfg.cloud.spot_price
+        return self.cloud.spot_price
 
     def on_demand_price(self) -> float:
-        return self.cfg.cloud.on_demand_price
+        return self.cloud.on_demand_price
 
     def _replace_delay(self) -> float:
-        return self.cfg.cloud.replace_delay_s
+        return self.cloud.replace_delay_s
 
     def _may_join(self, market: str, now: float) -> bool:
         """A spot request is fulfilled only while the price is at or below the bid."""

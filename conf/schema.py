@@ -21,3 +21,34 @@ def opt(default: Any, help: str, *, choices: Any = None, ge: float | None = None
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def choice_names(choices: Any) -> list:
+    """The allowed values of a field: its list, or its registry's names now."""
+    if choices is None:
+        return []
+    if hasattr(choices, "names"):
+        return list(choices.names())
+    return list(choices)
+
+
+def check_value(key: str, meta: dict, value: Any) -> None:
+    """ConfigError (one line) when `value` breaks the field's choices or bounds. A list value
+    is checked item by item against the choices."""
+    if value is None:
+        return
+    if meta.get("choices") is not None:
+        valid = choice_names(meta["choices"])
+        listed = ", ".join(str(v) for v in valid)
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                if item not in valid:
+                    noun = getattr(meta["choices"], "kind", "value").split()[-1]
+                    raise ConfigError(f"{key}={list(value)}: unknown {noun} '{item}'; "
+                                      f"valid: {listed}")
+        elif value not in valid:
+            raise ConfigError(f"{key}={value}: not allowed; valid: {listed}")
+    for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        if meta.get(bound) is not None and not test(value, meta[bound]):
+            raise ConfigError(f"{key}={value}: must be {word} {meta[bound]}")

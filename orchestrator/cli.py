@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "config":
             print(to_yaml(cfg), end="")
             return 0
-        from orchestrator.job import train  # imports Ray and torch: only when training
+        from orchestrator.run import train  # imports Ray and torch: only when training
 
         summary = train(cfg)
     except ConfigError as e:
@@ -108,12 +108,39 @@ def run_planning_command(command: str, args: list[str]) -> int:
         return _fail(str(e))
 
 
-def run_cloud_command(args: list[str]) -> int:
-    """squall cloud cleanup / prices (docs/aws.md)."""
-    try:
-        from cloud.aws import cloud_command
+CLOUD_USAGE = ("squall cloud cleanup run.name=NAME [cloud.region=...] | squall cloud prices "
+               "out=FILE [hours=24] [zone=us-east-1a] [cloud.instance_types=[...]]")
 
-        return cloud_command(args)
+
+def run_cloud_command(args: list[str]) -> int:
+    """squall cloud cleanup / prices (docs/aws.md): the overrides make a cloud=aws config,
+    whose cloud slice goes to cloud/aws.py."""
+    try:
+        if not args or args[0] not in ("cleanup", "prices"):
+            raise ConfigError(f"usage: {CLOUD_USAGE}")
+        command, options, overrides = args[0], {}, []
+        for text in args[1:]:
+            key, _, value = text.partition("=")
+            if command == "prices" and key in ("out", "hours", "zone"):
+                options[key] = value
+            else:
+                overrides.append(text)
+        cfg = load_config(["cloud=aws", *overrides])
+        from cloud.aws import JOB_TAG, cleanup, export_prices  # boto3 and Ray: only here
+
+        if command == "cleanup":
+            ids = cleanup(cfg.cloud, cfg.run.name)
+            print(f"squall: terminated {len(ids)} instance(s) tagged {JOB_TAG}={cfg.run.name}"
+                  + (f": {' '.join(ids)}" if ids else ""))
+            return 0
+        if not options.get("out"):
+            raise ConfigError(f"squall cloud prices needs out=FILE; usage: {CLOUD_USAGE}")
+        try:
+            hours = float(options.get("hours", 24))
+        except ValueError:
+            raise ConfigError(f"hours={options['hours']}: expected a number of hours") from None
+        print(export_prices(cfg.cloud, options["out"], hours, options.get("zone", "")))
+        return 0
     except ConfigError as e:
         return _fail(str(e))
 

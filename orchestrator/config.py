@@ -1,9 +1,16 @@
 """Configuration: structured dataclasses, YAML groups in conf/, and command-line overrides.
 
 The grammar follows Hydra's basic override syntax:
-  group=option   pick a YAML file from conf/<group>/ (e.g. strategy=krum)
+  group=option   pick an option of a group (e.g. strategy=krum); conf/<group>/<option>.yaml,
+                 when there is one, sets that option's defaults
   a.b=value      set one field (value parsed as YAML: 3, 0.1, true, null, [a, b])
 Every field carries a one-line help text and its allowed range; `squall train --help` prints them.
+
+Each layer keeps its config beside its code: cloud/config.py (one class per pool, RayConfig,
+JobSpec) and strategies/config.py (ParameterServerConfig, built from the registry, and
+GossipConfig). The option of a family group picks its schema class: cloud=simulated makes
+cfg.cloud a SimulatedCloudConfig, strategy=gossip makes cfg.strategy a GossipConfig (any other
+strategy a ParameterServerConfig), so a key of another option is a one-line error.
 """
 
 from __future__ import annotations
@@ -19,63 +26,31 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cloud.config import CLOUDS, CloudConfig, JobSpec, RayConfig, cloud_config_class
+from conf.schema import ConfigError, check_value, choice_names, opt
+from strategies.config import (
+    GOSSIP,
+    GossipConfig,
+    StrategyConfig,
+    gossip_gamma,
+    strategy_config_class,
+    strategy_description,
+    strategy_options,
+)
+from strategies.registry import ATTACKS, RULES
+
 GROUPS = ("strategy", "data", "model", "cloud")
+FAMILIES = ("strategy", "cloud")  # groups whose option picks the schema class
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the message is one line meant for the terminal."""
-
-
-def opt(default: Any, help: str, *, choices: list[str] | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
-    """A dataclass field with its help text and allowed values."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+__all__ = ["CloudConfig", "Config", "ConfigError", "GossipConfig", "JobSpec", "RayConfig",
+           "StrategyConfig", "job_spec", "load_config", "opt"]
 
 
 # --------------------------------------------------------------------------- schema
 @dataclass
-class StrategyConfig:
-    name: str = opt("mean", "aggregation rule; pick it with strategy=<name>")
-    f: int | None = opt(None, "Byzantine workers the rule must tolerate (default: byzantine.f)",
-                        ge=0)
-    m: int = opt(0, "multi_krum: average the m best-scored gradients (0: n - f)", ge=0)
-    pre: list[str] = opt([], "pre-aggregation steps before the rule, e.g. [nnm] or [bucketing]")
-    bucket_size: int = opt(2, "bucketing: gradients averaged per bucket", ge=1)
-    tau: float = opt(1.0, "centered_clip: clipping radius", gt=0)
-    iters: int = opt(3, "centered_clip: clipping iterations per step", ge=1)
-    tol: float = opt(1e-6, "geomed: relative tolerance of the Weiszfeld iterations", gt=0)
-    noise: float = opt(0.0, "median/sign_vote: workers add noise*N(0,I) first (Chen et al.)",
-                       ge=0)
-    on_too_few: str = opt("skip", "when too few live workers remain for the rule's guarantee",
-                          choices=["skip", "fail"])
-    topology: str = opt("ring", "gossip: who talks to whom",
-                        choices=["ring", "torus", "exponential", "one_peer_exp", "complete"])
-    compress: str = opt("none", "gossip: message format (none = fp32 D-PSGD)",
-                        choices=["none", "moniqua", "choco"])
-    bits: int = opt(2, "gossip moniqua: bits per parameter (1, 2, 4 or 8)")
-    rounding: str = opt("dither", "gossip moniqua: quantizer rounding (dither: shared "
-                        "subtractive dither; stochastic needs >= 2 bits)",
-                        choices=["dither", "stochastic", "nearest"])
-    block_size: int = opt(128, "gossip moniqua: values per block with its own theta (0: one "
-                          "for the whole model)", ge=0)
-    gamma: float | None = opt(None, "gossip: consensus step size of moniqua and choco "
-                              "(default: moniqua 0.1 at 1 bit, 0.3 at 2, 1 at 4 and 8; "
-                              "choco 0.3)", gt=0, le=1)
-    theta_margin: float = opt(1.2, "gossip moniqua: theta = margin x measured neighbour spread",
-                              ge=1)
-    choco_compressor: str = opt("sign", "gossip choco: compressor", choices=["sign", "qsgd"])
-    consensus_every: int = opt(1, "gossip: measure consensus_dist every N steps", ge=1)
-
-
-@dataclass
 class ByzantineConfig:
     f: int = opt(0, "simulated Byzantine workers (which ones is fixed by seed)", ge=0)
-    attack: str = opt("sign_flip", "what the Byzantine workers send",
-                      choices=["sign_flip", "gaussian", "label_flip", "alie", "ipm",
-                               "bulyan_coord", "nan"])
+    attack: str = opt("sign_flip", "what the Byzantine workers send", choices=ATTACKS)
     std: float = opt(200.0, "gaussian: standard deviation of the noise sent", gt=0)
     eps: float = opt(0.1, "ipm: the attackers send -eps x the honest mean", gt=0)
     z: float | None = opt(None, "alie: z (default: from n and f as in Baruch et al.)")
@@ -116,48 +91,6 @@ class OptimConfig:
 
 
 @dataclass
-class CloudConfig:
-    name: str = opt("local", "where workers run; pick it with cloud=<name>")
-    preempt_prob: float = opt(0.0, "chance each spot worker is reclaimed in a step (simulated)",
-                              ge=0, lt=1)
-    trace: str = opt("", "spot price history CSV (EC2 layout); workers live while price <= bid")
-    bid: float = opt(0.0, "bid in $/h against cloud.trace, or EC2's spot MaxPrice with "
-                     "cloud=aws (0: the on-demand price)", ge=0)
-    time_scale: float = opt(1.0, "trace seconds per wall-clock second", gt=0)
-    instance_type: str = opt("", "trace rows to use (default: the first type in the file)")
-    notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
-    replace_delay_s: float = opt(2.0, "seconds until a replacement machine joins", ge=0)
-    max_nodes: int = opt(0, "most machines the pool may start in a run (0: no cap)", ge=0)
-    on_demand_workers: int = opt(0, "workers placed on on-demand machines, never reclaimed",
-                                 ge=0)
-    spot_price: float = opt(0.1, "spot price in $/h when there is no trace", ge=0)
-    on_demand_price: float = opt(0.4, "on-demand price in $/h", ge=0)
-    instance_types: list[str] = opt([], "EC2 instance types to launch, cheapest spot price first "
-                                    "(aws)")
-    region: str = opt("", "EC2 region (aws; default: boto3's, e.g. $AWS_DEFAULT_REGION)")
-    subnets: list[str] = opt([], "subnet ids to launch in, one per AZ (aws; default: the "
-                             "default VPC's)")
-    security_groups: list[str] = opt([], "security group ids of the instances (aws; default: "
-                                     "the VPC's default group)")
-    ami: str = opt("", "image with Python, Ray and squall installed (aws)")
-    setup: list[str] = opt([], "shell lines the instances run before `ray start` (aws)")
-    head_address: str = opt("", "Ray head the instances join (aws; default: the GCS address "
-                            "of the driver's Ray)")
-    endpoint_url: str = opt("", "EC2 API endpoint (aws; default: AWS's; tests point it at moto)")
-    imds_url: str = opt("http://169.254.169.254", "instance metadata service the watchers poll; "
-                        "{instance_id} is filled in (aws)")
-    imds_poll_s: float = opt(5.0, "seconds between a watcher's looks at the metadata service "
-                             "(aws)", gt=0, le=60)
-    rebalance: str = opt("drain", "on a rebalance recommendation: drain the worker and replace "
-                         "the instance, or ignore it (aws)", choices=["drain", "ignore"])
-    launch_rounds: int = opt(3, "rounds over all types and subnets before a launch fails (aws)",
-                             ge=1, le=20)
-    retry_backoff_s: float = opt(5.0, "wait after a failed round, doubling each round (aws)",
-                                 ge=0, le=600)
-    local_nodes: bool = opt(False, "tests: a local Ray node stands in for each instance (aws)")
-
-
-@dataclass
 class CheckpointConfig:
     dir: str = opt("", "local path or s3://bucket/prefix (default: <run dir>/checkpoints)")
     every_steps: int = opt(100, "checkpoint every N steps (0: off)", ge=0)
@@ -181,14 +114,6 @@ class EvalConfig:
 
 
 @dataclass
-class RayConfig:
-    address: str | None = opt(None, "Ray cluster to join (default: $RAY_ADDRESS, else start one)")
-    num_cpus: int | None = opt(None, "CPUs of a locally started Ray (default: enough for workers)",
-                               ge=1)
-    dashboard: bool = opt(False, "start the Ray dashboard with a local cluster")
-
-
-@dataclass
 class WorkerConfig:
     device: str = opt("auto", "worker device: auto uses a GPU when the cluster has one",
                       choices=["auto", "cpu", "cuda"])
@@ -206,16 +131,22 @@ class LogConfig:
                             "(needs the tensorboard package)")
 
 
+def _default_strategy() -> StrategyConfig:
+    return strategy_config_class("mean")()
+
+
 @dataclass
 class Config:
     workers: int = opt(4, "number of worker actors", ge=1)
     steps: int = opt(300, "training steps", ge=1)
     seed: int = opt(0, "random seed (data split, model init, sampling)", ge=0)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # ParameterServerConfig or GossipConfig (strategies/config.py), picked by strategy=<name>
+    strategy: StrategyConfig = field(default_factory=_default_strategy)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
+    # CloudConfig or its subclass for the pool (cloud/config.py), picked by cloud=<name>
     cloud: CloudConfig = field(default_factory=CloudConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -223,6 +154,44 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+
+def job_spec(cfg: Config) -> JobSpec:
+    """What a pool needs from outside its cloud slice: make_pool(cfg.cloud, job_spec(cfg))."""
+    return JobSpec(workers=cfg.workers, seed=cfg.seed, run_name=cfg.run.name,
+                   worker_num_cpus=cfg.worker.num_cpus, ray=cfg.ray)
+
+
+# --------------------------------------------------------------------------- family groups
+def schema_class(group: str, option: str) -> type:
+    """The schema of a family group's option: cloud=simulated -> SimulatedCloudConfig,
+    strategy=gossip -> GossipConfig, strategy=<rule> -> ParameterServerConfig."""
+    if group == "strategy":
+        return strategy_config_class(option)
+    return cloud_config_class(option)
+
+
+def family_schemas(group: str) -> dict[str, type]:
+    """Each schema class of a family group by a label for --help, in a stable order."""
+    if group == "strategy":
+        return {"the parameter-server rules (every strategy but gossip)":
+                strategy_config_class("mean"), f"strategy={GOSSIP}": GossipConfig}
+    labels: dict[type, list[str]] = {}
+    for option, cls in CLOUDS.items():
+        labels.setdefault(cls, []).append(option)
+    return {f"cloud={' and '.join(options)}": cls for cls, options in labels.items()}
+
+
+def _foreign_key(key: str, group: str, option: str) -> str:
+    """The one-line error for a key that the chosen option's schema lacks."""
+    name = key.split(".", 1)[1]
+    if group == "strategy":
+        if option == GOSSIP:
+            return f"{key} applies to parameter-server rules, not to strategy={GOSSIP}"
+        return f"{key} needs strategy={GOSSIP} (got strategy={option})"
+    owners = [o for o, cls in CLOUDS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    needs = " or ".join(f"cloud={o}" for o in owners)
+    return f"{key} needs {needs} (got cloud={option})"
 
 
 # --------------------------------------------------------------------------- introspection
@@ -234,13 +203,21 @@ class FieldInfo:
     meta: dict
 
 
-def schema_fields(cls: type = Config, prefix: str = "") -> dict[str, FieldInfo]:
-    """Every leaf field of the schema by its dotted key."""
+def schema_fields(cls: type = Config, prefix: str = "",
+                  schemas: dict[str, type] | None = None) -> dict[str, FieldInfo]:
+    """Every leaf field of the schema by its dotted key. A family group (strategy, cloud)
+    contributes the fields of the class in `schemas`, else of all its classes (every key
+    any option knows)."""
     hints = get_type_hints(cls)
     out: dict[str, FieldInfo] = {}
     for f in dataclasses.fields(cls):
         key = prefix + f.name
-        if dataclasses.is_dataclass(hints[f.name]):
+        if cls is Config and f.name in FAMILIES:
+            chosen = (schemas or {}).get(f.name)
+            for family in [chosen] if chosen else family_schemas(f.name).values():
+                for k, info in schema_fields(family, key + ".").items():
+                    out.setdefault(k, info)
+        elif dataclasses.is_dataclass(hints[f.name]):
             out.update(schema_fields(hints[f.name], key + "."))
         else:
             out[key] = FieldInfo(key, hints[f.name], f.metadata.get("help", ""), dict(f.metadata))
@@ -258,12 +235,21 @@ def type_name(tp: Any) -> str:
 
 
 def group_options(group: str) -> list[str]:
+    """A group's options: registered rules and gossip (strategy), pools (cloud), YAML files in
+    conf/<group>/ (data, model)."""
+    if group == "strategy":
+        return strategy_options()
+    if group == "cloud":
+        return sorted(CLOUDS)
     folder = resources.files("conf") / group
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def _read_yaml(*parts: str) -> dict:
+    """A YAML file of conf/ ({} when there is none: an option needs no file)."""
     path = resources.files("conf").joinpath(*parts)
+    if not path.is_file():
+        return {}
     return yaml.safe_load(path.read_text()) or {}
 
 
@@ -295,18 +281,6 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _check_range(info: FieldInfo, value: Any) -> None:
-    m = info.meta
-    if value is None:
-        return
-    if m.get("choices") and value not in m["choices"]:
-        raise ConfigError(f"{info.key}={value}: not allowed; valid: {', '.join(m['choices'])}")
-    for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-        if m.get(bound) is not None and not test(value, m[bound]):
-            raise ConfigError(f"{info.key}={value}: must be {word} {m[bound]}")
-
-
 def _set(cfg: DictConfig, info: FieldInfo, value: Any, origin: str) -> None:
     try:
         OmegaConf.update(cfg, info.key, value, merge=False)
@@ -314,9 +288,15 @@ def _set(cfg: DictConfig, info: FieldInfo, value: Any, origin: str) -> None:
         raise ConfigError(f"{origin}: expected {type_name(info.type)}") from None
 
 
+def _value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def load_config(overrides: list[str] | None = None) -> Config:
     """Build the validated Config from conf/config.yaml, group choices and overrides."""
-    fields = schema_fields()
+    every_field = schema_fields()
     base = _read_yaml("config.yaml")
     choices = {g: base.get("defaults", {}).get(g) for g in GROUPS}
     sets: list[tuple[str, Any, str]] = []
@@ -327,100 +307,71 @@ def load_config(overrides: list[str] | None = None) -> Config:
             if value not in valid:
                 raise ConfigError(f"{key}={value}: unknown option; valid: {', '.join(valid)}")
             choices[key] = value
-        elif key in fields:
+        elif key in every_field:
             if key.endswith(".name") and key.split(".")[0] in GROUPS:
                 raise ConfigError(f"{key}: pick it with {key.split('.')[0]}=<option>")
             sets.append((key, value, text))
         else:
-            raise ConfigError(f"unknown key '{key}'{_suggest(key, [*fields, *GROUPS])}")
+            raise ConfigError(f"unknown key '{key}'{_suggest(key, [*every_field, *GROUPS])}")
 
-    cfg = OmegaConf.structured(Config)
+    # the family groups' options pick their schema classes
+    schemas = {g: schema_class(g, choices[g]) for g in FAMILIES}
+    fields = schema_fields(schemas=schemas)
+    for key, _, _ in sets:
+        if key not in fields:
+            group = key.split(".")[0]
+            raise ConfigError(_foreign_key(key, group, choices[group]))
+    cfg = OmegaConf.structured(Config(**{g: cls() for g, cls in schemas.items()}))
     top = {k: v for k, v in base.items() if k != "defaults"}
     for group, option in choices.items():
-        top[group] = {**_read_yaml(group, f"{option}.yaml"), "name": option}
+        values = _read_yaml(group, f"{option}.yaml")
+        for key in values:
+            if f"{group}.{key}" not in fields:
+                raise ConfigError(f"conf/{group}/{option}.yaml: unknown key '{key}'")
+        top[group] = {**values, "name": option}
     cfg = OmegaConf.merge(cfg, top)
     for key, value, text in sets:
         _set(cfg, fields[key], value, text)
 
-    for key, info in fields.items():
-        _check_range(info, OmegaConf.select(cfg, key))
     config = OmegaConf.to_object(cfg)
+    for key, info in fields.items():
+        check_value(key, info.meta, _value(config, key))
     _check_combinations(config)
+    _resolve_defaults(config)
     return config
 
 
-def _check_gossip(cfg: Config) -> None:
-    st = cfg.strategy
-    if cfg.byzantine.f:
-        raise ConfigError("byzantine.f: Byzantine workers are simulated with the parameter-server "
-                          "rules, not with strategy=gossip")
-    if st.pre or st.noise:
-        raise ConfigError("strategy.pre and strategy.noise apply to parameter-server rules, "
-                          "not to strategy=gossip")
-    if st.bits not in (1, 2, 4, 8):
-        raise ConfigError(f"strategy.bits={st.bits}: not allowed; valid: 1, 2, 4, 8")
-    if st.compress == "moniqua" and st.bits == 1 and st.rounding == "stochastic":
-        raise ConfigError("strategy.bits=1 needs strategy.rounding=dither or nearest "
-                          "(stochastic rounding needs >= 2 bits)")
-    if st.gamma is None:
-        st.gamma = {1: 0.1, 2: 0.3, 4: 1.0, 8: 1.0}[st.bits] if st.compress == "moniqua" else (
-            0.3 if st.compress == "choco" else 1.0)
-    if st.compress == "choco" and st.topology == "one_peer_exp":
-        raise ConfigError("strategy.compress=choco needs a static topology; valid: ring, torus, "
-                          "exponential, complete")
-
-
-SIMULATED_ONLY = ("preempt_prob", "trace", "notice_s", "on_demand_workers")
-AWS_ONLY = ("instance_types", "region", "subnets", "security_groups", "ami", "setup",
-            "head_address", "endpoint_url", "imds_url", "imds_poll_s", "rebalance",
-            "launch_rounds", "retry_backoff_s", "local_nodes")
+def _resolve_defaults(cfg: Config) -> None:
+    """Fill the defaults that depend on other fields (not a check): strategy.gamma of gossip,
+    so that the resolved config shows the step size the run uses."""
+    if isinstance(cfg.strategy, GossipConfig):
+        cfg.strategy.gamma = gossip_gamma(cfg.strategy)
 
 
 def _check_combinations(cfg: Config) -> None:
-    """Rules that involve several fields."""
-    from strategies.aggregators import check_workers
-    from strategies.preaggregation import PREAGGREGATORS
-
+    """Rules that involve several fields (each family's own: its class's check())."""
     st, byz = cfg.strategy, cfg.byzantine
     if byz.f >= cfg.workers:
         raise ConfigError(f"byzantine.f={byz.f}: must be < workers={cfg.workers}")
-    for step in st.pre:
-        if step not in PREAGGREGATORS:
-            raise ConfigError(f"strategy.pre={st.pre}: unknown step '{step}'; valid: "
-                              f"{', '.join(PREAGGREGATORS)}")
-    _check_cloud(cfg)
-    if st.name == "gossip":
-        _check_gossip(cfg)
+    cfg.cloud.check(cfg.workers)
+    if isinstance(st, GossipConfig):
+        if byz.f:
+            raise ConfigError("byzantine.f: Byzantine workers are simulated with the "
+                              "parameter-server rules, not with strategy=gossip")
+        st.check()
         return
     f = byz.f if st.f is None else st.f
     n = -(-cfg.workers // st.bucket_size) if "bucketing" in st.pre else cfg.workers
-    if reason := check_workers(st.name, n, f):
-        raise ConfigError(f"strategy={st.name} with workers={cfg.workers}: {reason}")
+    rule = RULES.get(st.name)
+    need = rule.min_workers(f) if rule.min_workers else 1
+    if n < need:
+        raise ConfigError(f"strategy={st.name} with workers={cfg.workers}: {st.name} needs "
+                          f"{rule.requirement} = {need} workers for f={f}, got {n}")
     if st.noise and st.name not in ("median", "sign_vote"):
         raise ConfigError(f"strategy.noise needs strategy=median or sign_vote (got {st.name})")
-    if st.m and st.m > cfg.workers - f:
-        raise ConfigError(f"strategy.m={st.m}: must be <= workers - f = {cfg.workers - f}")
-
-
-def _check_cloud(cfg: Config) -> None:
-    cloud, defaults = cfg.cloud, CloudConfig()
-    for only, keys in (("simulated", SIMULATED_ONLY), ("aws", AWS_ONLY)):
-        for key in keys if cloud.name != only else ():
-            if getattr(cloud, key) != getattr(defaults, key):
-                raise ConfigError(f"cloud.{key} needs cloud={only} (got cloud={cloud.name})")
-    if cloud.name == "aws" and not cloud.instance_types:
-        raise ConfigError("cloud=aws needs cloud.instance_types, e.g. [g5.xlarge,g4dn.xlarge]")
-    if cloud.name == "aws" and not re.match(r"^https?://[^/]", cloud.imds_url):
-        raise ConfigError(f"cloud.imds_url={cloud.imds_url}: expected http://host[:port]")
-    if cloud.trace and cloud.preempt_prob:
-        raise ConfigError("cloud.trace and cloud.preempt_prob are two preemption models; "
-                          "set one of them")
-    if cloud.on_demand_workers > cfg.workers:
-        raise ConfigError(f"cloud.on_demand_workers={cloud.on_demand_workers}: must be <= "
-                          f"workers={cfg.workers}")
-    if cloud.max_nodes and cloud.max_nodes < cfg.workers:
-        raise ConfigError(f"cloud.max_nodes={cloud.max_nodes}: must be >= workers={cfg.workers} "
-                          "(or 0 for no cap)")
+    m = getattr(st, "m", 0)
+    if m and m > cfg.workers - f:
+        raise ConfigError(f"strategy.m={m}: must be <= workers - f = {cfg.workers - f}")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -432,6 +383,38 @@ def to_dict(cfg: Config) -> dict:
 
 
 # --------------------------------------------------------------------------- help
+def _field_lines(fields: dict[str, FieldInfo], defaults: Any, prefix: str = "") -> list[str]:
+    """One line per field: key, help, allowed values and the default (read from `defaults`
+    by the key without `prefix`)."""
+    lines = []
+    for key, info in fields.items():
+        if key.endswith(".name") and key.split(".")[0] in GROUPS:
+            continue
+        names = choice_names(info.meta.get("choices"))
+        allowed = f" ({'|'.join(str(c) for c in names)})" if names else ""
+        value = _value(defaults, key.removeprefix(prefix))
+        lines.append(f"  {key:<28} {info.help}{allowed} [{value}]")
+    return lines
+
+
+def _family_help(group: str) -> list[str]:
+    """The fields of a family group, grouped by the options that have them: the fields every
+    option has first, then each schema class's own."""
+    families = family_schemas(group)
+    per_class = {label: schema_fields(cls, group + ".") for label, cls in families.items()}
+    common = set.intersection(*(set(f) for f in per_class.values()))
+    first_label, first_cls = next(iter(families.items()))
+    shared = {k: v for k, v in per_class[first_label].items() if k in common}
+    shared_lines = _field_lines(shared, first_cls(), group + ".")  # (name is never listed)
+    lines = ["", f"{group} fields of every {group}:", *shared_lines] if shared_lines else []
+    for label, cls in families.items():
+        own = {k: v for k, v in per_class[label].items() if k not in common}
+        if own:
+            lines += ["", f"{group} fields of {label}:"]
+            lines += _field_lines(own, cls(), group + ".")
+    return lines
+
+
 def help_text(command: str = "train") -> str:
     defaults = load_config()
     lines = [f"usage: squall {command} [group=option ...] [key=value ...]", "",
@@ -440,14 +423,16 @@ def help_text(command: str = "train") -> str:
         current = getattr(defaults, g).name
         opts = [o + ("*" if o == current else "") for o in group_options(g)]
         lines.append(f"  {g:<10} {' | '.join(opts)}")
+    lines += ["", "Strategies (strategy=<name>):"]
+    lines += [f"  {name:<16} {strategy_description(name)}" for name in strategy_options()]
     lines += ["", "Fields (key=value; default in brackets):"]
-    for key, info in schema_fields().items():
-        if key.endswith(".name") and key.split(".")[0] in GROUPS:
-            continue
-        value = OmegaConf.select(OmegaConf.structured(defaults), key)
-        allowed = f" ({'|'.join(info.meta['choices'])})" if info.meta.get("choices") else ""
-        lines.append(f"  {key:<28} {info.help}{allowed} [{value}]")
+    shared = {k: v for k, v in schema_fields().items() if k.split(".")[0] not in FAMILIES}
+    lines += _field_lines(shared, defaults)
+    for group in FAMILIES:
+        lines += _family_help(group)
     lines += ["", "Examples:", f"  squall {command} workers=8 steps=500",
               f"  squall {command} strategy=mean data.partition=classes_per_worker "
-              "data.classes_per_worker=2"]
+              "data.classes_per_worker=2",
+              f"  squall {command} strategy=gossip strategy.topology=ring "
+              "strategy.compress=moniqua strategy.bits=2"]
     return "\n".join(lines)

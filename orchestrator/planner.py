@@ -425,6 +425,9 @@ def run_plan(args: list[str]) -> int:
     req = parse_plan_args(args)
     base = ["cloud=simulated", *(o for o in req.overrides if not o.startswith("run.name="))]
     cfg = load_config([*base, *req.overrides])  # every candidate is checked before anything runs
+    if cfg.cloud.name != "simulated":  # the market model reads the simulated pool's options
+        raise ConfigError(f"squall plan models a spot pool: cloud=simulated (got "
+                          f"cloud={cfg.cloud.name})")
     for n in req.workers:
         load_config([*base, f"workers={n}", "steps=1"])
     if cfg.cloud.trace and not req.bids:
@@ -481,7 +484,7 @@ def calibrate(base: list[str], ns: list[int], steps: int,
               out_dir: Path) -> tuple[StepTime, Startup, ErrorModel]:
     """Short runs without preemption at the smallest and largest n: fit step time, start-up
     and the error model from their metrics."""
-    from orchestrator.job import train
+    from orchestrator.run import train
 
     live, dt, billed, unbilled, points = [], [], {}, [], []
     for n in ns:
@@ -545,7 +548,7 @@ def check(best: Plan, plans: list[Plan], base: list[str], out_dir: Path,
           deadline: float | None, runs: int = 3) -> str:
     """Run the recommendation and up to two alternatives on cloud=simulated, each `runs` times
     (seeds seed, seed+1, ...: other preemption draws); compare the means with the model."""
-    from orchestrator.job import train
+    from orchestrator.run import train
 
     others = sorted((p for p in plans if p.runnable and p.feasible and p is not best),
                     key=lambda p: p.cost_usd)

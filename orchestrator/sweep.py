@@ -128,7 +128,7 @@ def _run_all(folder: Path, runs: list[tuple[str, str, Config]], rows: list[dict]
         if summary is None:
             print(f"squall: sweep run {i}/{len(runs)}: {name}")
             try:
-                from orchestrator.job import train  # imports Ray and torch
+                from orchestrator.run import train  # imports Ray and torch
 
                 summary = train(cfg)
             except KeyboardInterrupt:  # between runs: nothing of this run to keep

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ from orchestrator.config import Config, ConfigError
 from orchestrator.data import Dataset, batch_indices
 from orchestrator.models import build_model, flat_grads, float_buffers, share_flat
 from strategies.attacks import flip_labels
-from strategies.bitpack import pack_signs
+from strategies.rules import wire
 
 # Parameters arrive as read-only numpy views of the object store; they are only read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -27,8 +26,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 @dataclass
 class GradientResult:
     rank: int
-    grad: np.ndarray  # flat float32 gradient of the mini-batch loss (uint8 packed signs for
-    # strategy=sign_vote)
+    grad: np.ndarray  # flat float32 gradient of the mini-batch loss, in the rule's wire format
+    # (strategies.rules.Wire: uint8 packed signs for sign_vote)
     buffers: np.ndarray  # flat BatchNorm statistics after the forward pass (empty if none)
     loss: float
 
@@ -56,6 +55,7 @@ class Worker:
         # driver's state loads with one copy and the gradient leaves without a concatenation.
         self.state = share_flat(self.params + float_buffers(self.model))
         self.grad = flat_grads(self.params)
+        self.encode = wire(cfg.strategy.name).encode  # e.g. sign_vote: 1 bit per value
 
     def ready(self) -> int:
         return os.getpid()
@@ -81,14 +81,14 @@ class Worker:
         return loss
 
     def pack(self, loss: torch.Tensor, step: int) -> GradientResult:
-        """The message to the driver: the flat gradient (or its packed signs) and buffers."""
+        """The message to the driver: the flat gradient in the rule's wire format, and buffers."""
         grad, strategy = self.grad, self.cfg.strategy
         if strategy.noise:  # Chen et al. 2020: symmetric noise before the sign or the median
             gen = torch.Generator(device=self.device).manual_seed(
                 self.cfg.seed * 1_000_003 + step * 1009 + self.rank)
             grad = grad + strategy.noise * torch.randn(grad.shape, generator=gen,
                                                        device=self.device)
-        payload = pack_signs(grad) if strategy.name == "sign_vote" else grad  # 1 bit per value
+        payload = self.encode(grad)
         # Views of this worker's vectors are safe to return: Ray copies a result into the
         # object store when the call returns, before the next call can change them.
         return GradientResult(self.rank, payload.cpu().numpy(),
@@ -116,11 +116,11 @@ class WorkerPool:
     """
 
     def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray], pool: Pool,
-                 byzantine: set[int], actor_class: Any = None,
-                 start_state: Callable[[int], Any] | None = None) -> None:
-        self.cfg, self.pool, self.shards, self.byzantine = cfg, pool, shards, byzantine
-        self.actor_class = actor_class or RemoteWorker
-        self.start_state = start_state  # rank -> what a (re)starting worker begins from
+                 step: Any) -> None:
+        self.cfg, self.pool, self.shards = cfg, pool, shards
+        # The TrainingStep (orchestrator/step.py): its actor class, and what a (re)starting
+        # worker of a rank gets.
+        self.step = step
         self.device, self.gpus = worker_device(cfg)
         self.args = (ray.put(data.x_train), ray.put(data.y_train))
         self.shape = (data.input_shape, data.num_classes)
@@ -151,12 +151,11 @@ class WorkerPool:
         taken = set(self.live) | {rank for rank, _, _ in self.starting.values()}
         for rank in sorted(set(range(self.cfg.workers)) - taken)[:len(self.idle)]:
             machine = self.idle.pop(0)
-            extra = {"start_state": self.start_state(rank)} if self.start_state else {}
-            actor = self.actor_class.options(
+            actor = self.step.actor_class.options(
                 num_cpus=self.cfg.worker.num_cpus, num_gpus=self.gpus,
                 **self.pool.placement(machine)).remote(
                 rank, *self.args, self.shards[rank], self.cfg, *self.shape, self.device,
-                rank in self.byzantine, **extra)
+                **self.step.actor_kwargs(rank, self))
             self.starting[actor.ready.remote()] = (rank, actor, machine)
 
     def admit(self) -> int:

@@ -130,7 +130,7 @@ def _register(fn: Callable, description: str, options: tuple[str, ...] = (),
 
 
 _register(sign_flip, "the negated honest mean")
-_register(gaussian, "honest mean plus N(0, std^2) noise (`byzantine.std`)", ("std",))
+_register(gaussian, "independent N(0, std^2 I) vectors (`byzantine.std`)", ("std",))
 _register(alie, "a little is enough: mean - z std per coordinate (Baruch et al. 2019; "
           "`byzantine.z`, default from n and f)", ("z",))
 _register(ipm, "inner-product manipulation: -eps x the honest mean (Xie et al. 2020; "

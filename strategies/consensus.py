@@ -201,7 +201,8 @@ class Moniqua:
                state: MoniquaState) -> tuple[MoniquaMessage, MoniquaState]:
         opt = self.options
         dither = round_dither(x.numel(), seed, step) if opt.rounding == "dither" else None
-        msg = moniqua_encode(x, torch.as_tensor(theta), opt.bits, opt.rounding,
+        theta = torch.as_tensor(theta, dtype=torch.float64)  # per block, or one for all
+        msg = moniqua_encode(x, theta, opt.bits, opt.rounding,
                              round_generator(x.device, seed, step, rank),
                              block=opt.block_size, dither=dither)
         return msg, replace(state, dither=dither)

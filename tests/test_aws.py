@@ -33,8 +33,8 @@ from cloud.pool import Machine
 from cloud.traces import load_trace
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, load_config
-from orchestrator.job import train
+from orchestrator.config import ConfigError, job_spec, load_config
+from orchestrator.run import train
 
 AMI = "ami-03cf127a"  # one of the images moto knows
 TYPES = "cloud.instance_types=[g5.xlarge,g4dn.xlarge]"
@@ -136,6 +136,10 @@ def cloud_config(endpoint: str, *more: str):
                         f"cloud.ami={AMI}", "cloud.retry_backoff_s=0", *more]).cloud
 
 
+def _pool(cfg) -> AwsPool:
+    return AwsPool(cfg.cloud, job_spec(cfg))
+
+
 def ec2_client(endpoint: str):
     return boto3.client("ec2", endpoint_url=endpoint)
 
@@ -169,12 +173,12 @@ def test_aws_options_are_checked_before_anything_starts(overrides, message):
 
 def test_the_pool_needs_an_image_a_run_name_and_a_region(aws, monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="cloud=aws needs cloud.ami"):
-        AwsPool(load_config(["cloud=aws"]))
+        _pool(load_config(["cloud=aws"]))
     with pytest.raises(ConfigError, match="cloud=aws needs cloud.ami"):  # before the run dir
         train(load_config(["cloud=aws", "model=mlp", f"run.dir={tmp_path}", "run.name=x"]))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError, match="cloud=aws needs run.name"):
-        AwsPool(load_config(["cloud=aws", f"cloud.ami={AMI}"]))
+        _pool(load_config(["cloud=aws", f"cloud.ami={AMI}"]))
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     with pytest.raises(AwsError, match="no region; set cloud.region"):
         Ec2(load_config(["cloud=aws"]).cloud)
@@ -263,9 +267,9 @@ def test_cleanup_terminates_what_a_crashed_run_left_by_its_tag(aws, capsys):
 def test_a_replacement_without_capacity_is_asked_for_again_later(proxy, caplog):
     """During training a launch makes one round and never sleeps in the training loop; the
     replacement is requested again after a backoff instead of stopping the job."""
-    pool = AwsPool(load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}",
-                                f"cloud.ami={AMI}", "run.name=later",
-                                "cloud.retry_backoff_s=2"]))
+    pool = _pool(load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}",
+                              f"cloud.ami={AMI}", "run.name=later",
+                              "cloud.retry_backoff_s=2"]))
     pool.choices, pool._running = [("g5.xlarge", None), ("g4dn.xlarge", None)], True
     proxy.fail["*"] = ("InsufficientInstanceCapacity", -1)
     pool._request("spot")
@@ -316,8 +320,8 @@ def test_machines_are_priced_from_the_spot_price_history_of_their_type_and_zone(
          "InstanceType": "g5.xlarge", "SpotPrice": "0.31"},
         {"Timestamp": "2026-03-01T00:00:00Z", "AvailabilityZone": "us-east-1a",
          "InstanceType": "g4dn.xlarge", "SpotPrice": "0.22"}]
-    pool = AwsPool(load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}",
-                                f"cloud.ami={AMI}", "run.name=priced"]))
+    pool = _pool(load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}",
+                              f"cloud.ami={AMI}", "run.name=priced"]))
     pool._refresh_prices()
     now = time.monotonic()
     priced = [pool.price(Machine(0, "spot", now, Instance("i-1", t, z, "k")), now)

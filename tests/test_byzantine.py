@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from strategies.aggregators import krum
 
-from orchestrator.aggregation import Aggregation, TooFewWorkers
 from orchestrator.config import ConfigError, load_config
-from orchestrator.job import train
+from orchestrator.parameter_server import Aggregation
+from orchestrator.run import train
+from orchestrator.step import TooFewWorkers
 from strategies.attacks import byzantine_ranks
+from strategies.rules.krum import krum
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -89,7 +90,7 @@ def test_too_few_live_workers_skip_or_fail():
 def test_centered_clip_starts_from_the_previous_aggregate():
     agg = Aggregation(load_config(["workers=5", "strategy=centered_clip", "strategy.tau=0.1"]))
     first = agg(rows(5, seed=1), list(range(5)), step=1)
-    assert torch.equal(agg.prev, first)
+    assert torch.equal(agg.state[-1]["prev"], first)  # the rule's state, returned
     second = agg(rows(5, seed=2), list(range(5)), step=2)
     assert (second - first).norm() <= 0.1 * 3 + 1e-6  # 3 iterations of radius tau from prev
 

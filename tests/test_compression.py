@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,16 +12,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from strategies.compression import (
-    COMPRESSORS,
     DenseMessage,
     MoniquaMessage,
     QSGDMessage,
     SignMessage,
     centred_mod,
     choco_compress,
-    choco_step,
     dense_encode,
-    get_compressor,
     moniqua_decode,
     moniqua_delta,
     moniqua_encode,
@@ -32,6 +30,8 @@ from strategies.compression import (
     sign_compress,
     wrapped,
 )
+from strategies.consensus import Choco, Moniqua, build_method
+from strategies.registry import COMPRESSORS
 from strategies.topology import mixing_matrix
 
 F64 = torch.float64
@@ -46,6 +46,19 @@ def _gen(seed: int) -> torch.Generator:
 
 def _dither(rounding: str, count: int, seed: int) -> torch.Tensor | None:
     return shared_dither(count, seed) if rounding == "dither" else None
+
+
+def _options(compress: str, *, bits: int = 2, rounding: str = "dither", gamma: float = 1.0,
+             block_size: int = 0, choco_compressor: str = "sign") -> SimpleNamespace:
+    """The gossip options a consensus method is built from."""
+    return SimpleNamespace(compress=compress, bits=bits, rounding=rounding,
+                           block_size=block_size, gamma=gamma, theta_margin=1.2,
+                           choco_compressor=choco_compressor)
+
+
+def _row(w: torch.Tensor, i: int) -> dict[int, float]:
+    """Row i of W as {rank: weight}, self included, zero weights dropped."""
+    return {j: float(w[i, j]) for j in range(w.shape[0]) if w[i, j] != 0}
 
 
 # ------------------------------------------------------------------ Moniqua basics
@@ -282,8 +295,9 @@ def _simulate(
     w = mixing_matrix(range(n), "ring")
     nbrs = [[j for j in range(n) if j != i and w[i, j] > 0] for i in range(n)]
     x = torch.zeros(n, d, dtype=F64)
-    gen = _gen(seed + 1)
-    last: dict[tuple[int, int], torch.Tensor] = {}
+    # Moniqua as it runs on the workers (strategies.consensus): encode, then mix.
+    method = Moniqua(_options("moniqua", bits=bits, rounding=rounding, gamma=gamma))
+    states = [method.init(x[i]) for i in range(n)]
     alarms = 0
     for step in range(steps):
         lr = 0.2 / (1 + step / 50)
@@ -296,19 +310,17 @@ def _simulate(
             continue
         spread = max(float((x[i] - x[j]).abs().max()) for i in range(n) for j in nbrs[i])
         th = theta if theta is not None else moniqua_theta(spread, margin)
-        dither = _dither(rounding, d, seed * 100_003 + step)  # the same on every node
-        msgs = [moniqua_encode(x[i], th, bits, rounding, gen, dither=dither) for i in range(n)]
-        new = x.clone()
+        msgs = {}
         for i in range(n):
-            own = moniqua_decode(msgs[i], x[i], dither)
-            hats = []
-            for j in nbrs[i]:
-                hat = moniqua_decode(msgs[j], x[i], dither)
-                alarms += wrapped(hat, last.get((i, j)), th, bits=bits, rounding=rounding)
-                last[(i, j)] = hat
-                hats.append(hat)
-            new[i] = choco_step(x[i], own, hats, [float(w[i, j]) for j in nbrs[i]], gamma)
-        x = new - lr * grad
+            msgs[i], states[i] = method.encode(x[i], lr * grad[i], th, seed, step, i, states[i])
+        rows = []
+        for i in range(n):
+            row = _row(w, i)
+            new, states[i], stats = method.mix(x[i], lr * grad[i], {j: msgs[j] for j in row},
+                                               row, i, states[i])
+            alarms += stats["wraps"]
+            rows.append(new)
+        x = torch.stack(rows)
     return float((x.mean(0) - optimum).abs().max()), alarms
 
 
@@ -442,14 +454,19 @@ def test_qsgd_levels_signs_and_sizes() -> None:
         qsgd_compress(v, 256, gen)
 
 
-def test_choco_step_formula() -> None:
+def test_choco_mix_formula() -> None:
+    # The public copies after this round's x^_j += Q_j: own, then the two neighbours (fp32
+    # messages added to empty copies); step_vec = 0, so x_half = x.
     x_half = torch.tensor([1.0, 2.0])
     own = torch.tensor([0.5, 0.5])
     nbrs = [torch.tensor([1.5, 0.5]), torch.tensor([0.5, 2.5])]
-    out = choco_step(x_half, own, nbrs, [0.25, 0.5], gamma=0.4)
+    choco = Choco(_options("choco", gamma=0.4))
+    messages = {0: dense_encode(own), 1: dense_encode(nbrs[0]), 2: dense_encode(nbrs[1])}
+    weights = {0: 0.25, 1: 0.25, 2: 0.5}
+    out, _, _ = choco.mix(x_half, torch.zeros(2), messages, weights, 0, choco.init(x_half))
     torch.testing.assert_close(out, x_half + 0.4 * torch.tensor([0.25, 1.0]))
     with pytest.raises(ValueError, match="weights"):
-        choco_step(x_half, own, nbrs, [0.25], gamma=0.4)
+        choco.mix(x_half, torch.zeros(2), messages, {0: 0.5, 1: 0.5}, 0, choco.init(x_half))
 
 
 @pytest.mark.parametrize("kind", ["sign", "qsgd"])
@@ -457,17 +474,21 @@ def test_choco_gossip_reaches_consensus_and_preserves_the_mean(kind: str) -> Non
     n, d = 8, 50
     gen = _gen(0)
     w = mixing_matrix(range(n), "ring")
-    nbrs = [[j for j in range(n) if j != i and w[i, j] > 0] for i in range(n)]
     x = torch.randn(n, d, generator=gen)
     mean, start = x.mean(0), (x - x.mean(0)).norm()
-    hat = torch.zeros(n, d)
-    for _ in range(200):
+    choco = Choco(_options("choco", gamma=0.2, choco_compressor=kind))
+    states = [choco.init(x[i]) for i in range(n)]
+    still = torch.zeros(d)  # pure consensus: no local step
+    for step in range(200):
+        msgs = {}
         for i in range(n):
-            hat[i] += choco_compress(x[i] - hat[i], kind, levels=4, generator=gen).decompress()
+            msgs[i], states[i] = choco.encode(x[i], still, 0.0, 0, step, i, states[i])
         rows = []
         for i in range(n):
-            weights = [float(w[i, j]) for j in nbrs[i]]
-            rows.append(choco_step(x[i], hat[i], [hat[j] for j in nbrs[i]], weights, 0.2))
+            row = _row(w, i)
+            new, states[i], _ = choco.mix(x[i], still, {j: msgs[j] for j in row}, row, i,
+                                          states[i])
+            rows.append(new)
         x = torch.stack(rows)
     assert (x - mean).norm() < 1e-2 * start
     torch.testing.assert_close(x.mean(0), mean, rtol=0, atol=1e-5)
@@ -484,12 +505,19 @@ def test_messages_pickle() -> None:
 # ---------------------------------------------------------------------- registry
 
 
+def _encode(name: str, x: torch.Tensor) -> object:
+    """One message of the consensus method registered as ``name`` (2 bits, nearest)."""
+    method = COMPRESSORS.get(name).build(_options(name, bits=2, rounding="nearest"))
+    message, _ = method.encode(x, torch.zeros_like(x), 1.0, 0, 1, 0, method.init(x))
+    return message
+
+
 def test_registry_and_errors() -> None:
-    assert list(COMPRESSORS) == ["none", "moniqua", "choco"]
-    assert isinstance(get_compressor("none")(torch.ones(3)), DenseMessage)
-    assert isinstance(get_compressor("moniqua")(torch.ones(3), 1.0, 2, "nearest"), MoniquaMessage)
-    assert isinstance(get_compressor("choco")(torch.ones(3)), SignMessage)
+    assert COMPRESSORS.names() == ["none", "moniqua", "choco"]
+    assert isinstance(_encode("none", torch.ones(3)), DenseMessage)
+    assert isinstance(_encode("moniqua", torch.ones(3)), MoniquaMessage)
+    assert isinstance(_encode("choco", torch.ones(3)), SignMessage)
     with pytest.raises(KeyError, match="unknown compressor 'zip'; valid: none, moniqua, choco"):
-        get_compressor("zip")
+        build_method(_options("zip"))
     with pytest.raises(KeyError, match="valid: sign, qsgd"):
         choco_compress(torch.ones(3), "topk")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import pathlib
+import pickle
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -12,6 +17,7 @@ from orchestrator.config import (
     GROUPS,
     ConfigError,
     group_options,
+    job_spec,
     load_config,
     parse_override,
     schema_fields,
@@ -124,3 +130,161 @@ def test_parse_override_values():
                                                               ["bucketing", "nnm"])
     assert parse_override("ray.address=127.0.0.1:6379") == ("ray.address", "127.0.0.1:6379")
     assert parse_override("run.name=") == ("run.name", "")
+
+
+# --------------------------------------------------------------------------- config per component
+@pytest.mark.parametrize("overrides, expected", [
+    (["strategy=mean", "strategy.topology=ring"],
+     "strategy.topology needs strategy=gossip (got strategy=mean)"),
+    (["strategy=krum", "strategy.compress=moniqua"], "strategy.compress needs strategy=gossip"),
+    (["strategy=gossip", "strategy.pre=[nnm]"],
+     "strategy.pre applies to parameter-server rules, not to strategy=gossip"),
+    (["strategy=gossip", "strategy.m=2"],
+     "strategy.m applies to parameter-server rules, not to strategy=gossip"),
+    (["strategy.noise=0.1", "strategy=gossip"], "strategy.noise applies to parameter-server"),
+    (["cloud=local", "cloud.preempt_prob=0.1"],
+     "cloud.preempt_prob needs cloud=simulated (got cloud=local)"),
+    (["cloud=static", "cloud.ami=ami-1"], "cloud.ami needs cloud=aws (got cloud=static)"),
+    (["cloud.bid=0.2"], "cloud.bid needs cloud=simulated or cloud=aws"),
+])
+def test_a_key_of_another_option_is_one_clear_error(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_the_group_option_picks_the_schema_class():
+    from cloud.config import AwsCloudConfig, CloudConfig, SimulatedCloudConfig
+    from strategies.config import GossipConfig, ParameterServerConfig
+
+    assert type(load_config().strategy) is ParameterServerConfig
+    assert type(load_config(["strategy=gossip"]).strategy) is GossipConfig
+    assert type(load_config().cloud) is CloudConfig
+    assert type(load_config(["cloud=static"]).cloud) is CloudConfig
+    assert type(load_config(["cloud=simulated"]).cloud) is SimulatedCloudConfig
+    assert type(load_config(["cloud=aws"]).cloud) is AwsCloudConfig
+    assert not hasattr(load_config().strategy, "topology")
+    assert not hasattr(load_config(["strategy=gossip"]).strategy, "pre")
+
+
+def test_rule_options_come_from_the_registry():
+    from strategies.registry import PREAGGREGATORS, RULES
+
+    assert set(group_options("strategy")) == {*RULES.names(), "gossip"}
+    keys = set(schema_fields())
+    for entry in [*RULES.entries(), *PREAGGREGATORS.entries()]:
+        for f in dataclasses.fields(entry.params or object):
+            assert f"strategy.{f.name}" in keys
+    assert load_config(["strategy=multi_krum", "strategy.m=3"]).strategy.m == 3
+    cfg = load_config(["strategy=centered_clip", "strategy.tau=2", "strategy.iters=5"])
+    assert (cfg.strategy.tau, cfg.strategy.iters) == (2.0, 5)
+    assert load_config(["strategy=geomed", "strategy.tol=1e-4"]).strategy.tol == 1e-4
+    cfg = load_config(["strategy.pre=[bucketing]", "strategy.bucket_size=3"])
+    assert cfg.strategy.bucket_size == 3
+    with pytest.raises(ConfigError, match="strategy.m=-1: must be >= 0"):
+        load_config(["strategy=multi_krum", "strategy.m=-1"])
+
+
+def test_a_registered_rule_needs_no_yaml_file(monkeypatch):
+    from strategies.registry import RULES, Entry
+
+    monkeypatch.setitem(RULES._entries, "toy_rule", Entry(
+        "toy_rule", lambda params: None, "a rule without conf/strategy/toy_rule.yaml",
+        min_workers=lambda f: 2 * f + 1, requirement="n >= 2f+1"))
+    assert load_config(["strategy=toy_rule"]).strategy.name == "toy_rule"
+    with pytest.raises(ConfigError, match="toy_rule needs n >= 2f"r"\+1 = 5 workers for f=2"):
+        load_config(["strategy=toy_rule", "workers=4", "byzantine.f=2"])
+
+
+def test_the_parameter_server_schema_is_built_from_params():
+    from strategies.config import _registry_fields
+    from strategies.registry import Registry
+
+    @dataclass
+    class ToyParams:
+        width: int = field(default=4, metadata={"help": "the toy's width", "ge": 1})
+
+    toys = Registry("toy")
+    toys.register("a", "first", params=ToyParams)(lambda p: p)
+    toys.register("b", "second", params=ToyParams)(lambda p: p)  # the same option: one field
+    [(name, tp, f)] = _registry_fields((toys,), taken={"name"})
+    assert (name, tp, f.default, f.metadata["help"]) == ("width", int, 4, "a: the toy's width")
+
+    @dataclass
+    class Clash:
+        width: float = 1.0
+
+    toys.register("c", "third", params=Clash)(lambda p: p)
+    with pytest.raises(TypeError, match="'width' is declared differently"):
+        _registry_fields((toys,), taken=set())
+
+
+def test_gossip_gamma_is_resolved_outside_the_checks():
+    from strategies.config import GossipConfig, gossip_gamma
+
+    assert gossip_gamma(GossipConfig(compress="moniqua", bits=1)) == 0.1
+    assert gossip_gamma(GossipConfig(compress="choco")) == 0.3
+    assert gossip_gamma(GossipConfig()) == 1.0
+    assert gossip_gamma(GossipConfig(gamma=0.5)) == 0.5
+    assert load_config(["strategy=gossip", "strategy.compress=choco"]).strategy.gamma == 0.3
+    assert load_config(["strategy=gossip", "strategy.gamma=0.7"]).strategy.gamma == 0.7
+
+
+def test_configs_pickle_for_ray_actors():
+    cfg = load_config(["strategy=multi_krum", "cloud=simulated"])
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and type(again.strategy) is type(cfg.strategy)
+
+
+def test_job_spec_carries_what_pools_need():
+    from cloud.config import JobSpec
+
+    cfg = load_config(["workers=3", "seed=7", "run.name=r", "worker.num_cpus=2",
+                       "ray.address=127.0.0.1:1"])
+    assert job_spec(cfg) == JobSpec(workers=3, seed=7, run_name="r", worker_num_cpus=2.0,
+                                    ray=cfg.ray)
+
+
+def test_help_shows_both_strategy_families_and_the_rules_descriptions(capsys):
+    from strategies.registry import RULES
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy fields of strategy=gossip:" in out and "strategy.topology" in out
+    assert "strategy fields of the parameter-server rules" in out and "strategy.m " in out
+    assert "cloud fields of cloud=simulated:" in out and "cloud fields of cloud=aws:" in out
+    for entry in RULES.entries():
+        assert entry.description in out
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_cloud_imports_nothing_from_orchestrator():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    files = sorted((root / "cloud").rglob("*.py"))
+    assert files
+    for path in files:
+        assert "orchestrator" not in _imports(path), f"{path.name} imports orchestrator"
+    for path in [root / "strategies" / "config.py", root / "conf" / "schema.py"]:
+        assert not _imports(path) & {"orchestrator", "cloud", "ray"}, path.name
+
+
+def test_the_layer_tool_sees_no_cloud_import_of_orchestrator():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    tool = root.parent / "shared" / "tools" / "layers.py"
+    if not tool.exists():
+        pytest.skip("../shared/tools/layers.py is not beside this checkout")
+    proc = subprocess.run([sys.executable, str(tool), str(root)], capture_output=True,
+                          text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert not [line for line in out.splitlines()
+                if line.startswith("cloud") and "imports orchestrator" in line], out

@@ -11,7 +11,7 @@ import pytest
 from procs import own_ray_workers
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.job import train
+from orchestrator.run import train
 
 D_MLP = 64 * 128 + 128 + 128 * 10 + 10  # parameters of the mlp on 8x8 digits
 HEADER = 9 + math.ceil(D_MLP / 128)  # Moniqua: count, bits, block size; a byte per block

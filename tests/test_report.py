@@ -11,8 +11,8 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError
-from orchestrator.job import train
 from orchestrator.report import report
+from orchestrator.run import train
 from orchestrator.sweep import write_tables
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,8 +11,8 @@ import pytest
 from cloud.pool import spot_rng
 from cloud.traces import availability, load_trace, synthetic_trace, write_trace
 from orchestrator.checkpoint import CheckpointStore
-from orchestrator.config import ConfigError, load_config
-from orchestrator.job import train
+from orchestrator.config import ConfigError, job_spec, load_config
+from orchestrator.run import train
 
 
 def test_synthetic_trace_round_trips_through_the_ec2_csv_layout(tmp_path):
@@ -145,7 +145,8 @@ def test_a_booting_replacement_is_billed_but_does_not_hold_the_loop(make_config)
 
     from cloud.simulated import SimulatedPool
 
-    pool = SimulatedPool(make_config("cloud=simulated", "workers=1", "cloud.replace_delay_s=0"))
+    cfg = make_config("cloud=simulated", "workers=1", "cloud.replace_delay_s=0")
+    pool = SimulatedPool(cfg.cloud, job_spec(cfg))
     try:
         (first,) = pool.start(1)
         assert first.node is not None  # the first machines are waited for

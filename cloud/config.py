@@ -1,0 +1,132 @@
+"""The cloud layer's configuration: one dataclass per pool, the Ray connection, and the few
+facts of the job a pool needs (JobSpec). Plain Python (no Ray, nothing from orchestrator/):
+`cloud=<name>` picks the class in CLOUDS, so `cloud.preempt_prob` exists only with
+cloud=simulated and `cloud.ami` only with cloud=aws.
+
+Add a pool: a subclass of CloudConfig beside its code, one entry in CLOUDS, one branch in
+`cloud.make_pool`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from conf.schema import ConfigError, opt
+
+
+@dataclass
+class RayConfig:
+    address: str | None = opt(None, "Ray cluster to join (default: $RAY_ADDRESS, else start one)")
+    num_cpus: int | None = opt(None, "CPUs of a locally started Ray (default: enough for workers)",
+                               ge=1)
+    dashboard: bool = opt(False, "start the Ray dashboard with a local cluster")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a pool needs to know about the job beyond its cloud slice."""
+
+    workers: int  # machines to keep, one worker each
+    seed: int = 0  # preemption draws (cloud=simulated)
+    run_name: str = ""  # the squall:job tag of the instances (cloud=aws)
+    worker_num_cpus: float = 1.0  # CPUs of each machine's worker
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class CloudConfig:
+    """cloud=local (this machine, or the cluster in ray.address) and cloud=static (a cluster you
+    already run): machines that never vanish on their own. The base of every pool's config."""
+
+    name: str = opt("local", "where workers run; pick it with cloud=<name>")
+    spot_price: float = opt(0.1, "spot price in $/h when there is no trace", ge=0)
+    on_demand_price: float = opt(0.4, "on-demand price in $/h", ge=0)
+    replace_delay_s: float = opt(2.0, "seconds until a replacement machine joins", ge=0)
+    max_nodes: int = opt(0, "most machines the pool may start in a run (0: no cap)", ge=0)
+
+    def check(self, workers: int) -> None:
+        """Rules across fields (and the worker count); ConfigError on one line."""
+        if self.max_nodes and self.max_nodes < workers:
+            raise ConfigError(f"cloud.max_nodes={self.max_nodes}: must be >= workers={workers} "
+                              "(or 0 for no cap)")
+
+
+@dataclass
+class SimulatedCloudConfig(CloudConfig):
+    """cloud=simulated: a spot pool of local Ray nodes (cloud/simulated.py)."""
+
+    preempt_prob: float = opt(0.0, "chance each spot worker is reclaimed in a step (simulated)",
+                              ge=0, lt=1)
+    trace: str = opt("", "spot price history CSV (EC2 layout); workers live while price <= bid")
+    bid: float = opt(0.0, "bid in $/h against cloud.trace (0: the on-demand price)", ge=0)
+    time_scale: float = opt(1.0, "trace seconds per wall-clock second", gt=0)
+    instance_type: str = opt("", "trace rows to use (default: the first type in the file)")
+    notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
+    on_demand_workers: int = opt(0, "workers placed on on-demand machines, never reclaimed",
+                                 ge=0)
+
+    def check(self, workers: int) -> None:
+        if self.trace and self.preempt_prob:
+            raise ConfigError("cloud.trace and cloud.preempt_prob are two preemption models; "
+                              "set one of them")
+        if self.on_demand_workers > workers:
+            raise ConfigError(f"cloud.on_demand_workers={self.on_demand_workers}: must be <= "
+                              f"workers={workers}")
+        super().check(workers)
+
+
+@dataclass
+class AwsCloudConfig(CloudConfig):
+    """cloud=aws: EC2 spot instances that join the driver's Ray cluster (cloud/aws.py)."""
+
+    bid: float = opt(0.0, "EC2's spot MaxPrice in $/h (0: the on-demand price)", ge=0)
+    instance_types: list[str] = opt([], "EC2 instance types to launch, cheapest spot price first "
+                                    "(aws)")
+    region: str = opt("", "EC2 region (aws; default: boto3's, e.g. $AWS_DEFAULT_REGION)")
+    subnets: list[str] = opt([], "subnet ids to launch in, one per AZ (aws; default: the "
+                             "default VPC's)")
+    security_groups: list[str] = opt([], "security group ids of the instances (aws; default: "
+                                     "the VPC's default group)")
+    ami: str = opt("", "image with Python, Ray and squall installed (aws)")
+    setup: list[str] = opt([], "shell lines the instances run before `ray start` (aws)")
+    head_address: str = opt("", "Ray head the instances join (aws; default: the GCS address "
+                            "of the driver's Ray)")
+    endpoint_url: str = opt("", "EC2 API endpoint (aws; default: AWS's; tests point it at moto)")
+    imds_url: str = opt("http://169.254.169.254", "instance metadata service the watchers poll; "
+                        "{instance_id} is filled in (aws)")
+    imds_poll_s: float = opt(5.0, "seconds between a watcher's looks at the metadata service "
+                             "(aws)", gt=0, le=60)
+    rebalance: str = opt("drain", "on a rebalance recommendation: drain the worker and replace "
+                         "the instance, or ignore it (aws)", choices=["drain", "ignore"])
+    launch_rounds: int = opt(3, "rounds over all types and subnets before a launch fails (aws)",
+                             ge=1, le=20)
+    retry_backoff_s: float = opt(5.0, "wait after a failed round, doubling each round (aws)",
+                                 ge=0, le=600)
+    local_nodes: bool = opt(False, "tests: a local Ray node stands in for each instance (aws)")
+
+    def check(self, workers: int) -> None:
+        if not self.instance_types:
+            raise ConfigError("cloud=aws needs cloud.instance_types, e.g. "
+                              "[g5.xlarge,g4dn.xlarge]")
+        if not re.match(r"^https?://[^/]", self.imds_url):
+            raise ConfigError(f"cloud.imds_url={self.imds_url}: expected http://host[:port]")
+        super().check(workers)
+
+
+# cloud=<option> -> the schema of its cloud.* keys (the pools: cloud.make_pool).
+CLOUDS: dict[str, type[CloudConfig]] = {
+    "local": CloudConfig,
+    "simulated": SimulatedCloudConfig,
+    "static": CloudConfig,
+    "aws": AwsCloudConfig,
+}
+
+
+def cloud_config_class(name: str) -> type[CloudConfig]:
+    """The config class of cloud=<name>; ConfigError listing the valid names."""
+    try:
+        return CLOUDS[name]
+    except KeyError:
+        raise ConfigError(f"cloud={name}: unknown option; valid: "
+                          f"{', '.join(sorted(CLOUDS))}") from None

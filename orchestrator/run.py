@@ -1,0 +1,242 @@
+"""The run frame, top to bottom: one training job of any strategy family.
+
+The frame owns time: it resumes from the newest checkpoint, turns the spot pool's events
+into workers joining and leaving, writes one metrics record per step, evaluates and
+checkpoints on schedule, stops cleanly on Ctrl-C, and writes the summary. What one step
+does belongs to the strategy family (`orchestrator.step.TrainingStep`): the parameter server
+(orchestrator/parameter_server.py) or the gossip round (orchestrator/gossip.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from cloud import Pool, make_pool
+from orchestrator.checkpoint import CheckpointStore, capture_rng_state, restore_rng_state
+from orchestrator.config import Config, ConfigError, job_spec, to_dict
+from orchestrator.data import Dataset, load_dataset, partition
+from orchestrator.gossip import GossipRound
+from orchestrator.metrics import RunLog
+from orchestrator.models import build_model
+from orchestrator.parameter_server import ParameterServer
+from orchestrator.step import StepOutcome, TooFewWorkers, TrainingStep
+from orchestrator.workers import WorkerPool
+
+# Settings that may change when a run resumes; anything else must match its checkpoint.
+RESUMABLE_CHANGES = ("steps", "run", "log", "eval", "checkpoint", "ray", "worker", "cloud")
+# Layout of the checkpoint state; another value (or none: squall 0.1) is refused on resume.
+CHECKPOINT_FORMAT = 2
+
+
+@dataclass
+class Progress:
+    """Everything the summary counts; saved in checkpoints so a resumed run continues it."""
+
+    step: int = 0
+    loss: float = math.nan
+    bytes_sent: int = 0
+    skipped_steps: int = 0
+    preemptions: int = 0
+    joins: int = 0
+    lost_steps: int = 0
+    cost_usd: float = 0.0
+    on_demand_cost_usd: float = 0.0
+    wall_s: float = 0.0
+    live: list[int] = field(default_factory=list)  # live workers in each step
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int) -> float:
+    """Test accuracy of `model` on the test split."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(data.y_test), batch_size):
+        x = torch.from_numpy(data.x_test[i:i + batch_size])
+        y = torch.from_numpy(data.y_test[i:i + batch_size])
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train()
+    return correct / len(data.y_test)
+
+
+def make_step(cfg: Config, model: torch.nn.Module) -> TrainingStep:
+    """The strategy family's step: decentralized gossip, or the parameter server."""
+    if cfg.strategy.name == "gossip":
+        return GossipRound(cfg, model)
+    return ParameterServer(cfg, model)
+
+
+def check_resumable(saved: dict, cfg: Config) -> None:
+    current = to_dict(cfg)
+    for key in sorted(set(saved) | set(current)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            raise ConfigError(f"run.name={cfg.run.name} has a checkpoint made with other "
+                              f"'{key}' settings ({saved.get(key)} vs {current.get(key)}); "
+                              "use another run.name")
+
+
+def resume(store: CheckpointStore, cfg: Config, training: TrainingStep) -> Progress:
+    """The progress of the newest valid checkpoint (its state loaded), or a fresh start."""
+    checkpoint = store.load_latest()
+    if checkpoint is None:
+        return Progress()
+    state = checkpoint.state
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"run.name={cfg.run.name}: its checkpoint of step "
+                          f"{checkpoint.manifest.get('step')} was written by an older squall "
+                          "whose layout this version does not read; use another run.name")
+    check_resumable(checkpoint.manifest["config"], cfg)
+    training.load_state_dict(state["strategy"])
+    restore_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
+def save_checkpoint(store: CheckpointStore, cfg: Config, progress: Progress,
+                    training: TrainingStep, workers: WorkerPool | None, t_start: float) -> None:
+    """One checkpoint of the run now, unless the step has nothing to save (no live replica)."""
+    strategy = training.state_dict(workers)
+    if strategy is None:
+        return
+    snapshot = asdict(progress)
+    snapshot["wall_s"] += time.perf_counter() - t_start
+    store.save(progress.step, {"format": CHECKPOINT_FORMAT, "progress": snapshot,
+                               "rng": capture_rng_state(), "strategy": strategy},
+               {"config": to_dict(cfg)})
+
+
+def start_workers(cfg: Config, pool: Pool, data: Dataset, shards: list, training: TrainingStep
+                  ) -> WorkerPool:
+    """The first machines and a worker on each; the driver's threads leave their cores."""
+    machines = pool.start(cfg.workers)
+    if pool.workers_here:  # the driver's idle torch threads would spin on workers' cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - math.ceil(
+            cfg.workers * cfg.worker.num_cpus)))
+    workers = WorkerPool(cfg, data, shards, pool, training)
+    workers.start(machines)
+    return workers
+
+
+def due(every: int, step: int, last: int) -> bool:
+    """Every `every` steps (0: never) and at the last step."""
+    return bool(every and step % every == 0) or step == last
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) one training job and return its summary (also in summary.json)."""
+    t_start = time.perf_counter()
+
+    # ---- data, model and the strategy's step: all checked before Ray starts
+    data = load_dataset(cfg.data, cfg.seed)
+    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    training = make_step(cfg, model)
+
+    # ---- resume from the newest valid checkpoint of this run, if there is one
+    pool = make_pool(cfg.cloud, job_spec(cfg))  # its own checks before the run dir
+    log = RunLog(cfg)
+    store = CheckpointStore(cfg.checkpoint.dir or str(log.dir / "checkpoints"),
+                            keep=cfg.checkpoint.keep)
+    progress = resume(store, cfg, training)
+    progress.lost_steps += log.open_metrics(progress.step)
+
+    def checkpoint() -> None:
+        save_checkpoint(store, cfg, progress, training, workers, t_start)
+
+    # ---- the machines, the workers on them, and the steps
+    interrupted, ray_address, error = False, "", ""
+    cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
+    driver_threads = torch.get_num_threads()
+    workers: WorkerPool | None = None
+    try:
+        workers = start_workers(cfg, pool, data, shards, training)
+        ray_address = ray.get_runtime_context().gcs_address
+        last_save = time.monotonic()
+        typical_step_s = 0.05  # running mean of step time: how long an empty step waits
+        for step in range(progress.step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            events = pool.poll(step)  # machines that joined, got a notice, or go this step
+            for machine in events.joined:
+                workers.add(machine)
+            progress.joins += workers.admit()
+            if events.noticed and training.checkpoint_before_drain:
+                checkpoint()  # what the noticed workers hold goes with their machines
+            progress.preemptions += workers.drain(events.noticed)
+
+            outcome = training.run(step, workers, events.reclaim_now)
+
+            progress.preemptions += outcome.lost
+            if outcome.loss is not None:
+                progress.loss = outcome.loss
+            if not outcome.updated:  # nobody (or too few) answered: the step's time passes
+                progress.skipped_steps += 1
+            if outcome.answered:
+                typical_step_s = 0.9 * typical_step_s + 0.1 * (time.perf_counter() - t0)
+            else:
+                time.sleep(typical_step_s)
+            progress.step = step
+            progress.live.append(outcome.answered)
+            progress.bytes_sent += outcome.bytes_sent
+            record = step_record(step, outcome, progress, pool, cost0, t0, t_start)
+            if due(cfg.eval.every, step, cfg.steps):
+                if (eval_model := training.eval_model(workers)) is not None:
+                    record["test_acc"] = evaluate(eval_model, data, cfg.eval.batch_size)
+            log.step(record)
+            ckpt = cfg.checkpoint
+            if due(ckpt.every_steps, step, cfg.steps) or (
+                    ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
+                checkpoint()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint()
+    except TooFewWorkers as e:
+        error = str(e)
+    finally:
+        torch.set_num_threads(driver_threads)
+        if workers is not None:
+            training.finish(workers)
+            workers.stop()
+        spot, on_demand = pool.costs()
+        progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
+        pool.shutdown()
+
+    # ---- summary and the trained model
+    final = training.eval_model(None)
+    torch.save(final.state_dict(), log.dir / "model.pt")
+    summary = {"run_dir": str(log.dir), "ray_address": ray_address,
+               "test_acc": evaluate(final, data, cfg.eval.batch_size),
+               **summary_counts(progress, t_start), **training.summary(),
+               "interrupted": interrupted, "error": error}
+    log.finish(summary, progress.live)
+    return summary
+
+
+def step_record(step: int, outcome: StepOutcome, progress: Progress, pool: Pool, cost0: tuple,
+                t0: float, t_start: float) -> dict:
+    """The step's line of metrics.jsonl (test_acc is added on eval steps)."""
+    spot, on_demand = pool.costs()  # so far, for plots over time
+    now = time.perf_counter()
+    return {"step": step, "loss": progress.loss, "live_workers": outcome.answered,
+            "step_s": now - t0, "bytes_sent": progress.bytes_sent,
+            "wall_s": progress.wall_s + now - t_start, "cost_usd": cost0[0] + spot,
+            "on_demand_cost_usd": cost0[1] + on_demand, **outcome.metrics}
+
+
+def summary_counts(progress: Progress, t_start: float) -> dict:
+    """The summary fields every strategy family has."""
+    live = progress.live
+    return {"loss": progress.loss, "steps_done": progress.step,
+            "wall_s": progress.wall_s + time.perf_counter() - t_start,
+            "live_workers_mean": float(np.mean(live)) if live else 0.0,
+            "bytes_sent": progress.bytes_sent,
+            "bytes_per_worker_step": progress.bytes_sent / max(1, sum(live)),
+            "cost_usd": progress.cost_usd, "on_demand_cost_usd": progress.on_demand_cost_usd,
+            "preemptions": progress.preemptions, "joins": progress.joins,
+            "lost_steps": progress.lost_steps, "skipped_steps": progress.skipped_steps}
