@@ -136,6 +136,8 @@ class GossipRound:
         return {"start_state": self.saved_average}
 
     def run(self, step: int, workers: WorkerPool, reclaim: list[Machine]) -> StepOutcome:
+        """One round: messages, mixing, the next theta; metrics theta, wraps (so far) and, every
+        strategy.consensus_every steps, consensus_dist (mean ||x_i - x_bar||)."""
         st = self.cfg.strategy
         lost = self._membership(step, workers)
         messages, lost_sending = workers.call("message", (step, self.theta_state.theta),
@@ -199,8 +201,12 @@ class GossipRound:
             return flatten(self.params), states
         return np.mean(list(states.values()), axis=0), states
 
-    def state_dict(self, workers: WorkerPool | None) -> dict[str, Any]:
+    def state_dict(self, workers: WorkerPool | None) -> dict[str, Any] | None:
+        """The average, the live replicas (checkpoint.replicas=all), the wrap count and the
+        theta controller's state; None when no replica is live (nothing to save)."""
         avg, states = self._average(workers)
+        if not states:
+            return None
         keep = self.cfg.checkpoint.replicas == "all"
         return {"average": torch.from_numpy(avg), "wraps": self.wraps,
                 "replicas": {str(rank): torch.tensor(s) for rank, s in states.items()}  # s:
@@ -214,12 +220,18 @@ class GossipRound:
         self.theta_state = self.controller.load_state_dict(state)
         self.wraps = int(state.get("wraps", 0))
 
-    def eval_model(self, workers: WorkerPool | None) -> torch.nn.Module:
-        """The driver's model holding the average of the live replicas."""
+    def eval_model(self, workers: WorkerPool | None) -> torch.nn.Module | None:
+        """The driver's model holding the average of the live replicas (workers=None: the
+        average last pulled); None when no replica is live."""
+        if workers is None:
+            return self.model
+        if not workers.live:
+            return None
         self.finish(workers)
         return self.model
 
     def finish(self, workers: WorkerPool | None) -> None:
+        """Pull the replicas' average into the driver's model before the workers stop."""
         if workers is not None and workers.live:
             unflatten_into(self._average(workers)[0], self.params)
 

@@ -201,7 +201,9 @@ class Moniqua:
                state: MoniquaState) -> tuple[MoniquaMessage, MoniquaState]:
         opt = self.options
         dither = round_dither(x.numel(), seed, step) if opt.rounding == "dither" else None
-        theta = torch.as_tensor(theta, dtype=torch.float64)  # per block, or one for all
+        # Per block, or one for all; copied (from Ray it arrives as a read-only array).
+        theta = (theta.to(torch.float64) if isinstance(theta, torch.Tensor)
+                 else torch.from_numpy(np.array(theta, dtype=np.float64)))
         msg = moniqua_encode(x, theta, opt.bits, opt.rounding,
                              round_generator(x.device, seed, step, rank),
                              block=opt.block_size, dither=dither)
