@@ -89,7 +89,7 @@ def resume(store: CheckpointStore, cfg: Config, training: TrainingStep) -> Progr
     state = checkpoint.state
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"run.name={cfg.run.name}: its checkpoint of step "
-                          f"{checkpoint.manifest.get('step')} was written by an older squall "
+                          f"{checkpoint.step} was written by an older squall "
                           "whose layout this version does not read; use another run.name")
     check_resumable(checkpoint.manifest["config"], cfg)
     training.load_state_dict(state["strategy"])

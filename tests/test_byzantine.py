@@ -26,7 +26,7 @@ from strategies.rules.krum import krum
     (["strategy=krum", "strategy.noise=1"], "strategy.noise needs strategy=median or sign_vote"),
     (["byzantine.f=4", "workers=4"], "byzantine.f=4: must be < workers=4"),
     (["byzantine.attack=flip"], "byzantine.attack=flip: not allowed; valid: sign_flip, "
-                                "gaussian, label_flip, alie, ipm, bulyan_coord, nan"),
+                                "gaussian, alie, ipm, bulyan_coord, nan, label_flip"),
     (["strategy=multi_krum", "workers=7", "byzantine.f=1", "strategy.m=7"],
      "strategy.m=7: must be <= workers - f = 6"),
 ])

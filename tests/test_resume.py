@@ -100,3 +100,23 @@ def test_s3_checkpoint_dir_resumes_a_longer_run(s3, tmp_path):
     assert summary["steps_done"] == 30 and summary["lost_steps"] == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "s3run" / "metrics.jsonl").open()]
     assert steps == list(range(1, 31))
+
+
+def test_a_checkpoint_of_the_old_layout_is_refused_in_one_line(tmp_path):
+    """squall 0.1 saved the parameter server's state at the top level of the checkpoint
+    (model, optimizer, aggregation_prev); the run frame saves it under "strategy" with a
+    format number. Such a run is refused before Ray starts, in one line, exit status 2."""
+    from orchestrator.checkpoint import CheckpointStore
+    from orchestrator.config import load_config, to_dict
+
+    cfg = load_config(["workers=2", "model=mlp", f"run.dir={tmp_path}", "run.name=old"])
+    old = {"model": {}, "optimizer": {"state": {}, "param_groups": []}, "rng": {},
+           "progress": {"step": 5}, "aggregation_prev": None}
+    CheckpointStore(str(tmp_path / "old" / "checkpoints")).save(5, old, {"config": to_dict(cfg)})
+    proc = subprocess.run([*SQUALL, "workers=2", "model=mlp", f"run.dir={tmp_path}",
+                           "run.name=old", "log.progress=false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "checkpoint of step 5 was written by an older squall" in proc.stderr
+    assert "Traceback" not in proc.stderr
