@@ -44,11 +44,20 @@ def format_value(value: object) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The lines of a run's metrics.jsonl (none when it does not exist yet)."""
+    """The lines of a run's metrics.jsonl (none when it does not exist yet). A last line cut
+    short (the machine died mid-write, the disk filled) is left out: its step is redone."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # damage inside the file is not a crash mid-write
+                raise
+    return rows
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

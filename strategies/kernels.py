@@ -367,13 +367,16 @@ def closest_mean(Y: Sequence[Tensor], beta: int) -> Tensor:
     keeps its closer value and Y[m-beta:beta] are all kept.
     """
     m = len(Y)
-    twice_median = Y[(m - 1) // 2] + Y[m // 2]
+    lo, hi = Y[(m - 1) // 2], Y[m // 2]
+    median = lo + (hi - lo) * 0.5  # hi - lo is exact for close values: one rounding at most
     total = None
     for below, above in zip(Y[: m - beta], Y[beta:]):
-        # below is at least as close as above iff below + above >= 2 med; clamp(t, below,
-        # above) keeps below for t = -inf and above for t = +inf (on CPU ~15x faster than
-        # torch.where on a bool mask)
-        t = ((below + above >= twice_median).to(below.dtype) - 0.5) * -INF
+        # below is at least as close as above iff median - below <= above - median (each
+        # difference exact for values within 2x of the median; below + above >= 2 median
+        # rounds the sum and, on a large common offset, kept farther values); clamp(t,
+        # below, above) keeps below for t = -inf and above for t = +inf (on CPU ~15x faster
+        # than torch.where on a bool mask)
+        t = ((median - below <= above - median).to(below.dtype) - 0.5) * -INF
         kept = torch.clamp(t, below, above)
         total = kept if total is None else total + kept
     for row in Y[m - beta : beta]:

@@ -16,7 +16,7 @@ from strategies.rules import build_rule, check_workers
 from strategies.rules import bulyan as bulyan_rule
 from strategies.rules import median as median_rule
 from strategies.rules import trimmed_mean as trimmed_mean_rule
-from strategies.rules.bulyan import _median_band, bulyan
+from strategies.rules.bulyan import _bulyan_select, _median_band, bulyan
 from strategies.rules.centered_clip import centered_clip
 from strategies.rules.geomed import geometric_median
 from strategies.rules.krum import krum
@@ -207,6 +207,18 @@ def test_trimmed_mean_ties_huge_outliers_and_infinities():
     assert tm(nan, nan, 2.0, 3.0, 4.0) == inf  # NaN counts as +inf
     assert tm(nan, 1.0, 2.0, 3.0, 4.0) == 3.0
     assert tm(inf, inf, inf, inf, inf, f=2) == inf
+
+
+def test_bulyan_keeps_the_closest_values_on_a_large_common_offset():
+    """Near ties, `below + above >= 2 median` rounds the sum away: with a common offset 1e4x
+    the spread it kept a farther value in some coordinates. The differences do not round."""
+    f, n, d = 1, 7, 20_000
+    g = torch.Generator().manual_seed(5)
+    G = (1e4 + torch.randn(n, d, generator=g)).float()
+    chosen = _bulyan_select(distances.pairwise_sq_distances(G), f, n - 2 * f)
+    S = np64(G[chosen])
+    expected = np.array([ref_closest_mean(S[:, j], n - 4 * f) for j in range(d)])
+    close(bulyan(G, f), expected, rtol=0, atol=2e-3)  # float32 rounding of a mean near 1e4
 
 
 def test_rules_on_the_sort_path_match_references(monkeypatch):

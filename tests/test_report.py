@@ -96,3 +96,19 @@ def test_tensorboard_logging(ray_session, make_config):
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == [1, 2, 3, 4, 5]
     assert "live_workers" in events.Tags()["scalars"]
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume(make_config):
+    """A crash mid-write (or a full disk) leaves half a line: resume redoes that step instead
+    of failing on it; damage inside the file is still an error."""
+    from orchestrator.metrics import RunLog, read_metrics
+
+    log = RunLog(make_config("run.name=partial"))
+    path = log.dir / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(log.dir)] == [1, 2]
+    assert log.open_metrics(2) == 0  # nothing past step 2 survived
+    assert [r["step"] for r in read_metrics(log.dir)] == [1, 2]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(log.dir)
