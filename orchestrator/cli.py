@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from orchestrator.config import ConfigError, help_text, load_config, to_yaml
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary["error"]:
         print(f"squall: stopped: {summary['error']}", file=sys.stderr)
         return 1
-    return 130 if summary["interrupted"] else 0
+    if not summary["interrupted"]:
+        return 0
+    return 128 + getattr(signal.Signals, summary["signal"] or "SIGINT")  # 130, 143, 129
 
 
 def write_synthetic_trace(args: list[str]) -> int:

@@ -37,7 +37,7 @@ from strategies.config import (
     strategy_description,
     strategy_options,
 )
-from strategies.registry import ATTACKS, RULES
+from strategies.registry import ATTACKS
 
 GROUPS = ("strategy", "data", "model", "cloud")
 FAMILIES = ("strategy", "cloud")  # groups whose option picks the schema class
@@ -350,6 +350,8 @@ def _resolve_defaults(cfg: Config) -> None:
 
 def _check_combinations(cfg: Config) -> None:
     """Rules that involve several fields (each family's own: its class's check())."""
+    from strategies.rules import check_workers  # torch: the rules are loaded by now anyway
+
     st, byz = cfg.strategy, cfg.byzantine
     if byz.f >= cfg.workers:
         raise ConfigError(f"byzantine.f={byz.f}: must be < workers={cfg.workers}")
@@ -361,17 +363,23 @@ def _check_combinations(cfg: Config) -> None:
         st.check()
         return
     f = byz.f if st.f is None else st.f
-    n = -(-cfg.workers // st.bucket_size) if "bucketing" in st.pre else cfg.workers
-    rule = RULES.get(st.name)
-    need = rule.min_workers(f) if rule.min_workers else 1
-    if n < need:
-        raise ConfigError(f"strategy={st.name} with workers={cfg.workers}: {st.name} needs "
-                          f"{rule.requirement} = {need} workers for f={f}, got {n}")
+    n = _rows_after_preaggregation(st, cfg.workers)
+    if reason := check_workers(st.name, n, f):
+        raise ConfigError(f"strategy={st.name} with workers={cfg.workers}: {reason}")
     if st.noise and st.name not in ("median", "sign_vote"):
         raise ConfigError(f"strategy.noise needs strategy=median or sign_vote (got {st.name})")
     m = getattr(st, "m", 0)
     if m and m > cfg.workers - f:
         raise ConfigError(f"strategy.m={m}: must be <= workers - f = {cfg.workers - f}")
+
+
+def _rows_after_preaggregation(st: StrategyConfig, n: int) -> int:
+    """The rows the rule gets from n workers after strategy.pre (bucketing: ceil(n/s))."""
+    from strategies.preaggregation import preaggregation_chain
+    from strategies.transforms import Transform
+
+    identity = Transform(lambda: None, lambda G, f, state, generator=None: (G, state))
+    return preaggregation_chain(st.pre, st, identity).rows(n)
 
 
 def to_yaml(cfg: Config) -> str:

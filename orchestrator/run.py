@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -33,6 +35,29 @@ from orchestrator.workers import WorkerPool
 RESUMABLE_CHANGES = ("steps", "run", "log", "eval", "checkpoint", "ray", "worker", "cloud")
 # Layout of the checkpoint state; another value (or none: squall 0.1) is refused on resume.
 CHECKPOINT_FORMAT = 2
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: the run stops as on Ctrl-C (checkpoint, model, summary)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def handle_stop_signals(handler: object) -> dict:
+    """Set the handler of SIGTERM (`kill`, `ray job stop`) and SIGHUP (a closed terminal);
+    returns the previous ones. Only the main thread may (a run in a thread keeps them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
 
 
 @dataclass
@@ -150,12 +175,14 @@ def train(cfg: Config) -> dict:
         save_checkpoint(store, cfg, progress, training, workers, t_start)
 
     # ---- the machines, the workers on them, and the steps
-    interrupted, ray_address, error = False, "", ""
+    interrupted, stop_signal, ray_address, error = False, "", "", ""
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     driver_threads = torch.get_num_threads()
     workers: WorkerPool | None = None
+    handlers = handle_stop_signals(_raise_stopped)  # they stop the run like Ctrl-C
     try:
         workers = start_workers(cfg, pool, data, shards, training)
+        handle_stop_signals(_raise_stopped)  # again, in case Ray installed its own
         ray_address = ray.get_runtime_context().gcs_address
         last_save = time.monotonic()
         typical_step_s = 0.05  # running mean of step time: how long an empty step waits
@@ -193,12 +220,14 @@ def train(cfg: Config) -> dict:
                     ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
                 checkpoint()
                 last_save = time.monotonic()
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as stop:
+        handle_stop_signals(signal.SIG_IGN)  # a second signal must not cut the clean-up
+        interrupted, stop_signal = True, str(stop) if isinstance(stop, Stopped) else "SIGINT"
         checkpoint()
     except TooFewWorkers as e:
         error = str(e)
     finally:
+        handle_stop_signals(signal.SIG_IGN)  # the machines are given back whatever comes
         torch.set_num_threads(driver_threads)
         if workers is not None:
             training.finish(workers)
@@ -206,6 +235,8 @@ def train(cfg: Config) -> dict:
         spot, on_demand = pool.costs()
         progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
         pool.shutdown()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     # ---- summary and the trained model
     final = training.eval_model(None)
@@ -213,7 +244,7 @@ def train(cfg: Config) -> dict:
     summary = {"run_dir": str(log.dir), "ray_address": ray_address,
                "test_acc": evaluate(final, data, cfg.eval.batch_size),
                **summary_counts(progress, t_start), **training.summary(),
-               "interrupted": interrupted, "error": error}
+               "interrupted": interrupted, "signal": stop_signal, "error": error}
     log.finish(summary, progress.live)
     return summary
 

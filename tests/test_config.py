@@ -174,7 +174,7 @@ def test_rule_options_come_from_the_registry():
     assert set(group_options("strategy")) == {*RULES.names(), "gossip"}
     keys = set(schema_fields())
     for entry in [*RULES.entries(), *PREAGGREGATORS.entries()]:
-        for f in dataclasses.fields(entry.params or object):
+        for f in dataclasses.fields(entry.params) if entry.params else ():
             assert f"strategy.{f.name}" in keys
     assert load_config(["strategy=multi_krum", "strategy.m=3"]).strategy.m == 3
     cfg = load_config(["strategy=centered_clip", "strategy.tau=2", "strategy.iters=5"])
@@ -277,14 +277,3 @@ def test_cloud_imports_nothing_from_orchestrator():
     for path in [root / "strategies" / "config.py", root / "conf" / "schema.py"]:
         assert not _imports(path) & {"orchestrator", "cloud", "ray"}, path.name
 
-
-def test_the_layer_tool_sees_no_cloud_import_of_orchestrator():
-    root = pathlib.Path(__file__).resolve().parent.parent
-    tool = root.parent / "shared" / "tools" / "layers.py"
-    if not tool.exists():
-        pytest.skip("../shared/tools/layers.py is not beside this checkout")
-    proc = subprocess.run([sys.executable, str(tool), str(root)], capture_output=True,
-                          text=True, timeout=60)
-    out = proc.stdout + proc.stderr
-    assert not [line for line in out.splitlines()
-                if line.startswith("cloud") and "imports orchestrator" in line], out

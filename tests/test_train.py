@@ -109,8 +109,12 @@ def test_killed_worker_drops_out_and_is_replaced(ray_session, make_config):
     assert result["test_acc"] >= 0.9
 
 
-def test_ctrl_c_stops_cleanly_with_summary(tmp_path):
-    """SIGINT to a real `squall train` process: summary written, Ray shut down, exit 130."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                          (signal.SIGHUP, 129)])
+def test_ctrl_c_stops_cleanly_with_summary(tmp_path, signum, code):
+    """SIGINT (Ctrl-C), SIGTERM (`kill`, `ray job stop`) or SIGHUP (a closed terminal) to a
+    real `squall train` process: checkpoint, model and summary written, Ray shut down, exit
+    128 + the signal's number."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "train", "steps=100000", "workers=2",
          f"run.dir={tmp_path}", "run.name=stop", "log.progress=false", "eval.every=0"],
@@ -120,13 +124,16 @@ def test_ctrl_c_stops_cleanly_with_summary(tmp_path):
     while time.time() < deadline and not (metrics.exists() and
                                           len(metrics.read_text().splitlines()) >= 5):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["steps_done"] >= 5
+    assert summary["signal"] == signal.Signals(signum).name
     assert "interrupted" in out and "Traceback" not in err
     assert np.isfinite(summary["test_acc"])
+    assert (tmp_path / "stop" / "model.pt").exists()
+    assert (tmp_path / "stop" / "checkpoints" / f"ckpt-{summary['steps_done']}.pt").exists()
 
 
 def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
