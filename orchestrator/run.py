@@ -45,7 +45,11 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []  # stop signals seen (Ray's calls may re-raise a plain interrupt)
+
+
 def _raise_stopped(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Stopped(signum)
 
 
@@ -179,6 +183,7 @@ def train(cfg: Config) -> dict:
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     driver_threads = torch.get_num_threads()
     workers: WorkerPool | None = None
+    _received.clear()
     handlers = handle_stop_signals(_raise_stopped)  # they stop the run like Ctrl-C
     try:
         workers = start_workers(cfg, pool, data, shards, training)
@@ -220,9 +225,10 @@ def train(cfg: Config) -> dict:
                     ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
                 checkpoint()
                 last_save = time.monotonic()
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt:
         handle_stop_signals(signal.SIG_IGN)  # a second signal must not cut the clean-up
-        interrupted, stop_signal = True, str(stop) if isinstance(stop, Stopped) else "SIGINT"
+        interrupted = True
+        stop_signal = signal.Signals(_received[-1]).name if _received else "SIGINT"
         checkpoint()
     except TooFewWorkers as e:
         error = str(e)

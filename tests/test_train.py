@@ -133,7 +133,7 @@ def test_ctrl_c_stops_cleanly_with_summary(tmp_path, signum, code):
     assert "interrupted" in out and "Traceback" not in err
     assert np.isfinite(summary["test_acc"])
     assert (tmp_path / "stop" / "model.pt").exists()
-    assert (tmp_path / "stop" / "checkpoints" / f"ckpt-{summary['steps_done']}.pt").exists()
+    assert (tmp_path / "stop" / "checkpoints" / f"ckpt-{summary['steps_done']:09d}.pt").exists()
 
 
 def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
