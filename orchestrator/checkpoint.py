@@ -83,6 +83,18 @@ def parse_uri(uri: str) -> tuple[str, str, str]:
     )
 
 
+def check_location(uri: str, endpoint_url: str | None = None) -> tuple[str, str]:
+    """The cheap part of opening a store, for checks before a run starts: the URI parses, and
+    for s3:// credentials are found and the bucket answers a one-key listing (two attempts,
+    short timeouts). Returns parse_uri's (scheme, bucket_or_dir); local paths are left to the
+    caller (nothing is created here). CheckpointError with a one-line message."""
+    scheme, where, prefix = parse_uri(uri)
+    if scheme == "s3":
+        endpoint = endpoint_url if endpoint_url is not None else os.environ.get(ENDPOINT_ENV)
+        _S3Backend(uri.strip(), where, prefix, endpoint or None, attempts=2, connect_timeout=5)
+    return scheme, where
+
+
 def _file_name(step: int, ext: str) -> str:
     return f"ckpt-{step:09d}.{ext}"
 
@@ -167,14 +179,20 @@ class _LocalBackend:
 
 
 class _S3Backend:
-    def __init__(self, uri: str, bucket: str, prefix: str, endpoint_url: str | None) -> None:
+    def __init__(self, uri: str, bucket: str, prefix: str, endpoint_url: str | None,
+                 attempts: int = 5, connect_timeout: float = 10) -> None:
         import boto3
         from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
 
         self.label, self.bucket, self.prefix = uri, bucket, prefix
-        cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10)
+        cfg = Config(retries={"max_attempts": attempts, "mode": "standard"},
+                     connect_timeout=connect_timeout)
         # Own session: credentials resolved now, not cached in boto3's shared default session.
-        self.s3 = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=cfg)
+        try:  # a missing AWS_PROFILE or a malformed ~/.aws/config fails here
+            self.s3 = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=cfg)
+        except (BotoCoreError, ValueError) as e:
+            raise self._error(e, "client") from e
         self._call(self.s3.list_objects_v2, Bucket=bucket, Prefix=self._key(""), MaxKeys=1)
 
     def _key(self, name: str) -> str:

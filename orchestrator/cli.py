@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from orchestrator.config import ConfigError, help_text, load_config, to_yaml
+from orchestrator.config import ConfigError, help_text, load_config, repeated_overrides, to_yaml
 
 USAGE = """usage: squall <command> [group=option ...] [key=value ...]
 
@@ -48,12 +48,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(overrides)
+        if command == "train":
+            from orchestrator.preflight import preflight
+
+            preflight(cfg)  # the paths the run writes: before Ray, creating nothing
+        for note in repeated_overrides(overrides):
+            print(f"squall: note: {note}", file=sys.stderr)
         if command == "config":
             print(to_yaml(cfg), end="")
             return 0
+        from orchestrator.checkpoint import CheckpointError
         from orchestrator.run import train  # imports Ray and torch: only when training
 
-        summary = train(cfg)
+        try:
+            summary = train(cfg)
+        except CheckpointError as e:  # the store failed during the run: not the input's fault
+            print(f"squall: stopped: {e}", file=sys.stderr)
+            return 1
     except ConfigError as e:
         return _fail(str(e))
     if summary["error"]:

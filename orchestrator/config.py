@@ -15,8 +15,10 @@ strategy a ParameterServerConfig), so a key of another option is a one-line erro
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,7 +45,7 @@ GROUPS = ("strategy", "data", "model", "cloud")
 FAMILIES = ("strategy", "cloud")  # groups whose option picks the schema class
 
 __all__ = ["CloudConfig", "Config", "ConfigError", "GossipConfig", "JobSpec", "RayConfig",
-           "StrategyConfig", "job_spec", "load_config", "opt"]
+           "StrategyConfig", "job_spec", "load_config", "opt", "repeated_overrides", "shown"]
 
 
 # --------------------------------------------------------------------------- schema
@@ -273,6 +275,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def repeated_overrides(overrides: list[str]) -> list[str]:
+    """One note per key or group given more than once (the last one wins, as in load_config):
+    'workers given twice; using workers=3'."""
+    counts: collections.Counter[str] = collections.Counter()
+    last: dict[str, str] = {}
+    for text in overrides:
+        key, sep, _ = text.partition("=")
+        if sep:
+            counts[key] += 1
+            last[key] = text
+    return [f"{key} given {'twice' if n == 2 else f'{n} times'}; using {last[key]}"
+            for key, n in counts.items() if n > 1]
+
+
+def shown(key: str, value: Any) -> str:
+    """'key=value' for a message, a long value cut short with its length."""
+    text = str(value)
+    if len(text) > 240:
+        return f"{key}={text[:24]}... ({len(text)} characters)"
+    return f"{key}={text}"
+
+
 def _suggest(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close:  # a misspelt last part: workers.nmu_cpus -> worker.num_cpus
@@ -353,10 +377,14 @@ def _check_combinations(cfg: Config) -> None:
     from strategies.rules import check_workers  # torch: the rules are loaded by now anyway
 
     st, byz = cfg.strategy, cfg.byzantine
+    _check_run_name(cfg.run.name)
     if byz.f >= cfg.workers:
         raise ConfigError(f"byzantine.f={byz.f}: must be < workers={cfg.workers}")
     cfg.cloud.check(cfg.workers)
     if isinstance(st, GossipConfig):
+        if cfg.workers < 2:
+            raise ConfigError(f"strategy={GOSSIP} with workers={cfg.workers}: gossip needs at "
+                              "least 2 workers")
         if byz.f:
             raise ConfigError("byzantine.f: Byzantine workers are simulated with the "
                               "parameter-server rules, not with strategy=gossip")
@@ -371,6 +399,22 @@ def _check_combinations(cfg: Config) -> None:
     m = getattr(st, "m", 0)
     if m and m > cfg.workers - f:
         raise ConfigError(f"strategy.m={m}: must be <= workers - f = {cfg.workers - f}")
+
+
+def _check_run_name(name: str) -> None:
+    """run.name names a directory inside run.dir: relative, no '..' parts, no control
+    characters (what the file system makes of it is checked by orchestrator.preflight)."""
+    if not name:
+        return
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(f"{shown('run.name', repr(name))}: control characters are not allowed")
+    parts = name.split("/")
+    if os.path.isabs(name) or ".." in parts:
+        raise ConfigError(f"{shown('run.name', name)}: must name a directory inside run.dir "
+                          "(a relative path without '..' parts)")
+    if all(p in ("", ".") for p in parts):
+        raise ConfigError(f"{shown('run.name', name)}: must name a directory inside run.dir "
+                          "(use run.dir to choose the parent)")
 
 
 def _rows_after_preaggregation(st: StrategyConfig, n: int) -> int:

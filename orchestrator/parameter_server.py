@@ -22,7 +22,7 @@ from orchestrator.config import Config, OptimConfig
 from orchestrator.models import flat_grads, float_buffers, share_flat
 from orchestrator.step import StepOutcome, TooFewWorkers
 from orchestrator.workers import RemoteWorker, WorkerPool
-from strategies.attacks import byzantine_ranks
+from strategies.attacks import AttackUndefined, byzantine_ranks
 from strategies.preaggregation import preaggregation_chain
 from strategies.registry import ATTACKS
 from strategies.rules import build_rule, check_workers, wire
@@ -57,10 +57,11 @@ class Aggregation:
     """From the gradients that arrived to one update direction.
 
     In order: simulated Byzantine workers replace their rows (omniscient attacks see the
-    honest gradients of the step: this is the one place where that happens), non-finite rows
-    are rejected, the rule's requirement is checked against the rows left, then the
-    pre-aggregation steps and the rule run as one transform whose state (`self.state`, e.g.
-    centered clipping's previous aggregate) is what the checkpoint saves.
+    honest gradients of the step: this is the one place where that happens; an attack that
+    cannot be forged for the arrivals, `AttackUndefined`, makes the step one with too few
+    workers), non-finite rows are rejected, the rule's requirement is checked against the
+    rows left, then the pre-aggregation steps and the rule run as one transform whose state
+    (`self.state`, e.g. centered clipping's previous aggregate) is what the checkpoint saves.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -80,7 +81,13 @@ class Aggregation:
     def __call__(self, grads: Tensor, ranks: list[int], step: int) -> Tensor | None:
         """The update direction from one row per rank, or None when the step is skipped."""
         gen = step_generator(self.seed, step)
-        grads = self._inject_attack(grads, ranks, gen)
+        try:
+            grads = self._inject_attack(grads, ranks, gen)
+        except AttackUndefined as undefined:  # e.g. alie's z with 2 arrivals: too few
+            # The rule's own requirement names the cause best where the arrivals miss it too.
+            reason = check_workers(self.rule, self.transform.rows(len(ranks)), self.f)
+            self._too_few(step, reason or f"{len(ranks)} live workers: {undefined}")
+            return None
         finite = finite_rows(grads)
         rejected = int((~finite).sum())  # identified faulty: at most f - k of the rest lie
         self.rejected += rejected

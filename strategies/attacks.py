@@ -17,6 +17,12 @@ from torch import Tensor
 from strategies.registry import ATTACKS
 
 
+class AttackUndefined(ValueError):
+    """The attack cannot be forged for these n and f (e.g. ALIE's default z when the attackers
+    and the arrivals leave no majority to win over). The driver treats it like too few
+    arrivals: the step is skipped (or stops the run with strategy.on_too_few=fail)."""
+
+
 def _repeat(v: Tensor, f: int) -> Tensor:
     return v.unsqueeze(0).expand(f, -1).clone()
 
@@ -49,11 +55,13 @@ def gaussian(
 
 def alie_z(n: int, f: int) -> float:
     """z of "A little is enough" (Baruch et al. 2019): s = floor(n/2 + 1) - f workers must be
-    won over, z = Phi^-1((n - f - s) / (n - f))."""
+    won over, z = Phi^-1((n - f - s) / (n - f)). Raises `AttackUndefined` where that
+    probability is not in (0, 1): n <= 2, or f >= floor(n/2 + 1)."""
     s = math.floor(n / 2 + 1) - f
-    p = (n - f - s) / (n - f)
+    p = (n - f - s) / (n - f) if n > f else 0.0
     if not 0.0 < p < 1.0:
-        raise ValueError(f"alie: z is undefined for n={n}, f={f} (p={p:.3g}); pass z explicitly")
+        raise AttackUndefined(f"alie: z is undefined for n={n}, f={f} (p={p:.3g}); "
+                              "pass z explicitly")
     return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
 
 

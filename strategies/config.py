@@ -84,11 +84,10 @@ class GossipConfig(StrategyConfig):
 
 def _time_varying(topology: str) -> bool:
     """Whether the topology's graph changes from step to step (its registry entry says so in
-    extra={"time_varying": True}; one_peer_exp is)."""
+    extra={"time_varying": True})."""
     if topology not in TOPOLOGIES:
         return False
-    extra = TOPOLOGIES.get(topology).extra or {}
-    return bool(extra.get("time_varying", topology == "one_peer_exp"))
+    return bool((TOPOLOGIES.get(topology).extra or {}).get("time_varying"))
 
 
 def gossip_gamma(st: GossipConfig) -> float:

@@ -8,7 +8,12 @@ registers: the median and the trimmed mean 4-6x faster on CPU (benchmarks/aggreg
 
 A kernel depends on n (the network's shape), so it is compiled for each (rule, n, f) seen,
 which takes seconds. That happens on a helper thread: the rule returns the eager result until
-its kernel is ready, so no training step waits for a compiler. Compiled kernels never
+its kernel is ready, so no training step waits for a compiler. At interpreter exit the
+compile in progress is finished (queued ones are dropped) and the thread joined, before
+Python's finalization: a daemon thread still inside torch's C++ code then is ended by
+pthread_exit when it retakes the GIL, whose forced unwind through torch's noexcept frames
+aborts the process ("terminate called without an active exception", exit 134) or crashes
+it, after the program's output. Compiled kernels never
 recompile on the caller's thread: a call that would (an input shape the kernel was not
 compiled for) raises inside torch and the rule takes the eager path. If compiling fails (no
 C++ compiler, say) the reason is logged once and the eager path stays.
@@ -28,6 +33,7 @@ tests/test_distance_kernels.py, and the `gram_path` tests of test_aggregators.py
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import getpass
@@ -57,10 +63,21 @@ EXAMPLE_WIDTH = 4096  # columns of the input a kernel is compiled with (the widt
 
 _ready: dict[Hashable, Callable[..., Tensor]] = {}
 _queued: set[Hashable] = set()
-_jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
 _lock = threading.Lock()
 _helper: threading.Thread | None = None
+_stopping = False  # set at exit: no compile starts any more
 _warned = False
+
+
+class _Compile:
+    """A compile job on the helper's queue (dropped at exit, unlike `wait`'s markers)."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.run = run
+
+    def __call__(self) -> None:
+        self.run()
 
 
 def _compiling() -> bool:
@@ -89,15 +106,15 @@ def kernel(
         if key in _ready or key in _queued:
             return _ready.get(key)
         _queued.add(key)
-    _submit(lambda: _compile(key, body, example))
+    _submit(_Compile(lambda: _compile(key, body, example)))
     return None
 
 
 def wait() -> None:
     """Block until every queued compile has finished (benchmarks, tests)."""
     done = threading.Event()
-    _submit(done.set)
-    done.wait()
+    if _submit(done.set):
+        done.wait()
 
 
 def run(compiled: Callable[..., Tensor], *args: Tensor) -> Tensor | None:
@@ -121,24 +138,47 @@ def network(rows: list[Tensor], comparators: Comparators) -> None:
         rows[i], rows[j] = low, high
 
 
-def _submit(job: Callable[[], None]) -> None:
-    """Run job on the helper thread (a daemon: a compile in progress never holds up exit)."""
+def _submit(job: Callable[[], None]) -> bool:
+    """Run job on the helper thread; False (and nothing runs) once the interpreter exits."""
     global _helper
     with _lock:
+        if _stopping:
+            return False
         if _helper is None:
+            # A daemon, so that exit never waits for compiles still queued; `_stop` ends it.
             _helper = threading.Thread(target=_work, name="squall-compile", daemon=True)
             _helper.start()
-    _jobs.put(job)
+            atexit.register(_stop)
+        _jobs.put(job)
+    return True
+
+
+def _stop() -> None:
+    """At exit (atexit): drop the queued compiles, let the one in progress finish, and join
+    the helper, so that no thread runs torch code while the interpreter finalizes."""
+    global _stopping
+    with _lock:
+        _stopping = True
+        helper = _helper
+        _jobs.put(None)  # after every job queued so far: the helper returns there
+    if helper is not None and helper is not threading.current_thread():
+        helper.join()
 
 
 def _work() -> None:
     global _warned
     while True:
         job = _jobs.get()
+        if job is None:
+            return
+        if _stopping and isinstance(job, _Compile):
+            continue  # exiting: a compile nobody will use
         try:
             job()
         except Exception as error:  # reported once, the eager path stays
-            if not _warned:
+            # A compile cut short by the exit (torch cannot start its helpers any more) is
+            # nobody's concern.
+            if not _warned and not _stopping:
                 _warned = True
                 _report("a fused aggregation kernel", "the eager version", error)
 

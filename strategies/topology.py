@@ -70,7 +70,8 @@ def _exponential(n: int, step: int = 0) -> Neighbours:
     return [{(p + sign * h) % n for h in hops for sign in (1, -1)} - {p} for p in range(n)]
 
 
-@TOPOLOGIES.register("one_peer_exp", "time-varying: one peer at distance 2^(t mod log2 n)")
+@TOPOLOGIES.register("one_peer_exp", "time-varying: one peer at distance 2^(t mod log2 n)",
+                     extra={"time_varying": True})
 def _one_peer_exp(n: int, step: int = 0) -> Neighbours:
     if n < 2:
         return [set() for _ in range(n)]

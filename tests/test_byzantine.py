@@ -3,7 +3,11 @@ end-to-end runs on a real local Ray cluster."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,8 +16,11 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.parameter_server import Aggregation
 from orchestrator.run import train
 from orchestrator.step import TooFewWorkers
-from strategies.attacks import byzantine_ranks
+from strategies.attacks import alie, byzantine_ranks
+from strategies.rules.bulyan import bulyan
 from strategies.rules.krum import krum
+from strategies.rules.median import median
+from strategies.rules.trimmed_mean import trimmed_mean
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -85,6 +92,73 @@ def test_too_few_live_workers_skip_or_fail():
                                     "strategy.on_too_few=fail"]))
     with pytest.raises(TooFewWorkers, match="krum needs n >= 2f\\+3 = 5 workers"):
         fail(rows(4), [0, 1, 2, 3], step=1)
+
+
+# Arrivals that leave ALIE's default z undefined (p not in (0, 1)): the Byzantine ranks of
+# seed 0 are [4] for (n=7, f=1) and [0, 4] for (n=7, f=2).
+ALIE_UNDEFINED = [
+    (["strategy=bulyan", "byzantine.f=1"], [0, 4], "bulyan needs n >= 4f+3 = 7"),
+    (["strategy=median", "byzantine.f=2"], [0, 1], "median needs n >= 2f+1 = 5"),
+    (["strategy=median", "byzantine.f=2"], [0, 4, 1], "median needs n >= 2f+1 = 5"),
+    (["strategy=krum", "byzantine.f=1"], [6, 4], "krum needs n >= 2f+3 = 5"),
+    # the rule is satisfied (mean needs 1), the attack is not: z is undefined for n=3, f=2
+    (["strategy=mean", "byzantine.f=2"], [0, 4, 1], "3 live workers: alie: z is undefined"),
+]
+
+
+@pytest.mark.parametrize("overrides, arrived, reason", ALIE_UNDEFINED)
+def test_alie_undefined_for_the_arrivals_skips_the_step(overrides, arrived, reason, caplog):
+    """ALIE's z is forged from the arrivals (n) and the Byzantine ones among them (f): too few
+    arrivals used to crash the run with a ValueError; such a step is one with too few workers."""
+    common = ["workers=7", "byzantine.attack=alie", *overrides]
+    skip = Aggregation(load_config(common))
+    G = rows(len(arrived))
+    assert skip(G, arrived, step=15) is None
+    assert reason in caplog.text and "skipping such steps" in caplog.text
+    G7 = rows(7, seed=3)  # later steps with everyone are aggregated as before
+    assert skip(G7, list(range(7)), step=16) is not None
+    fail = Aggregation(load_config([*common, "strategy.on_too_few=fail"]))
+    with pytest.raises(TooFewWorkers, match=re.escape(f"step 15: {reason}")):
+        fail(G, arrived, step=15)
+
+
+@pytest.mark.parametrize("rule, f, arrived", [
+    (median, 2, [0, 1, 2, 3, 4, 5, 6]),
+    (median, 2, [6, 0, 1, 4, 5]),  # n=5, f=2: z = Phi^-1(2/3)
+    (bulyan, 1, [0, 1, 2, 3, 4, 5, 6]),
+    (trimmed_mean, 1, [4, 1, 2]),  # n=3, f=1: z = 0
+])
+def test_alie_where_defined_is_what_the_attack_and_rule_compute(rule, f, arrived):
+    """Where z is defined the step is the attack's rows followed by the rule, bit for bit."""
+    agg = Aggregation(load_config(["workers=7", f"strategy={rule.__name__}", f"byzantine.f={f}",
+                                   "byzantine.attack=alie"]))
+    G = rows(len(arrived), d=50, seed=5)
+    byz = [i for i, r in enumerate(arrived) if r in agg.byzantine]
+    honest = [i for i, r in enumerate(arrived) if r not in agg.byzantine]
+    expected = G.clone()
+    expected[byz] = alie(G[honest], len(byz), len(arrived))
+    assert torch.equal(agg(G, arrived, step=3), rule(expected, f))
+
+
+def test_alie_run_with_a_reclaimed_worker_skips_instead_of_crashing(tmp_path):
+    """The reported crash for real, as a `squall` process on a spot pool (~25 s): the
+    Byzantine rank 0 (seed 2) and rank 1 are on demand, rank 2 is reclaimed at once and not
+    replaced, so from then on the arrivals are [0, 1]: ALIE's z is undefined for n=2, f=1
+    (the run used to exit 1 with a ValueError); every such step is skipped."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "train", "workers=3", "seed=2",
+         "strategy=median", "byzantine.f=1", "byzantine.attack=alie", "cloud=simulated",
+         "cloud.on_demand_workers=2", "cloud.preempt_prob=0.9", "cloud.replace_delay_s=1000",
+         "steps=8", "model=mlp", "log.progress=false", "eval.every=0",
+         "checkpoint.every_steps=0", f"run.dir={tmp_path}", "run.name=alie"],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "alie" / "summary.json").read_text())
+    live = [json.loads(line)["live_workers"]
+            for line in (tmp_path / "alie" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["byzantine_ranks"] == [0] and summary["preemptions"] == 1
+    assert live[-1] == 2 and summary["skipped_steps"] == live.count(2)
+    assert "median needs n >= 2f+1 = 3 workers for f=1, got 2" in proc.stderr
 
 
 def test_centered_clip_starts_from_the_previous_aggregate():

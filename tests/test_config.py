@@ -20,6 +20,7 @@ from orchestrator.config import (
     job_spec,
     load_config,
     parse_override,
+    repeated_overrides,
     schema_fields,
 )
 
@@ -101,6 +102,25 @@ def test_cli_error_as_a_process_has_no_traceback():
     assert proc.stderr.strip().splitlines() == [
         "squall: error: unknown key 'stratgy'; did you mean 'strategy'?"]
     assert "Traceback" not in proc.stderr
+
+
+def test_gossip_needs_two_workers():
+    with pytest.raises(ConfigError) as err:
+        load_config(["strategy=gossip", "workers=1"])
+    assert str(err.value) == "strategy=gossip with workers=1: gossip needs at least 2 workers"
+    assert load_config(["strategy=gossip", "workers=2"]).workers == 2
+    assert load_config(["workers=1"]).workers == 1  # the parameter server runs with one
+
+
+def test_repeated_overrides_last_wins_with_a_note():
+    overrides = ["workers=2", "strategy=krum", "workers=3", "strategy=mean", "seed=1"]
+    assert repeated_overrides(overrides) == ["workers given twice; using workers=3",
+                                             "strategy given twice; using strategy=mean"]
+    cfg = load_config(overrides)
+    assert cfg.workers == 3 and cfg.strategy.name == "mean"
+    assert repeated_overrides(["seed=1", "seed=2", "seed=3"]) == [
+        "seed given 3 times; using seed=3"]
+    assert repeated_overrides(["workers=2", "steps=2"]) == []
 
 
 def test_unknown_command(capsys):

@@ -68,7 +68,8 @@ def test_sigkill_at_five_points_then_resume_matches_an_uninterrupted_run(tmp_pat
     got = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
-    changed = subprocess.run([*args, "model=cnn"], capture_output=True, text=True, timeout=120)
+    other_model = ["model=cnn" if a == "model=mlp" else a for a in args]
+    changed = subprocess.run(other_model, capture_output=True, text=True, timeout=120)
     assert changed.returncode == 2
     assert changed.stderr.strip() == (
         "squall: error: run.name=killed has a checkpoint made with other 'model' settings "
