@@ -468,11 +468,18 @@ class CheckpointStore:
         return Checkpoint(step=step, state=state, manifest=doc["manifest"])
 
     def load_latest(self) -> Checkpoint | None:
-        """The newest valid checkpoint, skipping invalid ones with a warning; None if none."""
-        for step in reversed(self.steps()):
+        """The newest valid checkpoint, skipping invalid ones with a warning; None if there is
+        none at all. Checkpoints that are all invalid raise InvalidCheckpointError: starting
+        over would overwrite the run's history."""
+        steps = self.steps()
+        for i, step in enumerate(reversed(steps)):
             try:
                 return self.load(step)
             except InvalidCheckpointError as e:
+                if i == len(steps) - 1:
+                    raise InvalidCheckpointError(
+                        f"{e}; none of the {len(steps)} checkpoint(s) of {self.uri} can be "
+                        "read: move them away to start the run over") from e
                 log.warning("%s; skipping it, falling back to the previous checkpoint", e)
         return None
 

@@ -17,8 +17,8 @@ BARS = " ▁▂▃▄▅▆▇█"
 
 
 def make_run_dir(cfg: Config) -> Path:
-    """runs/<run.name>; without a name, a timestamp (suffixed -2, -3... if taken)."""
-    parent = Path(cfg.run.dir).expanduser()
+    """runs/<run.name>, absolute; without a name, a timestamp (suffixed -2, -3... if taken)."""
+    parent = Path(cfg.run.dir).expanduser().absolute()
     if cfg.run.name:
         return parent / cfg.run.name
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -73,9 +73,9 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 class RunLog:
     """Writes a run's files and shows its progress on stderr."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, run_dir: Path | None = None) -> None:
         self.cfg = cfg
-        self.dir = make_run_dir(cfg)
+        self.dir = run_dir or make_run_dir(cfg)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
         self._tensorboard = None
@@ -93,7 +93,7 @@ class RunLog:
         """Start logging after `start_step`: lines past it (steps a resumed run redoes) are
         dropped. Returns how many steps are redone."""
         path = self.dir / "metrics.jsonl"
-        rows = read_metrics(self.dir) if start_step else []
+        rows = read_metrics(self.dir)  # steps past the checkpoint (all, without one) are redone
         kept = [r for r in rows if r["step"] <= start_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(path, "a")

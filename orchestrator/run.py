@@ -9,23 +9,33 @@ does belongs to the strategy family (`orchestrator.step.TrainingStep`): the para
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
 from cloud import Pool, make_pool
-from orchestrator.checkpoint import CheckpointStore, capture_rng_state, restore_rng_state
+from orchestrator.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    InvalidCheckpointError,
+    capture_rng_state,
+    restore_rng_state,
+)
 from orchestrator.config import Config, ConfigError, job_spec, to_dict
 from orchestrator.data import Dataset, load_dataset, partition
 from orchestrator.gossip import GossipRound
-from orchestrator.metrics import RunLog
+from orchestrator.metrics import RunLog, make_run_dir
 from orchestrator.models import build_model
 from orchestrator.parameter_server import ParameterServer
 from orchestrator.step import StepOutcome, TooFewWorkers, TrainingStep
@@ -110,9 +120,13 @@ def check_resumable(saved: dict, cfg: Config) -> None:
                               "use another run.name")
 
 
-def resume(store: CheckpointStore, cfg: Config, training: TrainingStep) -> Progress:
+def resume(store: CheckpointStore, cfg: Config, training: TrainingStep, run_dir: Path
+           ) -> Progress:
     """The progress of the newest valid checkpoint (its state loaded), or a fresh start."""
-    checkpoint = store.load_latest()
+    try:
+        checkpoint = store.load_latest()
+    except InvalidCheckpointError as e:
+        raise ConfigError(f"run.name={cfg.run.name}: {e}") from None
     if checkpoint is None:
         return Progress()
     state = checkpoint.state
@@ -123,7 +137,25 @@ def resume(store: CheckpointStore, cfg: Config, training: TrainingStep) -> Progr
     check_resumable(checkpoint.manifest["config"], cfg)
     training.load_state_dict(state["strategy"])
     restore_rng_state(state["rng"])
+    if checkpoint.step < cfg.steps:
+        print(f"squall: resuming run {run_dir} from step {checkpoint.step} (checkpoint in "
+              f"{store.uri})", file=sys.stderr)
     return Progress(**state["progress"])
+
+
+def finished_summary(cfg: Config, run_dir: Path, progress: Progress) -> dict | None:
+    """The summary of a run that already reached cfg.steps (nothing to do: Ray is not
+    started), None when there are steps left. Asking for fewer steps than it made is an
+    error."""
+    if progress.step > cfg.steps:
+        raise ConfigError(f"steps={cfg.steps}: run {run_dir} already went to step "
+                          f"{progress.step}; give steps >= {progress.step} to continue it")
+    summary_path = run_dir / "summary.json"
+    if progress.step < cfg.steps or not summary_path.exists():
+        return None  # (killed after its last checkpoint: the loop runs no step, writes it)
+    print(f"squall: run {run_dir} already finished at step {progress.step}")
+    return {**json.loads(summary_path.read_text()), "interrupted": False, "signal": "",
+            "error": ""}
 
 
 def save_checkpoint(store: CheckpointStore, cfg: Config, progress: Progress,
@@ -157,7 +189,20 @@ def due(every: int, step: int, last: int) -> bool:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) one training job and return its summary (also in summary.json)."""
+    """Run (or resume) one training job and return its summary (also in summary.json). A run
+    that fails on a user mistake (ConfigError) leaves no new run directory behind."""
+    run_dir = make_run_dir(cfg)
+    fresh = not run_dir.exists()
+    try:
+        return run_training(cfg, run_dir)
+    except ConfigError:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def run_training(cfg: Config, run_dir: Path) -> dict:
+    """The run, top to bottom."""
     t_start = time.perf_counter()
 
     # ---- data, model and the strategy's step: all checked before Ray starts
@@ -168,11 +213,13 @@ def train(cfg: Config) -> dict:
     training = make_step(cfg, model)
 
     # ---- resume from the newest valid checkpoint of this run, if there is one
-    pool = make_pool(cfg.cloud, job_spec(cfg))  # its own checks before the run dir
-    log = RunLog(cfg)
-    store = CheckpointStore(cfg.checkpoint.dir or str(log.dir / "checkpoints"),
+    store = CheckpointStore(cfg.checkpoint.dir or str(run_dir / "checkpoints"),
                             keep=cfg.checkpoint.keep)
-    progress = resume(store, cfg, training)
+    progress = resume(store, cfg, training, run_dir)
+    if (done := finished_summary(cfg, run_dir, progress)) is not None:
+        return done
+    pool = make_pool(cfg.cloud, job_spec(cfg))  # its own checks before the run dir
+    log = RunLog(cfg, run_dir)
     progress.lost_steps += log.open_metrics(progress.step)
 
     def checkpoint() -> None:
@@ -230,7 +277,7 @@ def train(cfg: Config) -> dict:
         interrupted = True
         stop_signal = signal.Signals(_received[-1]).name if _received else "SIGINT"
         checkpoint()
-    except TooFewWorkers as e:
+    except (TooFewWorkers, CheckpointError) as e:  # the summary and model are still written
         error = str(e)
     finally:
         handle_stop_signals(signal.SIG_IGN)  # the machines are given back whatever comes

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,3 +123,58 @@ def test_a_checkpoint_of_the_old_layout_is_refused_in_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     assert "checkpoint of step 5 was written by an older squall" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_bookkeeping_finished_shorter_longer_and_unreadable(tmp_path):
+    """A finished run is not started again (no Ray: nothing appears in RAY_TMPDIR); fewer
+    steps than it made is a one-line error; more steps continue it, saying from where; a run
+    whose checkpoints are all unreadable is refused instead of starting over on its history."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    args = [*SQUALL, "workers=2", "model=mlp", "log.progress=false", "eval.every=0",
+            "checkpoint.every_steps=5", f"run.dir={tmp_path}", "run.name=book"]
+    run_dir = tmp_path / "book"
+
+    def squall(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, *extra], capture_output=True, text=True, timeout=300,
+                              env=env)
+
+    assert squall("steps=10").returncode == 0
+    shutil.rmtree(ray_tmp)
+    ray_tmp.mkdir()
+    again = squall("steps=10")
+    assert again.returncode == 0, again.stderr
+    assert f"squall: run {run_dir} already finished at step 10" in again.stdout
+    assert list(ray_tmp.iterdir()) == []  # Ray never started
+    shutil.rmtree(ray_tmp)
+    env.pop("RAY_TMPDIR")
+
+    shorter = squall("steps=5")
+    assert shorter.returncode == 2 and shorter.stderr.count("\n") == 1
+    assert shorter.stderr == (f"squall: error: steps=5: run {run_dir} already went to step 10; "
+                              "give steps >= 10 to continue it\n")
+
+    longer = squall("steps=15")
+    assert longer.returncode == 0, longer.stderr
+    assert f"squall: resuming run {run_dir} from step 10" in longer.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps_done"] == 15
+
+    history = (run_dir / "metrics.jsonl").read_text()
+    for ckpt in (run_dir / "checkpoints").glob("ckpt-*.pt"):
+        ckpt.write_bytes(b"not a checkpoint")
+    broken = squall("steps=20")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert "can be read: move them away to start the run over" in broken.stderr.splitlines()[-1]
+    assert (run_dir / "metrics.jsonl").read_text() == history  # nothing lost
+
+
+def test_steps_redone_are_counted_when_killed_before_the_first_checkpoint(tmp_path):
+    args = [*SQUALL, "steps=20", "workers=2", "model=mlp", "log.progress=false", "eval.every=0",
+            "checkpoint.every_steps=1000", f"run.dir={tmp_path}", "run.name=early"]
+    kill_when(tmp_path / "early", args, 8)
+    done = last_step(tmp_path / "early")
+    assert done >= 8
+    finished = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    summary = json.loads((tmp_path / "early" / "summary.json").read_text())
+    assert summary["lost_steps"] == done and summary["steps_done"] == 20
