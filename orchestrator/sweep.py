@@ -21,6 +21,7 @@ from pathlib import Path
 
 from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.metrics import format_table, format_value
+from orchestrator.preflight import preflight
 
 COLUMNS = ["run", "overrides", "test_acc", "steps_done", "wall_s", "cost_usd",
            "on_demand_cost_usd", "preemptions", "live_workers_mean", "interrupted", "error"]
@@ -76,6 +77,10 @@ def plan_sweep(args: list[str]) -> tuple[Path, list[str], list[tuple[str, str, C
     for overrides, swept, cfg in checked:
         name = run_name(overrides, keys)
         cfg.run.name = f"{sweep}/{name}"
+        try:
+            preflight(cfg)  # paths the run will write, before anything runs
+        except ConfigError as e:
+            raise ConfigError(f"sweep run {swept}: {e}") from None
         runs.append((name, swept, cfg))
     return folder, keys, runs
 

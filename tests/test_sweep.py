@@ -111,3 +111,10 @@ def test_ctrl_c_stops_after_the_current_run_and_keeps_it(ray_session, tmp_path):
     assert len(rows) == 1 and rows[0]["interrupted"] == "True"
     assert 5 <= int(rows[0]["steps_done"]) < 20000
     assert not (folder / "workers=2").exists()
+
+
+def test_a_sweep_whose_runs_cannot_write_is_one_line_before_anything_runs(capsys):
+    assert main(["sweep", "run.dir=/proc/x", "workers=2,3"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("squall: error: sweep run workers=2: run.dir=/proc/x: cannot create "
+                   "directories in /proc (No such file or directory)\n")
