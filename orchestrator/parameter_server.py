@@ -144,9 +144,11 @@ class ParameterServer:
 
     def run(self, step: int, workers: WorkerPool, reclaim: list[Machine]) -> StepOutcome:
         state_ref = ray.put(self.flat.numpy())  # published once, read by all (zero-copy)
+        called = len(workers.live)  # each of them reads the parameters
         results, lost = workers.gradients(state_ref, step, reclaim=reclaim)
-        outcome = StepOutcome(answered=len(results), lost=lost,
-                              bytes_sent=sum(r.nbytes for r in results))
+        sent = sum(r.nbytes for r in results)
+        outcome = StepOutcome(answered=len(results), lost=lost, bytes_sent=sent, bytes_up=sent,
+                              bytes_down=called * self.flat.numel() * self.flat.element_size())
         if not results:
             return outcome
         grads = self.decode(torch.from_numpy(np.stack([r.grad for r in results])),

@@ -81,6 +81,9 @@ class Progress:
     step: int = 0
     loss: float = math.nan
     bytes_sent: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_measure: int = 0
     skipped_steps: int = 0
     preemptions: int = 0
     joins: int = 0
@@ -262,6 +265,9 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
             progress.step = step
             progress.live.append(outcome.answered)
             progress.bytes_sent += outcome.bytes_sent
+            progress.bytes_up += outcome.bytes_up
+            progress.bytes_down += outcome.bytes_down
+            progress.bytes_measure += outcome.bytes_measure
             record = step_record(step, outcome, progress, pool, cost0, t0, t_start)
             if due(cfg.eval.every, step, cfg.steps):
                 if (eval_model := training.eval_model(workers)) is not None:
@@ -308,7 +314,8 @@ def step_record(step: int, outcome: StepOutcome, progress: Progress, pool: Pool,
     spot, on_demand = pool.costs()  # so far, for plots over time
     now = time.perf_counter()
     return {"step": step, "loss": progress.loss, "live_workers": outcome.answered,
-            "step_s": now - t0, "bytes_sent": progress.bytes_sent,
+            "step_s": now - t0, "bytes_sent": progress.bytes_sent, "bytes_up": progress.bytes_up,
+            "bytes_down": progress.bytes_down, "bytes_measure": progress.bytes_measure,
             "wall_s": progress.wall_s + now - t_start, "cost_usd": cost0[0] + spot,
             "on_demand_cost_usd": cost0[1] + on_demand, **outcome.metrics}
 
@@ -319,7 +326,8 @@ def summary_counts(progress: Progress, t_start: float) -> dict:
     return {"loss": progress.loss, "steps_done": progress.step,
             "wall_s": progress.wall_s + time.perf_counter() - t_start,
             "live_workers_mean": float(np.mean(live)) if live else 0.0,
-            "bytes_sent": progress.bytes_sent,
+            "bytes_sent": progress.bytes_sent, "bytes_up": progress.bytes_up,
+            "bytes_down": progress.bytes_down, "bytes_measure": progress.bytes_measure,
             "bytes_per_worker_step": progress.bytes_sent / max(1, sum(live)),
             "cost_usd": progress.cost_usd, "on_demand_cost_usd": progress.on_demand_cost_usd,
             "preemptions": progress.preemptions, "joins": progress.joins,

@@ -30,7 +30,13 @@ class StepOutcome:
     loss: float | None = None  # their mean loss (None: nobody answered)
     updated: bool = False  # the model moved (False: the step was skipped)
     lost: int = 0  # workers lost (died, reclaimed, silent) during the step
-    bytes_sent: int = 0  # bytes the workers sent this step
+    bytes_sent: int = 0  # bytes of the gradients or messages the workers sent this step
+    # Every byte a worker sent (up) or received (down) this step: parameters, gradients,
+    # messages (counted for each neighbour that fetches them), control traffic (e.g. Moniqua's
+    # bounds); bytes_measure: traffic for measurement only (consensus distance).
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_measure: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)  # extra fields for metrics.jsonl
 
 

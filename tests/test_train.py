@@ -44,6 +44,12 @@ def test_default_job_learns_digits(ray_session, make_config):
     n_params = sum(p.numel() for p in torch.load(os.path.join(summary["run_dir"], "model.pt"),
                                                   weights_only=True).values())
     assert summary["bytes_sent"] == cfg.steps * 4 * n_params * 4  # float32 gradients
+    # up: the gradients that arrived; down: the parameters every worker read (the CNN has no
+    # BatchNorm buffers), every step
+    assert summary["bytes_up"] == summary["bytes_sent"]
+    assert summary["bytes_down"] == cfg.steps * 4 * n_params * 4
+    assert summary["bytes_measure"] == 0
+    assert rows[-1]["bytes_down"] == summary["bytes_down"]
     on_disk = json.load(open(os.path.join(summary["run_dir"], "summary.json")))
     assert on_disk["test_acc"] == summary["test_acc"]
     assert os.path.exists(os.path.join(summary["run_dir"], "config.yaml"))
