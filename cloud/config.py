@@ -65,11 +65,21 @@ class SimulatedCloudConfig(CloudConfig):
     notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
     on_demand_workers: int = opt(0, "workers placed on on-demand machines, never reclaimed",
                                  ge=0)
+    replace_delay_steps: int | None = opt(
+        -1, "steps a reclaimed worker's slot stays empty: its replacement takes part from step "
+        "reclaim + d + 1, as the planner's model says; it starts at once and waits for that "
+        "step (or joins late, counted in join_late_steps_mean). Wins over "
+        "cloud.replace_delay_s; -1 or null: off (replacements after cloud.replace_delay_s)",
+        ge=-1)
 
     def check(self, workers: int) -> None:
         if self.trace and self.preempt_prob:
             raise ConfigError("cloud.trace and cloud.preempt_prob are two preemption models; "
                               "set one of them")
+        if self.replace_delay_steps is not None and self.replace_delay_steps >= 0 and \
+                self.trace:
+            raise ConfigError("cloud.replace_delay_steps counts steps after a per-step reclaim "
+                              "(cloud.preempt_prob); with cloud.trace use cloud.replace_delay_s")
         if self.on_demand_workers > workers:
             raise ConfigError(f"cloud.on_demand_workers={self.on_demand_workers}: must be <= "
                               f"workers={workers}")

@@ -17,6 +17,8 @@ import math
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,10 @@ class Machine:
     node: Any = None  # the pool's handle for it (a Ray node for the simulated pool)
     reclaim_at: float | None = None  # set once a notice was given
     worker_pid: int | None = None  # the worker process on it, once started
+    # cloud.replace_delay_steps: the step from which its worker may take part (None: as soon
+    # as it is ready), and when that step began (time.monotonic(), once it has)
+    ready_step: int | None = None
+    due_at: float | None = None
 
 
 @dataclass
@@ -63,12 +69,15 @@ class Pool:
         self.machines_started = 0
         self.owns_ray = False  # True when the pool connected Ray (and so shuts it down)
         self.workers_here = False  # the workers compute on this machine's cores (local Ray)
+        self.watchdog: subprocess.Popen | None = None  # ends the local Ray if the driver dies
 
     # ---- protocol
     def start(self, n: int) -> list[Machine]:
         if not ray.is_initialized():  # else: a session the caller already started
             self._connect()
             self.owns_ray = True
+            if self.workers_here:  # a Ray started here, not a cluster joined
+                self.watchdog = watch_local_ray()
         machines = self._launch(self._markets(n))
         self._accrued_at = self._started_at = time.monotonic()
         return machines
@@ -120,6 +129,11 @@ class Pool:
     def shutdown(self) -> None:
         if self.owns_ray:
             ray.shutdown()
+        if self.watchdog is not None:  # an orderly end: Ray's own shutdown ends its processes
+            self.watchdog.terminate()
+            self.watchdog.wait()
+            self.watchdog.stdin.close()
+            self.watchdog = None
 
     # ---- helpers for subclasses
     def _connect(self) -> None:
@@ -197,8 +211,10 @@ class StaticPool(Pool):
 
 
 def join_cluster(ray_cfg: RayConfig, address: str) -> None:
-    """ray.init on an existing cluster. An address where nothing listens is a one-line error
-    at once: ray.init itself retries for minutes, then raises with a traceback."""
+    """ray.init on an existing cluster. An address where nothing listens, or a cluster with
+    token authentication joined without RAY_AUTH_MODE=token, is a one-line error at once:
+    ray.init itself retries (for minutes; for 20 s, with a warning a second), then raises
+    with a traceback or a message that does not say why."""
     key = "ray.address" if ray_cfg.address else "$RAY_ADDRESS"
     host, _, port = address.rpartition(":")
     if address != "auto" and "://" not in address:
@@ -208,6 +224,9 @@ def join_cluster(ray_cfg: RayConfig, address: str) -> None:
             raise ConfigError(f"{key}={address}: no Ray cluster answers there "
                               f"({getattr(e, 'strerror', None) or e}); start one with "
                               "`ray start --head` or fix the address") from None
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and wants_token(address):
+            raise ConfigError(f"{key}={address}: the cluster uses token authentication; set "
+                              "RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN or ~/.ray/auth_token)")
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as e:
@@ -215,6 +234,91 @@ def join_cluster(ray_cfg: RayConfig, address: str) -> None:
                           f"({str(e).splitlines()[0]})") from None
 
 
+def wants_token(address: str, timeout_s: float = 10.0) -> bool:
+    """Whether the GCS at host:port refuses a request without a token (Ray's token
+    authentication): one gRPC call, as Ray's own client would make it first. Anything else
+    (an answer, another error, no gRPC at hand) is False: ray.init then has its say."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return False
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
 def spot_rng(seed: int, step: int) -> random.Random:
     """Per-step preemption draws that depend only on (seed, step)."""
     return random.Random(seed * 1_000_003 + step)
+
+
+# The watchdog of a local Ray session (see `watch_local_ray`): a process of its own (no Ray,
+# no torch, only the standard library) that waits for EOF on stdin, i.e. for the driver to end,
+# however it ends, then terminates whatever is left of the session: SIGTERM, and SIGKILL after
+# a grace period (SIGTERM to the watchdog itself: the driver shut Ray down in order, nothing
+# to do). A process belongs to the session when its command line names the session
+# directory (GCS, raylet, monitors) or when it is a `ray::` process (agents, workers: their
+# command line is their title) with a file open in that directory (its logs). Zombies and
+# processes of other users are left alone.
+_WATCHDOG = r"""
+import os, signal, sys, time
+
+session, driver, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+marks = ((session + "/").encode(), (session + "\0").encode())
+
+def left():
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (driver, os.getpid()):
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            if stat[stat.rindex(b")") + 2:].startswith(b"Z"):
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read() + b"\0"
+            if any(mark in cmdline for mark in marks) or (cmdline.startswith(b"ray::") and any(
+                    os.readlink(f"/proc/{name}/fd/{fd}").startswith(session + "/")
+                    for fd in os.listdir(f"/proc/{name}/fd"))):
+                found.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+while sys.stdin.buffer.read(65536):
+    pass
+deadline = time.monotonic() + grace
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid in left():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    while sig == signal.SIGTERM and left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+"""
+
+
+def watch_local_ray(grace_s: float = 2.0) -> subprocess.Popen | None:
+    """Start the watchdog of the local Ray session this process started (Linux; elsewhere
+    None). Ray ties its processes to the driver's life (PR_SET_PDEATHSIG), but not the agents
+    its raylet starts: when a SIGKILLed driver takes the raylet with it, DashboardAgent and
+    RuntimeEnvAgent report the raylet's death to the GCS, which died too, and wait 60 s for
+    it, ignoring SIGTERM meanwhile. The watchdog ends them (and anything else of the session)
+    within `grace_s` of the driver's end; `Pool.shutdown` stops it after Ray's own."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if not sys.platform.startswith("linux") or node is None:
+        return None
+    session = os.path.realpath(node.get_session_dir_path())
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _WATCHDOG, session, str(os.getpid()), str(grace_s)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # Ctrl-C or a signal to the driver's group leaves it be

@@ -6,6 +6,13 @@ exactly one worker lands on it. A reclaim removes the node: its raylet and the w
 die, exactly as when a cloud takes an instance back. Replacements join as new nodes after
 cloud.replace_delay_s.
 
+With cloud.replace_delay_steps=d (which wins over replace_delay_s) the pool keeps one clock, the
+step: a replacement asked for in step s (a reclaim, a lost worker, a notice) is started at once,
+node and worker, and takes part from step s + d + 1 (Machine.ready_step; WorkerPool.admit
+holds a worker that is ready before its step) -- the slot is empty for exactly d steps, as in
+the planner's `slot_availability(q, steps, wait=d, start=0)`. A replacement whose boot takes
+longer than d steps joins when it is ready; WorkerPool counts by how much it was late.
+
 Preemption follows cloud.preempt_prob (each spot machine independently in each step, the
 volatile-instances model) or a price trace against a bid (a machine lives while price <= bid;
 trace time = cloud.time_scale x wall time). With cloud.notice_s the machine gets a notice that
@@ -51,6 +58,14 @@ class SimulatedPool(Pool):
         # thread, beside the training loop, the way a cloud boots machines while a job runs.
         self._node_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-node")
         self._adding: dict[int, Future] = {}  # machine id -> its add_node call
+        self._step = 0  # the step of the last poll: replacements asked for now count from it
+        self._due_steps: dict[str, list[int]] = {}  # market -> ready steps of its requests
+
+    @property
+    def delay_steps(self) -> int | None:
+        """cloud.replace_delay_steps when on (>= 0), else None (the seconds-based delay)."""
+        d = self.cloud.replace_delay_steps
+        return d if d is not None and d >= 0 else None
 
     def _markets(self, n: int) -> list[str]:
         """cloud.on_demand_workers machines on demand (never reclaimed), the rest spot."""
@@ -123,8 +138,13 @@ class SimulatedPool(Pool):
 
     # ---- preemption
     def poll(self, step: int) -> PollResult:
+        self._step = step
         result = super().poll(step)
         now = time.monotonic()
+        for machine in self.alive.values():  # replacements whose step has come
+            if machine.ready_step is not None and machine.ready_step <= step and \
+                    machine.due_at is None:
+                machine.due_at = now
         for machine in list(self.alive.values()):  # notices whose time is up
             if machine.reclaim_at is not None and machine.reclaim_at <= now:
                 self._reclaim(machine)
@@ -142,7 +162,9 @@ class SimulatedPool(Pool):
         spot = [m for m in self.alive.values() if m.market == "spot" and m.reclaim_at is None]
         if self.trace is None:  # each working spot worker independently, with probability q
             rng = spot_rng(self.job.seed, step)
-            working = sorted((m for m in spot if m.worker_pid is not None), key=lambda m: m.id)
+            # a worker takes part from its machine's ready step: drawn from then on
+            working = sorted((m for m in spot if m.worker_pid is not None and (
+                m.ready_step is None or m.ready_step <= step)), key=lambda m: m.id)
             return [m for m in working if rng.random() < self.cloud.preempt_prob]
         t = self._trace_time(now)
         if self.trace.price_at(t) > self.bid:
@@ -171,7 +193,23 @@ class SimulatedPool(Pool):
         return self.cloud.on_demand_price
 
     def _replace_delay(self) -> float:
-        return self.cloud.replace_delay_s
+        return 0.0 if self.delay_steps is not None else self.cloud.replace_delay_s
+
+    def _request(self, market: str) -> None:
+        """With cloud.replace_delay_steps, the request remembers the step its machine's worker
+        takes part from (requests of a market are launched in order)."""
+        asked = len(self._requests)
+        super()._request(market)
+        if self.delay_steps is not None and len(self._requests) > asked:  # (not over max_nodes)
+            self._due_steps.setdefault(market, []).append(self._step + self.delay_steps + 1)
+
+    def _launch(self, markets: list[str]) -> list[Machine]:
+        machines = super()._launch(markets)
+        for machine in machines:  # the first machines have no ready step: they work at once
+            due = self._due_steps.get(machine.market)
+            if due:
+                machine.ready_step = due.pop(0)
+        return machines
 
     def _may_join(self, market: str, now: float) -> bool:
         """A spot request is fulfilled only while the price is at or below the bid."""

@@ -246,7 +246,7 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
             events = pool.poll(step)  # machines that joined, got a notice, or go this step
             for machine in events.joined:
                 workers.add(machine)
-            progress.joins += workers.admit()
+            progress.joins += workers.admit(step)
             if events.noticed and training.checkpoint_before_drain:
                 checkpoint()  # what the noticed workers hold goes with their machines
             progress.preemptions += workers.drain(events.noticed)
@@ -303,6 +303,7 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     summary = {"run_dir": str(log.dir), "ray_address": ray_address,
                "test_acc": evaluate(final, data, cfg.eval.batch_size),
                **summary_counts(progress, t_start), **training.summary(),
+               **(workers.join_summary() if workers is not None else {}),
                "interrupted": interrupted, "signal": stop_signal, "error": error}
     log.finish(summary, progress.live)
     return summary

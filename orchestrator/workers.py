@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,9 @@ class WorkerPool:
 
     Workers on machines that join later start in the background and take part from the first
     step after they are ready; a worker that dies or hangs is dropped and its machine replaced.
+    A machine with a ready step (cloud.replace_delay_steps) holds its ready worker until that
+    step (`admit(step)`); one that is ready only later joins then, and `join_summary` says by
+    how many steps and seconds the replacements were late.
     """
 
     def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray], pool: Pool,
@@ -127,6 +131,11 @@ class WorkerPool:
         self.live: dict[int, tuple[ray.actor.ActorHandle, Machine]] = {}
         self.starting: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, Machine]] = {}
         self.idle: list[Machine] = []  # machines without a worker (no vacant rank yet)
+        self.booted: dict[int, tuple[ray.actor.ActorHandle, Machine]] = {}  # ready, not due
+        self.ready_at: dict[int, float] = {}  # machine id -> when its worker was ready
+        # one entry per replacement that joined: (latency_s, late_steps, late_s); the late
+        # figures are None for a machine without a ready step
+        self.join_log: list[tuple[float, int | None, float | None]] = []
 
     def start(self, machines: list[Machine]) -> None:
         """Start the first workers and wait until all of them are ready."""
@@ -148,7 +157,8 @@ class WorkerPool:
     def fill(self) -> None:
         """Start workers on idle machines for the vacant ranks."""
         self.idle = [m for m in self.idle if m.id in self.pool.alive]
-        taken = set(self.live) | {rank for rank, _, _ in self.starting.values()}
+        taken = set(self.live) | set(self.booted) | {
+            rank for rank, _, _ in self.starting.values()}
         for rank in sorted(set(range(self.cfg.workers)) - taken)[:len(self.idle)]:
             machine = self.idle.pop(0)
             actor = self.step.actor_class.options(
@@ -158,22 +168,61 @@ class WorkerPool:
                 **self.step.actor_kwargs(rank, self))
             self.starting[actor.ready.remote()] = (rank, actor, machine)
 
-    def admit(self) -> int:
-        """Workers that finished starting join; returns how many did."""
+    def admit(self, step: int | None = None) -> int:
+        """Workers that finished starting join; returns how many did. With `step` (the step
+        about to run), a worker whose machine has a ready step waits until `step` reaches it;
+        without, every ready worker joins (the first workers, cloud=local)."""
         self.fill()
-        if not self.starting:
-            return 0
-        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        now = time.monotonic()
+        if self.starting:
+            ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+            for ref in ready:
+                rank, actor, machine = self.starting.pop(ref)
+                try:
+                    machine.worker_pid = ray.get(ref)
+                except RayActorError:  # its machine went away while it started
+                    self.pool.lost(machine)
+                    continue
+                self.booted[rank] = (actor, machine)
+                self.ready_at[machine.id] = now
         joined = 0
-        for ref in ready:
-            rank, actor, machine = self.starting.pop(ref)
-            try:
-                machine.worker_pid = ray.get(ref)
-                self.live[rank] = (actor, machine)
-                joined += 1
-            except RayActorError:  # its machine went away while it started
-                self.pool.lost(machine)
+        for rank, (actor, machine) in sorted(self.booted.items()):
+            if machine.id not in self.pool.alive:  # reclaimed before its step
+                del self.booted[rank]
+                self.ready_at.pop(machine.id, None)
+                ray.kill(actor, no_restart=True)
+                continue
+            due = machine.ready_step
+            if step is not None and due is not None and step < due:
+                continue  # ready early: it waits for its step
+            del self.booted[rank]
+            self.live[rank] = (actor, machine)
+            joined += 1
+            ready_at = self.ready_at.pop(machine.id, now)
+            if step is None:
+                continue  # the first workers are no replacements
+            late_steps = late_s = None
+            if due is not None:
+                late_steps = max(0, step - due)
+                late_s = max(0.0, ready_at - machine.due_at) if machine.due_at is not None \
+                    and late_steps else 0.0
+            self.join_log.append((ready_at - machine.joined_at, late_steps, late_s))
         return joined
+
+    def join_summary(self) -> dict:
+        """The replacements that joined in this run (since its start or resume):
+        join_latency_s_mean, from the machine's launch to its worker being ready (node start,
+        worker process, imports, data); and with cloud.replace_delay_steps, joins_late (how
+        many took part after their step), join_late_steps_mean and join_late_s_mean (steps and
+        seconds beyond the step, 0 for one on time)."""
+        log = self.join_log
+        late = [(steps, s) for _, steps, s in log if steps is not None]
+        out = {"join_latency_s_mean": float(np.mean([t for t, _, _ in log])) if log else 0.0}
+        if late or getattr(self.pool, "delay_steps", None) is not None:
+            out.update(joins_late=sum(1 for steps, _ in late if steps > 0),
+                       join_late_steps_mean=float(np.mean([n for n, _ in late])) if late else 0.0,
+                       join_late_s_mean=float(np.mean([s for _, s in late])) if late else 0.0)
+        return out
 
     def drain(self, machines: list[Machine]) -> int:
         """Workers on machines under notice leave cleanly: no more steps, process exits."""
@@ -185,6 +234,10 @@ class WorkerPool:
         for ref, (_, _, m) in list(self.starting.items()):
             if m.id in ids:
                 del self.starting[ref]
+        for rank, (actor, m) in list(self.booted.items()):
+            if m.id in ids:
+                del self.booted[rank]
+                actor.__ray_terminate__.remote()
         return len(drained)
 
     def stop(self) -> None:
@@ -192,10 +245,11 @@ class WorkerPool:
         this Ray session (gossip workers hold handles to each other: left to Ray, they
         outlived their run by seconds, and the next run's workers waited for their CPUs)."""
         actors = [a for a, _ in self.live.values()] + [a for _, a, _ in self.starting.values()]
-        for actor in actors:
+        for actor in actors + [a for a, _ in self.booted.values()]:
             ray.kill(actor, no_restart=True)
         self.live.clear()
         self.starting.clear()
+        self.booted.clear()
 
     def gradients(self, state_ref: ray.ObjectRef, step: int,
                   reclaim: list[Machine]) -> tuple[list[GradientResult], int]:

@@ -169,3 +169,145 @@ def test_a_booting_replacement_is_billed_but_does_not_hold_the_loop(make_config)
         assert pool.costs()[0] > cost  # billed all along
     finally:
         pool.shutdown()
+
+
+# --------------------------------------------------------------------------- one clock: steps
+def test_replace_delay_steps_is_checked_with_the_preemption_model():
+    cfg = load_config(["cloud=simulated", "cloud.preempt_prob=0.1", "cloud.replace_delay_steps=5"])
+    assert cfg.cloud.replace_delay_steps == 5
+    assert load_config(["cloud=simulated"]).cloud.replace_delay_steps == -1  # off by default
+    with pytest.raises(ConfigError, match="cloud.replace_delay_steps=-2: must be >= -1"):
+        load_config(["cloud=simulated", "cloud.replace_delay_steps=-2"])
+    with pytest.raises(ConfigError, match="with cloud.trace use cloud.replace_delay_s"):
+        load_config(["cloud=simulated", "cloud.trace=x.csv", "cloud.replace_delay_steps=0"])
+
+
+def _bare_worker_pool(alive: dict):
+    """A WorkerPool without Ray: only what admit() reads (no worker is starting)."""
+    from types import SimpleNamespace
+
+    from orchestrator.workers import WorkerPool
+
+    wp = WorkerPool.__new__(WorkerPool)
+    wp.cfg = SimpleNamespace(workers=2)
+    wp.pool = SimpleNamespace(alive=alive, delay_steps=3)
+    wp.live, wp.starting, wp.idle, wp.booted, wp.ready_at, wp.join_log = {}, {}, [], {}, {}, []
+    return wp
+
+
+def test_admit_holds_a_ready_worker_until_its_step_and_counts_lateness():
+    import time
+
+    from cloud.pool import Machine
+
+    now = time.monotonic()
+    early = Machine(1, "spot", now - 5.0, ready_step=7)  # ready before its step
+    late = Machine(2, "spot", now - 9.0, ready_step=3, due_at=now - 2.0)  # ready after it
+    wp = _bare_worker_pool({1: early, 2: late})
+    wp.booted = {0: ("actor0", early)}
+    wp.ready_at = {1: now - 1.0}
+    assert wp.admit(5) == 0 and wp.admit(6) == 0 and 0 in wp.booted and not wp.live
+    assert wp.admit(7) == 1 and wp.live == {0: ("actor0", early)} and not wp.booted
+    wp.booted = {1: ("actor1", late)}
+    wp.ready_at = {2: now}
+    assert wp.admit(6) == 1  # its step was 3: it takes part 3 steps late
+    (lat0, steps0, s0), (lat1, steps1, s1) = wp.join_log
+    assert (steps0, s0) == (0, 0.0) and lat0 == pytest.approx(4.0)
+    assert steps1 == 3 and s1 == pytest.approx(2.0) and lat1 == pytest.approx(9.0)
+    summary = wp.join_summary()
+    assert summary["joins_late"] == 1 and summary["join_late_steps_mean"] == 1.5
+    assert summary["join_late_s_mean"] == pytest.approx(1.0)
+    assert summary["join_latency_s_mean"] == pytest.approx(6.5)
+    # without a step (the first workers, cloud=local) a ready worker joins at once, uncounted
+    other = Machine(3, "spot", now, ready_step=100)
+    wp.pool.alive[3] = other
+    wp.booted = {0: ("actor3", other)}
+    assert wp.admit() == 1 and len(wp.join_log) == 2
+
+
+def _drive(pool, workers, step: int) -> None:
+    """What the run frame does before a step: poll, hand joined machines over, admit."""
+    for machine in pool.poll(step).joined:
+        workers.add(machine)
+    workers.admit(step)
+
+
+def test_a_replacement_takes_part_exactly_d_steps_after_the_reclaim(make_config):
+    """cloud.replace_delay_steps=d on a real simulated pool: a worker reclaimed in step s is
+    replaced at once (node and worker) and takes part from step s + d + 1, the planner's
+    slot_availability(q, steps, wait=d, start=0) convention, even though it is ready before;
+    one that is not ready by then joins when it is, and its lateness is counted. The steps
+    here wait for the boot (seconds on a small machine), as slow training steps would."""
+    import time
+
+    from cloud.simulated import SimulatedPool
+    from orchestrator.data import load_dataset, partition
+    from orchestrator.models import build_model
+    from orchestrator.planner import slot_availability
+    from orchestrator.run import make_step
+    from orchestrator.workers import WorkerPool
+
+    d = 3
+    cfg = make_config("cloud=simulated", "workers=1", "model=mlp",
+                      f"cloud.replace_delay_steps={d}")
+    # the model's convention: the share q of slots reclaimed in step 1 works again in step
+    # 1 + d + 1 (index d + 1), not before
+    q = 0.1
+    working = slot_availability(q, d + 3, wait=d, start=0)[0] / (1 - q)
+    assert working[d] == pytest.approx((1 - q) ** d)
+    assert working[d + 1] == pytest.approx((1 - q) ** (d + 1) + q)
+    data = load_dataset(cfg.data, cfg.seed)
+    shards = partition(data.y_train, 1, cfg.data, cfg.seed, data.num_classes)
+    training = make_step(cfg, build_model(cfg.model, data.input_shape, data.num_classes))
+    pool = SimulatedPool(cfg.cloud, job_spec(cfg))
+    try:
+        machines = pool.start(1)
+        workers = WorkerPool(cfg, data, shards, pool, training)
+        workers.start(machines)
+        (_, first), = workers.live.values()
+        _drive(pool, workers, 1)
+        workers.live.clear()  # the step-1 reclaim, as WorkerPool.call does it
+        pool.reclaim([first])
+        deadline = time.monotonic() + 60
+        _drive(pool, workers, 2)
+        while not workers.booted and time.monotonic() < deadline:  # step 2 lasts the boot
+            time.sleep(0.05)
+            _drive(pool, workers, 2)
+        (_, machine), = workers.booted.values()
+        assert machine.ready_step == 1 + d + 1 and not workers.live  # ready, held back
+        for step in range(3, 1 + d + 1):
+            _drive(pool, workers, step)
+            assert not workers.live, step
+        _drive(pool, workers, 1 + d + 1)
+        assert [m for _, m in workers.live.values()] == [machine]
+        assert workers.join_log[-1][1:] == (0, 0.0)
+        # a boot longer than d steps: d=0 and the next step comes at once
+        pool.cloud.replace_delay_steps = 0
+        workers.live.clear()
+        pool.reclaim([machine])
+        step = 1 + d + 2
+        _drive(pool, workers, step)
+        while not workers.live and time.monotonic() < deadline:
+            time.sleep(0.05)
+            step += 1
+            _drive(pool, workers, step)
+        (_, replacement), = workers.live.values()
+        assert replacement.ready_step == 1 + d + 2 and step > replacement.ready_step
+        assert workers.join_log[-1][1] == step - replacement.ready_step
+        assert workers.join_log[-1][2] > 0
+        summary = workers.join_summary()
+        assert summary["joins_late"] == 1 and summary["join_latency_s_mean"] > 0
+        workers.stop()
+    finally:
+        pool.shutdown()
+
+
+def test_the_summary_reports_join_lateness(make_config):
+    summary = train(make_config("cloud=simulated", "workers=2", "model=mlp", "steps=40",
+                                "cloud.preempt_prob=0.05", "cloud.replace_delay_steps=0",
+                                "run.name=late", "checkpoint.every_steps=0"))
+    assert summary["steps_done"] == 40 and summary["preemptions"] >= 1
+    for key in ("join_latency_s_mean", "joins_late", "join_late_steps_mean", "join_late_s_mean"):
+        assert key in summary, key
+    assert json.load(open(os.path.join(summary["run_dir"], "summary.json")))["joins_late"] == \
+        summary["joins_late"]

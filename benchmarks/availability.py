@@ -1,0 +1,276 @@
+"""Live workers on the simulated spot pool against the planner's volatile-instances model.
+
+    python benchmarks/availability.py [--q 0.01,0.03,0.05] [--d 0,5,20] [--seeds 0,1]
+                                      [--steps 400] [--warmup 50] [--joins 3]
+
+Two parts, both written into benchmarks/availability.md between `<!-- generated -->` and
+`<!-- end generated -->` (the reading notes outside the markers are kept):
+
+1. where a replacement's join time goes: on an otherwise idle simulated pool, one machine is
+   reclaimed `--joins` times, and each replacement is timed from the request to the driver
+   seeing its worker ready: the Ray node (`Cluster.add_node`, on the pool's helper thread),
+   the worker process (its creation time), the worker's bootstrap and imports (the actor
+   class unpickles orchestrator.workers: torch), the data shipped to its node (ray.get of
+   the training arrays, timed inside the actor), the model build, and the answer;
+2. for each (q, d) and seed, a real `squall train cloud=simulated cloud.preempt_prob=q
+   cloud.replace_delay_steps=d workers=4 model=mlp` run: live workers per step after the
+   first `--warmup` steps against the planner's E[y] = n * mean(slot_availability(q, steps,
+   wait=d, start=0)) over the same steps; a cell passes when |median/E[y] - 1| <= 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from orchestrator.planner import slot_availability  # noqa: E402
+
+MD = ROOT / "benchmarks" / "availability.md"
+START, END = "<!-- generated -->", "<!-- end generated -->"
+TOLERANCE = 0.05
+NOTES = """## Reading notes
+
+(Kept across reruns: only the part between the markers is regenerated.)
+"""
+
+
+# --------------------------------------------------------------------------- the model
+def expected_live(q: float, d: int, steps: int, warmup: int, n: int) -> float:
+    """The planner's E[y] per step, averaged over steps warmup+1..steps."""
+    answer, _ = slot_availability(q, steps, wait=d, start=0)
+    return n * float(answer[warmup:].mean())
+
+
+def verdict(measured: float, expected: float) -> tuple[float, bool]:
+    ratio = measured / expected if expected else float("nan")
+    return ratio, abs(ratio - 1) <= TOLERANCE
+
+
+# --------------------------------------------------------------------------- join timing
+def time_joins(joins: int) -> list[dict]:
+    """Timestamps (time.time(), seconds from the request) of `joins` replacements."""
+    import ray
+
+    from cloud.simulated import SimulatedPool
+    from orchestrator.config import job_spec, load_config
+    from orchestrator.data import load_dataset, partition
+    from orchestrator.models import build_model
+    from orchestrator.parameter_server import ParameterServer
+    from orchestrator.workers import Worker, WorkerPool
+
+    class TimedWorker(Worker):
+        """The real worker, with the data refs fetched (and timed) inside __init__."""
+
+        def __init__(self, rank, x_ref, y_ref, *args, **kwargs):
+            self.t_enter = time.time()
+            self.t_proc = process_created()
+            x, y = ray.get([x_ref[0], y_ref[0]])
+            self.t_data = time.time()
+            super().__init__(rank, x, y, *args, **kwargs)
+            self.t_built = time.time()
+
+        def times(self) -> dict:
+            return {"proc": self.t_proc, "enter": self.t_enter, "data": self.t_data,
+                    "built": self.t_built}
+
+    cfg = load_config(["cloud=simulated", "workers=1", "model=mlp", "cloud.replace_delay_s=0",
+                       "log.progress=false"])
+    data = load_dataset(cfg.data, cfg.seed)
+    shards = partition(data.y_train, 1, cfg.data, cfg.seed, data.num_classes)
+    training = ParameterServer(cfg, build_model(cfg.model, data.input_shape, data.num_classes))
+    training.actor_class = ray.remote(TimedWorker)
+    pool = SimulatedPool(cfg.cloud, job_spec(cfg))
+    rows = []
+    try:
+        machines = pool.start(1)
+        workers = WorkerPool(cfg, data, shards, pool, training)
+        workers.args = ([workers.args[0]], [workers.args[1]])  # refs, fetched by the actor
+        workers.start(machines)
+        data_mb = (data.x_train.nbytes + data.y_train.nbytes) / 2**20
+        for step in range(1, joins + 1):
+            (_, machine), = workers.live.values()
+            workers.live.clear()
+            t_req = time.time()
+            pool._step = step
+            pool.reclaim([machine])
+            node_done: dict = {}
+            while True:  # the node: poll until the pool hands the machine over
+                joined = pool.poll(step).joined
+                for m in pool.alive.values():
+                    fut = pool._adding.get(m.id)
+                    if fut is not None and "cb" not in node_done:
+                        node_done["cb"] = True
+                        fut.add_done_callback(
+                            lambda _, done=node_done: done.setdefault("t", time.time()))
+                if joined:
+                    break
+                time.sleep(0.005)
+            t_launch = time.time() - (time.monotonic() - joined[0].joined_at)
+            t_node = node_done.get("t", time.time())
+            workers.add(joined[0])
+            while not workers.admit():
+                time.sleep(0.005)
+            t_ready = time.time()
+            (actor, _), = workers.live.values()
+            inner = ray.get(actor.times.remote())
+            rows.append({"launch": t_launch - t_req, "node": t_node - t_req,
+                         "proc": inner["proc"] - t_req, "enter": inner["enter"] - t_req,
+                         "data": inner["data"] - t_req, "built": inner["built"] - t_req,
+                         "ready": t_ready - t_req, "data_mb": data_mb})
+        workers.stop()
+    finally:
+        pool.shutdown()
+    return rows
+
+
+def process_created() -> float:
+    """time.time() at which this process was created (Linux /proc; 10 ms resolution)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def import_seconds() -> float:
+    """A fresh interpreter with Ray imported: seconds to import orchestrator.workers (torch)."""
+    code = ("import time, ray; t = time.perf_counter(); import orchestrator.workers; "
+            "print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.split()[-1])
+
+
+def join_table(rows: list[dict], imports_s: float) -> str:
+    med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+    phases = [
+        ("request -> machine launched (next poll)", 0.0, med["launch"]),
+        ("Ray node up (`Cluster.add_node` on the helper thread)", med["launch"], med["node"]),
+        ("node up -> worker process created", med["node"], med["proc"]),
+        ("process -> actor `__init__` (Ray worker bootstrap, class unpickled: imports)",
+         med["proc"], med["enter"]),
+        (f"training data shipped to the node (ray.get of {med['data_mb']:.2f} MiB)",
+         med["enter"], med["data"]),
+        ("shard copy and model build", med["data"], med["built"]),
+        ("`ready()` answer seen by the driver (admit polls)", med["built"], med["ready"]),
+    ]
+    lines = ["| phase | seconds (median) | share |", "| --- | ---: | ---: |"]
+    for name, a, b in phases:
+        lines.append(f"| {name} | {b - a:.2f} | {(b - a) / med['ready']:.0%} |")
+    lines.append(f"| **request -> worker ready** | **{med['ready']:.2f}** | 100% |")
+    each = ", ".join(f"{r['ready']:.2f}" for r in rows)
+    lines += ["", f"Each join (s): {each}. For scale: importing `orchestrator.workers` (torch) "
+              f"in a fresh interpreter with Ray already imported takes {imports_s:.2f} s."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the grid
+def run_cell(q: float, d: int, seed: int, steps: int, out: Path) -> dict:
+    name = f"q{q:g}-d{d}-s{seed}"
+    cmd = [sys.executable, "-m", "orchestrator", "train", "cloud=simulated",
+           f"cloud.preempt_prob={q:g}", f"cloud.replace_delay_steps={d}", "workers=4",
+           "model=mlp", f"steps={steps}", f"seed={seed}", f"run.dir={out}", f"run.name={name}",
+           "log.progress=false", "eval.every=0", "checkpoint.every_steps=0"]
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / name / "summary.json").read_text())
+    live = [json.loads(line)["live_workers"] for line in open(out / name / "metrics.jsonl")]
+    return {"live": live, "summary": summary, "seconds": time.perf_counter() - t}
+
+
+def grid_table(cells: dict, steps: int, warmup: int, n: int) -> str:
+    lines = ["| q | d | E[y] (planner) | measured y, median | every seed | ratio | verdict | "
+             "joins late / joins | late steps (mean) | join latency s (mean) |",
+             "| ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+    for (q, d), runs in sorted(cells.items()):
+        expected = expected_live(q, d, steps, warmup, n)
+        each = [float(np.mean(r["live"][warmup:])) for r in runs]
+        med = float(np.median(each))
+        ratio, ok = verdict(med, expected)
+        s = [r["summary"] for r in runs]
+        late = sum(x.get("joins_late", 0) for x in s)
+        joins = sum(x["joins"] for x in s)
+        late_steps = np.mean([x.get("join_late_steps_mean", 0.0) for x in s])
+        latency = np.mean([x.get("join_latency_s_mean", 0.0) for x in s])
+        lines.append(f"| {q:g} | {d} | {expected:.3f} | {med:.3f} | "
+                     f"{', '.join(f'{e:.3f}' for e in each)} | {ratio:.3f} | "
+                     f"{'pass' if ok else 'FAIL'} | {late} / {joins} | {late_steps:.1f} | "
+                     f"{latency:.2f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the file
+def write_generated(text: str) -> None:
+    old = MD.read_text() if MD.exists() else (
+        f"# Availability: the simulated spot pool against the planner\n\n{START}\n{END}\n\n"
+        f"{NOTES}")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    block = f"{START}\n{text}\n{END}"
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old}\n{block}\n"
+    MD.write_text(new)
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--q", default="0.01,0.03,0.05")
+    ap.add_argument("--d", default="0,5,20")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--joins", type=int, default=3, help="replacements timed (0: skip)")
+    ap.add_argument("--out", default="/tmp/squall-availability")
+    args = ap.parse_args(argv)
+    qs = [float(x) for x in args.q.split(",") if x]
+    ds = [int(x) for x in args.d.split(",") if x]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    command = "python benchmarks/availability.py " + " ".join(argv or sys.argv[1:])
+    parts = [f"Command: `{command.strip()}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}  ",
+             f"Machine: {machine()}", ""]
+    if args.joins:
+        rows = time_joins(args.joins)
+        parts += [f"### Where a join's time goes ({args.joins} replacements, idle pool, "
+                  "workers=1, model=mlp)", "", join_table(rows, import_seconds()), ""]
+        print("\n".join(parts), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells: dict = {}
+    for q in qs:
+        for d in ds:
+            for seed in seeds:
+                r = run_cell(q, d, seed, args.steps, out)
+                cells.setdefault((q, d), []).append(r)
+                print(f"q={q:g} d={d} seed={seed}: live "
+                      f"{np.mean(r['live'][args.warmup:]):.3f} "
+                      f"(E[y] {expected_live(q, d, args.steps, args.warmup, 4):.3f}) "
+                      f"in {r['seconds']:.0f} s", flush=True)
+    if cells:
+        parts += [f"### Live workers vs the planner ({args.steps} steps, the first "
+                  f"{args.warmup} skipped as warm-up, workers=4, model=mlp, seeds "
+                  f"{', '.join(map(str, seeds))}; verdict: |median/E[y] - 1| <= "
+                  f"{TOLERANCE:.0%})", "", grid_table(cells, args.steps, args.warmup, 4)]
+    write_generated("\n".join(parts))
+    print(f"wrote {MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
