@@ -372,6 +372,20 @@ def _resolve_defaults(cfg: Config) -> None:
         cfg.strategy.gamma = gossip_gamma(cfg.strategy)
 
 
+def _check_attack(cfg: Config) -> None:
+    """An attack that cannot be forged even with every worker present would skip every step."""
+    from strategies.attacks import AttackUndefined, alie_z
+
+    byz = cfg.byzantine
+    if byz.f and byz.attack == "alie" and byz.z is None:
+        try:
+            alie_z(cfg.workers, byz.f)
+        except AttackUndefined:
+            raise ConfigError(f"byzantine.attack=alie with workers={cfg.workers}, byzantine.f="
+                              f"{byz.f}: the default z is undefined (no majority to win over);"
+                              " set byzantine.z") from None
+
+
 def _check_combinations(cfg: Config) -> None:
     """Rules that involve several fields (each family's own: its class's check())."""
     from strategies.rules import check_workers  # torch: the rules are loaded by now anyway
@@ -391,6 +405,7 @@ def _check_combinations(cfg: Config) -> None:
         st.check()
         return
     f = byz.f if st.f is None else st.f
+    _check_attack(cfg)
     n = _rows_after_preaggregation(st, cfg.workers)
     if reason := check_workers(st.name, n, f):
         raise ConfigError(f"strategy={st.name} with workers={cfg.workers}: {reason}")

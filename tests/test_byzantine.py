@@ -34,6 +34,8 @@ from strategies.rules.trimmed_mean import trimmed_mean
     (["byzantine.f=4", "workers=4"], "byzantine.f=4: must be < workers=4"),
     (["byzantine.attack=flip"], "byzantine.attack=flip: not allowed; valid: sign_flip, "
                                 "gaussian, alie, ipm, bulyan_coord, nan, label_flip"),
+    (["workers=3", "byzantine.f=2", "byzantine.attack=alie"],
+     "byzantine.attack=alie with workers=3, byzantine.f=2: the default z is undefined"),
     (["strategy=multi_krum", "workers=7", "byzantine.f=1", "strategy.m=7"],
      "strategy.m=7: must be <= workers - f = 6"),
 ])

@@ -110,3 +110,41 @@ def test_ray_job_submit(cluster, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["ray_address"] == gcs and summary["steps_done"] == 20
+
+
+def test_a_token_cluster_joined_without_token_mode_is_one_line_at_once(tmp_path):
+    """`ray start --head` turns token authentication on where a token exists (here
+    ~/.ray/auth_token); ray.init with an explicit address never does: it printed an
+    InvalidAuthToken warning a second for 20 s, then an error that did not say why. Now one
+    gRPC call finds out first (on a loaded machine the interpreter's start-up alone can take
+    seconds, so the test checks the one line, not the time)."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(home)
+    gcs = free_port()
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # until the GCS listens
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                socket.create_connection(("127.0.0.1", gcs), timeout=2).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "the head's GCS did not start"
+                time.sleep(0.5)
+        address = f"127.0.0.1:{gcs}"
+        proc = subprocess.run([*squall_args(tmp_path, "token"), f"ray.address={address}"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip() == (
+            f"squall: error: ray.address={address}: the cluster uses token authentication; "
+            "set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
