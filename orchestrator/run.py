@@ -93,6 +93,20 @@ class Progress:
     wall_s: float = 0.0
     live: list[int] = field(default_factory=list)  # live workers in each step
 
+    def count(self, step: int, outcome: StepOutcome) -> None:
+        """Add what step `step` did."""
+        self.step = step
+        self.preemptions += outcome.lost
+        if outcome.loss is not None:
+            self.loss = outcome.loss
+        if not outcome.updated:  # nobody (or too few) answered
+            self.skipped_steps += 1
+        self.live.append(outcome.answered)
+        self.bytes_sent += outcome.bytes_sent
+        self.bytes_up += outcome.bytes_up
+        self.bytes_down += outcome.bytes_down
+        self.bytes_measure += outcome.bytes_measure
+
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int) -> float:
@@ -253,21 +267,11 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
 
             outcome = training.run(step, workers, events.reclaim_now)
 
-            progress.preemptions += outcome.lost
-            if outcome.loss is not None:
-                progress.loss = outcome.loss
-            if not outcome.updated:  # nobody (or too few) answered: the step's time passes
-                progress.skipped_steps += 1
+            progress.count(step, outcome)
             if outcome.answered:
                 typical_step_s = 0.9 * typical_step_s + 0.1 * (time.perf_counter() - t0)
-            else:
+            else:  # nobody answered: no update, and the step's time still passes
                 time.sleep(typical_step_s)
-            progress.step = step
-            progress.live.append(outcome.answered)
-            progress.bytes_sent += outcome.bytes_sent
-            progress.bytes_up += outcome.bytes_up
-            progress.bytes_down += outcome.bytes_down
-            progress.bytes_measure += outcome.bytes_measure
             record = step_record(step, outcome, progress, pool, cost0, t0, t_start)
             if due(cfg.eval.every, step, cfg.steps):
                 if (eval_model := training.eval_model(workers)) is not None:

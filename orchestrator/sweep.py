@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from cloud.pool import watch_local_ray
 from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.metrics import format_table, format_value
 from orchestrator.preflight import preflight
@@ -122,6 +123,7 @@ def share_local_ray(configs: list[Config]) -> bool:
                                      math.ceil(c.workers * c.worker.num_cpus)) for c in configs)
     ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING,
              include_dashboard=any(c.ray.dashboard for c in configs))
+    watch_local_ray()  # a killed sweep leaves no Ray process behind (it ends with the sweep)
     return True
 
 
