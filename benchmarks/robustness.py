@@ -37,7 +37,8 @@ import torch
 from orchestrator.config import Config, load_config
 from orchestrator.data import batch_indices, load_dataset, partition
 from orchestrator.models import build_model, float_buffers
-from orchestrator.parameter_server import Aggregation, build_optimizer
+from orchestrator.optimizer import build_optimizer
+from orchestrator.parameter_server import Aggregation
 from orchestrator.run import evaluate, train
 from strategies.attacks import alie_z, flip_labels
 from strategies.bitpack import pack_signs, unpack_signs

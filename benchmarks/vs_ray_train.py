@@ -43,7 +43,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from benchmarks.md_parts import write_part  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.metrics import read_metrics  # noqa: E402
-from orchestrator.parameter_server import build_optimizer  # noqa: E402
+from orchestrator.optimizer import build_optimizer  # noqa: E402
 from orchestrator.run import train  # noqa: E402
 
 MD = Path(__file__).with_suffix(".md")

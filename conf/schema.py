@@ -46,7 +46,8 @@ def check_value(key: str, meta: dict, value: Any) -> None:
                     noun = getattr(meta["choices"], "kind", "value").split()[-1]
                     raise ConfigError(f"{key}={list(value)}: unknown {noun} '{item}'; "
                                       f"valid: {listed}")
-        elif value not in valid:
+        elif value not in valid and not (meta.get("any_case") and str(value).lower() in {
+                str(v).lower() for v in valid}):
             raise ConfigError(f"{key}={value}: not allowed; valid: {listed}")
     for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):

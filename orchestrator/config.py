@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cloud.config import CLOUDS, CloudConfig, JobSpec, RayConfig, cloud_config_class
 from conf.schema import ConfigError, check_value, choice_names, opt
+from orchestrator.optimizer import OptimConfig, check_optimizer
 from strategies.config import (
     GOSSIP,
     GossipConfig,
@@ -82,14 +83,6 @@ class ModelConfig:
     name: str = opt("cnn", "model architecture; pick it with model=<name>")
     width: int = opt(32, "channels of the first conv layer (cnn)", ge=1)
     hidden: int = opt(128, "hidden units (mlp, and the cnn's classifier)", ge=1)
-
-
-@dataclass
-class OptimConfig:
-    name: str = opt("sgd", "optimizer run by the driver", choices=["sgd", "adam"])
-    lr: float = opt(0.05, "learning rate", gt=0)
-    momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
-    weight_decay: float = opt(0.0, "L2 weight decay", ge=0)
 
 
 @dataclass
@@ -305,9 +298,18 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _set(cfg: DictConfig, info: FieldInfo, value: Any, origin: str) -> None:
+def _dict_field(key: str, fields: dict[str, FieldInfo]) -> FieldInfo | None:
+    """The field that `key` names, or the dict field it is an entry of (optim.args.betas)."""
+    if key in fields:
+        return fields[key]
+    parent = key.rpartition(".")[0]
+    info = fields.get(parent)
+    return info if info is not None and get_origin(info.type) is dict else None
+
+
+def _set(cfg: DictConfig, key: str, info: FieldInfo, value: Any, origin: str) -> None:
     try:
-        OmegaConf.update(cfg, info.key, value, merge=False)
+        OmegaConf.update(cfg, key, value, merge=False)
     except OmegaConfBaseException:
         raise ConfigError(f"{origin}: expected {type_name(info.type)}") from None
 
@@ -331,7 +333,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
             if value not in valid:
                 raise ConfigError(f"{key}={value}: unknown option; valid: {', '.join(valid)}")
             choices[key] = value
-        elif key in every_field:
+        elif _dict_field(key, every_field) is not None:
             if key.endswith(".name") and key.split(".")[0] in GROUPS:
                 raise ConfigError(f"{key}: pick it with {key.split('.')[0]}=<option>")
             sets.append((key, value, text))
@@ -342,7 +344,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
     schemas = {g: schema_class(g, choices[g]) for g in FAMILIES}
     fields = schema_fields(schemas=schemas)
     for key, _, _ in sets:
-        if key not in fields:
+        if _dict_field(key, fields) is None:
             group = key.split(".")[0]
             raise ConfigError(_foreign_key(key, group, choices[group]))
     cfg = OmegaConf.structured(Config(**{g: cls() for g, cls in schemas.items()}))
@@ -355,7 +357,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
         top[group] = {**values, "name": option}
     cfg = OmegaConf.merge(cfg, top)
     for key, value, text in sets:
-        _set(cfg, fields[key], value, text)
+        _set(cfg, key, _dict_field(key, fields), value, text)
 
     config = OmegaConf.to_object(cfg)
     for key, info in fields.items():
@@ -370,6 +372,16 @@ def _resolve_defaults(cfg: Config) -> None:
     so that the resolved config shows the step size the run uses."""
     if isinstance(cfg.strategy, GossipConfig):
         cfg.strategy.gamma = gossip_gamma(cfg.strategy)
+
+
+def _check_gossip_optim(optim: OptimConfig) -> None:
+    """Gossip workers run their own SGD with momentum at a constant rate."""
+    defaults = OptimConfig()
+    for key in ("name", "args", "schedule", "warmup_steps", "clip_norm"):
+        if getattr(optim, key) != getattr(defaults, key) and not (
+                key == "name" and optim.name.lower() == "sgd"):
+            raise ConfigError(f"optim.{key} applies to the parameter-server rules; gossip "
+                              "workers run SGD with momentum at optim.lr")
 
 
 def _check_attack(cfg: Config) -> None:
@@ -402,9 +414,11 @@ def _check_combinations(cfg: Config) -> None:
         if byz.f:
             raise ConfigError("byzantine.f: Byzantine workers are simulated with the "
                               "parameter-server rules, not with strategy=gossip")
+        _check_gossip_optim(cfg.optim)
         st.check()
         return
     f = byz.f if st.f is None else st.f
+    check_optimizer(cfg.optim)
     _check_attack(cfg)
     n = _rows_after_preaggregation(st, cfg.workers)
     if reason := check_workers(st.name, n, f):
@@ -441,12 +455,34 @@ def _rows_after_preaggregation(st: StrategyConfig, n: int) -> int:
     return preaggregation_chain(st.pre, st, identity).rows(n)
 
 
+REDACTED = "<redacted>"
+
+
+def _redacted(obj: Any) -> Any:
+    """A copy of a config dataclass whose fields marked secret (metadata secret=True, e.g.
+    cloud.setup) hold REDACTED instead of their value (a list: [REDACTED]; empty stays)."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("secret") and value:
+            changes[f.name] = [REDACTED] if isinstance(value, (list, tuple)) else REDACTED
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = _redacted(value)
+    if not changes:
+        return obj
+    return dataclasses.replace(obj, **changes)
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as stored in config.yaml and printed by `squall config` (secrets redacted)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(_redacted(cfg)))
 
 
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """The config as stored in checkpoint manifests (secrets redacted)."""
+    return OmegaConf.to_container(OmegaConf.structured(_redacted(cfg)))
 
 
 # --------------------------------------------------------------------------- help

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from cloud.pool import Machine
-from orchestrator.config import Config, OptimConfig
+from orchestrator.config import Config
 from orchestrator.models import flat_grads, float_buffers, share_flat
+from orchestrator.optimizer import build_optimizer, clip_by_norm, lr_at
 from orchestrator.step import StepOutcome, TooFewWorkers
 from orchestrator.workers import RemoteWorker, WorkerPool
 from strategies.attacks import AttackUndefined, byzantine_ranks
@@ -34,13 +35,6 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     """Randomness of one step (attacks, bucketing): a function of (seed, step) alone, so a
     resumed run draws exactly what the uninterrupted one would have."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def build_optimizer(cfg: OptimConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
 
 
 def finite_rows(grads: Tensor) -> Tensor:
@@ -156,7 +150,9 @@ class ParameterServer:
         update = self.aggregation(grads, [r.rank for r in results], step)
         outcome.loss = float(np.mean([r.loss for r in results]))
         if update is not None:
-            self.grad.copy_(update)
+            self.grad.copy_(clip_by_norm(update, self.cfg.optim.clip_norm))
+            for group in self.optimizer.param_groups:  # the schedule: a function of the step
+                group["lr"] = lr_at(self.cfg.optim, step, self.cfg.steps)
             self.optimizer.step()
             if self.has_buffers:
                 self.flat[self.n_params:] = torch.from_numpy(

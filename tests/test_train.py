@@ -18,7 +18,7 @@ from procs import own_ray_workers
 
 from orchestrator.data import batch_indices, load_dataset, partition
 from orchestrator.models import build_model
-from orchestrator.parameter_server import build_optimizer
+from orchestrator.optimizer import build_optimizer
 from orchestrator.run import train
 
 SUMMARY_KEYS = {"test_acc", "steps_done", "wall_s", "live_workers_mean", "bytes_sent",
