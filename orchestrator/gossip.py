@@ -11,8 +11,18 @@ strategies/consensus.py; this module moves the bytes. One round (`GossipRound.ru
   3. the driver sets Moniqua's bound theta for the next round from the workers' mix stats
      (strategies.consensus.ThetaController); after a membership change or a detected
      wrap-around it measures the spread on the replicas themselves (one all-gather).
+Moniqua's control traffic travels as 1-byte codes: the stats up (control_message), theta down
+with the next round's call (theta_message); D-PSGD and CHOCO have none.
 Membership changes (preemption, join) rebuild W over the live workers; a joining worker
 starts from its saved replica, else from a live neighbour's model.
+
+The bytes of a round (StepOutcome), at the sizes that cross the wire: bytes_up, every byte a
+worker sends: its message (once, into the object store), its control stats and the replicas
+the driver pulls for the algorithm (Moniqua's resync); bytes_down, every byte a worker
+receives: each neighbour's message it fetched and theta; bytes_measure, the replicas pulled to
+measure consensus_dist. Not counted: object references, the row of W, bookkeeping scalars
+(loss, byte counts), and the pulls for evaluation, checkpoints and the end of the run
+(eval_model, state_dict, finish: outside the rounds). bytes_sent: the messages only.
 """
 
 from __future__ import annotations
@@ -28,7 +38,14 @@ from orchestrator.config import Config
 from orchestrator.data import batch_indices
 from orchestrator.models import build_model, flatten, unflatten_into
 from orchestrator.step import StepOutcome
-from strategies.consensus import ThetaController, build_method
+from strategies.consensus import (
+    ThetaController,
+    build_method,
+    control_message,
+    control_nbytes,
+    read_control,
+    theta_message,
+)
 from strategies.topology import gossip_weights
 
 if TYPE_CHECKING:
@@ -66,9 +83,10 @@ class GossipWorker:
         """Forget per-neighbour state (CHOCO's public copies, last decodes): membership changed."""
         self.consensus = self.method.reset(self.consensus)
 
-    def message(self, step: int, theta: float | np.ndarray) -> tuple[object, int]:
+    def message(self, step: int, theta: np.ndarray | None) -> tuple[object, int]:
         """Gradient at the own model, then the message the neighbours will read (and its
-        size in bytes, for the driver)."""
+        size in bytes, for the driver). theta: Moniqua's per-block codes (theta_message),
+        None for methods without control traffic."""
         unflatten_into(self.x, self.params)
         idx = torch.from_numpy(batch_indices(len(self.y_data), self.cfg.data.batch_size, step,
                                              self.cfg.seed, self.rank)).to(self.device)
@@ -86,18 +104,28 @@ class GossipWorker:
 
     def mix(self, refs: list, weights: dict[int, float]) -> dict:
         """Fetch the neighbours' messages (refs in the order of `weights`) and mix them in.
-        A neighbour whose message is gone (its machine vanished) is left out of this round."""
+        A neighbour whose message is gone (its machine vanished) is left out of this round.
+        Returns the loss, the sizes of the own message (`bytes`) and of the neighbours'
+        messages fetched (`fetched`), and the control stats (`control`: Moniqua's, coded as
+        they travel; empty for the other methods)."""
         msgs: dict[int, object] = {}
+        fetched = 0
         for (j, _), ref in zip(weights.items(), refs):
             if ref is None and j != self.rank:
                 continue  # that neighbour was lost before it sent
+            if j == self.rank:
+                msgs[j] = self.own
+                continue
             try:
-                msgs[j] = self.own if j == self.rank else ray.get(ref)
+                msgs[j] = ray.get(ref)
             except ray.exceptions.RayError:
                 continue
+            fetched += msgs[j].nbytes
         self.x, self.consensus, stats = self.method.mix(self.x, self.step_vec, msgs, weights,
                                                         self.rank, self.consensus)
-        return {"loss": self.loss, "bytes": self.own.nbytes, **stats}
+        control = control_message(stats) if self.method.control else {}
+        return {"loss": self.loss, "bytes": self.own.nbytes, "fetched": fetched,
+                "control": control}
 
 
 RemoteGossipWorker = ray.remote(GossipWorker)
@@ -118,6 +146,7 @@ class GossipRound:
     def __init__(self, cfg: Config, model: torch.nn.Module) -> None:
         self.cfg, self.model = cfg, model
         self.params = list(model.parameters())
+        self.control = build_method(cfg.strategy).control  # Moniqua: theta and its stats
         self.controller = ThetaController(cfg.strategy.theta_margin, cfg.strategy.block_size)
         self.theta_state = self.controller.init()
         self.replicas: dict[int, np.ndarray] = {}  # saved replicas of ranks not restarted yet
@@ -136,12 +165,16 @@ class GossipRound:
         return {"start_state": self.saved_average}
 
     def run(self, step: int, workers: WorkerPool, reclaim: list[Machine]) -> StepOutcome:
-        """One round: messages, mixing, the next theta; metrics theta, wraps (so far) and, every
-        strategy.consensus_every steps, consensus_dist (mean ||x_i - x_bar||)."""
+        """One round: messages, mixing, the next theta; metrics theta (Moniqua), wraps (so far)
+        and, every strategy.consensus_every steps, consensus_dist (mean ||x_i - x_bar||); the
+        bytes of the round (module docstring)."""
         st = self.cfg.strategy
-        lost = self._membership(step, workers)
-        messages, lost_sending = workers.call("message", (step, self.theta_state.theta),
-                                              reclaim=reclaim, payload=True)
+        lost, pulled = self._membership(step, workers)
+        theta = (theta_message(self.theta_state.theta, st.bits, st.rounding) if self.control
+                 else None)
+        called = len(workers.live)  # each of them receives theta
+        messages, lost_sending = workers.call("message", (step, theta), reclaim=reclaim,
+                                              payload=True)
         # W over the round's members: a worker lost during this round leaves a gap (its
         # weight stays home) rather than new neighbour pairs that theta was not set for.
         live = sorted(messages)
@@ -151,40 +184,52 @@ class GossipRound:
         stats, lost_mixing = workers.call("mix", mix_args) if live else ({}, 0)
         outcome = StepOutcome(answered=len(stats), updated=bool(stats),
                               lost=lost + lost_sending + lost_mixing)
+        outcome.bytes_up = pulled + sum(info for _, info in messages.values())
+        outcome.bytes_down = 0 if theta is None else called * theta.nbytes
         if stats:
             rows = list(stats.values())
-            self.wraps += sum(s["wraps"] for s in rows)
-            _, self.theta_state, resync = self.controller.update(self.theta_state, rows, live,
-                                                                 st.topology, step)
-            if resync and workers.live:
-                self._resync(step, workers)
+            outcome.bytes_down += sum(s["fetched"] for s in rows)
+            outcome.bytes_up += sum(control_nbytes(s["control"]) for s in rows)
+            if self.control:
+                control = [read_control(s["control"]) for s in rows]
+                self.wraps += sum(c["wraps"] for c in control)
+                _, self.theta_state, resync = self.controller.update(
+                    self.theta_state, control, live, st.topology, step)
+                if resync and workers.live:
+                    outcome.bytes_up += self._resync(step, workers)
             outcome.loss = float(np.mean([s["loss"] for s in rows]))
             outcome.bytes_sent = sum(s["bytes"] for s in rows)
-        outcome.metrics = {"theta": float(self.theta_state.theta.max()), "wraps": self.wraps}
+        outcome.metrics = {"wraps": self.wraps}
+        if self.control:
+            outcome.metrics["theta"] = float(self.theta_state.theta.max())
         if (step % st.consensus_every == 0 or step == self.cfg.steps) and workers.live:
-            avg, states = self._average(workers)
+            avg, states = self._average(workers)  # measurement only, not the algorithm's
+            outcome.bytes_measure = sum(s.nbytes for s in states.values())
             outcome.metrics["consensus_dist"] = float(np.mean(
                 [np.linalg.norm(s - avg) for s in states.values()] or [0.0]))
         return outcome
 
-    def _membership(self, step: int, workers: WorkerPool) -> int:
+    def _membership(self, step: int, workers: WorkerPool) -> tuple[int, int]:
         """After a membership change: rebuild W, reset the workers' neighbour state and (Moniqua)
-        measure theta on the replicas. Returns the workers lost meanwhile."""
+        measure theta on the replicas. Returns the workers lost meanwhile and the bytes of the
+        replicas pulled."""
         if self.members is None:  # the first round: the workers just started
             self.members = sorted(workers.live)
         if sorted(workers.live) == self.members:
-            return 0
+            return 0, 0
         self.members = sorted(workers.live)
         _, lost = workers.call("reset_neighbours", ())
-        if (self.cfg.strategy.compress == "moniqua" and workers.live
+        if (self.control and workers.live
                 and self.controller.can_resync(self.theta_state)):  # new neighbour pairs
-            self._resync(step, workers)
-        return lost
+            return lost, self._resync(step, workers)
+        return lost, 0
 
-    def _resync(self, step: int, workers: WorkerPool) -> None:
-        """theta measured on the replicas themselves (one all-gather through the driver)."""
-        self.theta_state = self.controller.resync(self.theta_state, self._average(workers)[1],
-                                                  step)
+    def _resync(self, step: int, workers: WorkerPool) -> int:
+        """theta measured on the replicas themselves (one all-gather through the driver).
+        Returns the bytes of the replicas pulled (the algorithm's traffic: bytes_up)."""
+        states = self._average(workers)[1]
+        self.theta_state = self.controller.resync(self.theta_state, states, step)
+        return sum(s.nbytes for s in states.values())
 
     def _average(self, workers: WorkerPool | None) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """The mean of the live replicas, and each of them (a worker that just died is left
@@ -236,5 +281,6 @@ class GossipRound:
             unflatten_into(self._average(workers)[0], self.params)
 
     def summary(self) -> dict[str, Any]:
-        return {"wraps": self.wraps, "final_theta": float(self.theta_state.theta.max()),
+        return {"wraps": self.wraps, "final_theta": float(self.theta_state.theta.max())
+                if self.control else None,
                 "rejected_updates": 0, "byzantine_ranks": []}

@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from strategies.bitpack import VALID_BITS, pack_bits, pack_signs, unpack_bits, unpack_signs
@@ -86,8 +87,10 @@ def dense_encode(x: torch.Tensor) -> DenseMessage:
 # ------------------------------------------------------------------------- Moniqua
 
 # B travels as a 1-byte code per block: B = 2^(code / 4 - 32), rounded *up* to the next code
-# (at most 19% larger, which only loosens the bound). Codes cover 2.3e-10 .. 3.6e9.
-_SCALE_STEPS_PER_OCTAVE, _SCALE_OFFSET = 4, 128
+# (at most 19% larger, which only loosens the bound). Codes cover 2.3e-10 .. 3.6e9. The same
+# grid carries the driver's theta (code_thetas) and the workers' bounds (bound_codes, where
+# the last code means "too large or not finite").
+_SCALE_STEPS_PER_OCTAVE, _SCALE_OFFSET, _BOUND_OVERFLOW = 4, 128, 255
 
 
 @dataclass
@@ -164,6 +167,41 @@ def block_moduli(codes: torch.Tensor) -> torch.Tensor:
     return torch.pow(2.0, exponent)
 
 
+def code_thetas(codes: torch.Tensor, bits: int, rounding: str) -> torch.Tensor:
+    """The theta a block's scale code stands for: the largest bound its B covers,
+    B (1 - 2 delta) / 2 rounded down (float64).
+
+    This is how theta travels from the driver to the workers (one byte per block instead of
+    a float64): the code of theta's B is rounded up, so the decoded theta is >= the exact one
+    (at most 2^(1/4) larger) and the recovery bound holds for any spread within it, since
+    theta' + delta B <= B / 2."""
+    half = block_moduli(codes) * (1.0 - 2.0 * moniqua_delta(bits, rounding)) / 2
+    return torch.nextafter(half, torch.zeros_like(half))
+
+
+def bound_codes(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Upper bounds as 1-byte codes on B's grid, 2^(code/4 - 32), rounded *up* (uint8 numpy):
+    how a worker sends the driver its per-block max_diff and max_step. A decoded code is
+    >= the value and at most 2^(1/4) larger; values below the grid get code 0 (2.3e-10), and
+    values above 2^31.5, inf and NaN get code 255, which decodes to inf."""
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    safe = torch.where(torch.isfinite(v) & (v > 0), v, torch.ones_like(v))
+    codes = torch.ceil(torch.log2(safe) * _SCALE_STEPS_PER_OCTAVE) + _SCALE_OFFSET
+    codes += (block_moduli(codes) < safe).to(codes.dtype)  # log2 rounded down
+    codes -= (block_moduli(codes - 1) >= safe).to(codes.dtype)  # log2 rounded up
+    codes = torch.where(v > 0, codes, torch.zeros_like(codes)).clamp_(0, _BOUND_OVERFLOW)
+    codes[~torch.isfinite(v) & ~(v < 0)] = _BOUND_OVERFLOW  # inf and NaN
+    return codes.to(torch.uint8).numpy()
+
+
+def code_bounds(codes: np.ndarray) -> np.ndarray:
+    """The upper bounds of :func:`bound_codes` (float64; code 255: inf)."""
+    c = torch.from_numpy(np.array(codes, dtype=np.uint8))
+    bounds = block_moduli(c)
+    bounds[c == _BOUND_OVERFLOW] = math.inf
+    return bounds.numpy()
+
+
 def shared_dither(count: int, seed: int) -> torch.Tensor:
     """The round's dither in [-1/2, 1/2): every worker draws the same values from the same
     seed, so a receiver can subtract the sender's dither without it being sent."""
@@ -184,18 +222,25 @@ def moniqua_encode(
     """Quantize (x / B) mod 1 to ``bits`` bits per coordinate (x is flattened).
 
     theta is one bound for all values or one per block of ``block`` values (block=0: a single
-    block). rounding='dither' needs ``dither`` (:func:`shared_dither`), the same on every
+    block), either as numbers or as their B's 1-byte codes (a uint8 tensor from
+    :func:`scale_codes`, as the driver sends theta: the message then uses exactly those
+    codes). rounding='dither' needs ``dither`` (:func:`shared_dither`), the same on every
     worker; 'stochastic' draws from ``generator``.
     """
     flat = x.detach().reshape(-1).to(torch.float64)
     block = block or max(flat.numel(), 1)
-    thetas = torch.as_tensor(theta, dtype=torch.float64).reshape(-1).cpu()
+    coded = getattr(theta, "dtype", None) in (torch.uint8, np.dtype(np.uint8))
+    thetas = torch.as_tensor(theta, dtype=None if coded else torch.float64).reshape(-1).cpu()
     n_blocks = -(-flat.numel() // block)
     if thetas.numel() == 1:
         thetas = thetas.expand(n_blocks)
     if thetas.numel() != n_blocks:
         raise ValueError(f"{thetas.numel()} thetas for {n_blocks} blocks of {block} values")
-    codes = scale_codes(thetas, bits, rounding)
+    if coded:
+        moniqua_delta(bits, rounding)  # checks bits and rounding
+        codes = thetas.clone()
+    else:
+        codes = scale_codes(thetas.to(torch.float64), bits, rounding)
     modulus = block_moduli(codes).repeat_interleave(block)[:flat.numel()].to(flat.device)
     levels = 1 << bits
     u = torch.remainder(flat / modulus, 1.0) * levels

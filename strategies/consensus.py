@@ -24,7 +24,11 @@ x^_j the neighbour j as the worker sees it (docs/algorithms.md):
 A neighbour whose message did not arrive is left out of the round: its weight stays home
 (added to W_ii). ``stats`` are what the driver's theta controller reads: ``wraps`` (decodes
 that could not be trusted), ``max_diff`` (per block: the largest distance to a decoded
-neighbour) and ``max_step`` (per block: the largest local step).
+neighbour) and ``max_step`` (per block: the largest local step). Only Moniqua uses them
+(``control``): they travel to the driver as 1-byte codes rounded up (``control_message``,
+``read_control``), and theta travels back as its modulus' 1-byte code per block
+(``theta_message``): per worker and round, 2 bytes per block and a 4-byte wrap count up,
+1 byte per block down.
 
 Random draws depend on (seed, step, rank) only, so a run is reproducible whatever the
 placement: stochastic rounding and QSGD draw from
@@ -58,12 +62,15 @@ from strategies.compression import (
     QSGDMessage,
     SignMessage,
     block_max,
+    bound_codes,
     choco_compress,
+    code_bounds,
     dense_encode,
     moniqua_decode,
     moniqua_delta,
     moniqua_encode,
     moniqua_theta,
+    scale_codes,
     shared_dither,
     wrapped,
 )
@@ -77,7 +84,11 @@ HISTORY = 20  # rounds of local steps that bound (a) looks back on
 
 
 class ConsensusMethod(Protocol):
-    """What every registered compressor's constructor returns."""
+    """What every registered compressor's constructor returns. ``control``: whether the method
+    needs the driver's theta (then the driver sends it every round, theta_message, and the
+    workers send their mix stats back, control_message); without it theta is None."""
+
+    control: bool
 
     def init(self, x: torch.Tensor) -> Any: ...
 
@@ -142,6 +153,8 @@ class DenseState:
 class DPSGD:
     """Plain D-PSGD with fp32 messages."""
 
+    control = False  # no theta, no control traffic
+
     def __init__(self, options: Any) -> None:
         self.options = options
 
@@ -184,6 +197,8 @@ class MoniquaState:
 class Moniqua:
     """Moniqua's encode and update; theta comes from the driver (ThetaController)."""
 
+    control = True  # theta down (theta_message), the mix stats up (control_message)
+
     def __init__(self, options: Any) -> None:
         self.options = options
         # The jump check is reliable only while delta < 1/4 (strategies.compression.wrapped):
@@ -201,9 +216,14 @@ class Moniqua:
                state: MoniquaState) -> tuple[MoniquaMessage, MoniquaState]:
         opt = self.options
         dither = round_dither(x.numel(), seed, step) if opt.rounding == "dither" else None
-        # Per block, or one for all; copied (from Ray it arrives as a read-only array).
-        theta = (theta.to(torch.float64) if isinstance(theta, torch.Tensor)
-                 else torch.from_numpy(np.array(theta, dtype=np.float64)))
+        # Per block, or one for all: numbers, or their 1-byte codes as the driver sends them
+        # (theta_message; used as they are). Copied: from Ray it arrives as a read-only array.
+        if isinstance(theta, torch.Tensor):
+            theta = theta if theta.dtype == torch.uint8 else theta.to(torch.float64)
+        else:
+            theta = np.array(theta)
+            theta = torch.from_numpy(theta if theta.dtype == np.uint8
+                                     else theta.astype(np.float64))
         msg = moniqua_encode(x, theta, opt.bits, opt.rounding,
                              round_generator(x.device, seed, step, rank),
                              block=opt.block_size, dither=dither)
@@ -251,6 +271,8 @@ class ChocoState:
 class Choco:
     """CHOCO-SGD: every worker sends Q(x_half - x^_self) and keeps public copies."""
 
+    control = False  # no theta, no control traffic
+
     def __init__(self, options: Any) -> None:
         self.options = options
 
@@ -283,6 +305,38 @@ class Choco:
         return x_new, replace(state, public=public), {
             "wraps": 0, "max_diff": max_diff, "max_step": _max_step(step_vec, _block(
                 self.options, x))}
+
+
+# -------------------------------------------------------------- control traffic
+
+
+def theta_message(theta: np.ndarray, bits: int, rounding: str) -> np.ndarray:
+    """theta as the driver sends it to every worker (Moniqua's control traffic down): per
+    block, the 1-byte code of its modulus B, rounded up (compression.scale_codes: the code the
+    worker would compute from the exact theta). Moniqua.encode uses the codes as they are;
+    the theta they stand for (compression.code_thetas) is >= theta, at most 2^(1/4) larger."""
+    return scale_codes(torch.from_numpy(np.array(theta, dtype=np.float64)).reshape(-1), bits,
+                       rounding).numpy()
+
+
+def control_message(stats: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A worker's mix stats as they travel to the driver (Moniqua's control traffic up): the
+    wrap count (int32) and, per block, max_diff and max_step as 1-byte codes rounded up
+    (compression.bound_codes: upper bounds stay upper bounds, at most 2^(1/4) looser)."""
+    return {"wraps": np.array(stats["wraps"], dtype=np.int32),
+            "max_diff": bound_codes(stats["max_diff"]),
+            "max_step": bound_codes(stats["max_step"])}
+
+
+def read_control(message: Mapping[str, Any]) -> dict[str, Any]:
+    """The stats of a ``control_message``, for ThetaController.update (bounds as float64)."""
+    return {"wraps": int(message["wraps"]), "max_diff": code_bounds(message["max_diff"]),
+            "max_step": code_bounds(message["max_step"])}
+
+
+def control_nbytes(message: Mapping[str, Any]) -> int:
+    """Bytes of a ``control_message`` on the wire (its arrays)."""
+    return sum(int(np.asarray(v).nbytes) for v in message.values())
 
 
 # -------------------------------------------------------------- theta controller

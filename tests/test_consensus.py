@@ -15,6 +15,10 @@ from strategies.compression import (
     MoniquaMessage,
     SignMessage,
     block_max,
+    block_moduli,
+    bound_codes,
+    code_bounds,
+    code_thetas,
     moniqua_decode,
     moniqua_delta,
     moniqua_encode,
@@ -31,7 +35,11 @@ from strategies.consensus import (
     ThetaController,
     ThetaState,
     build_method,
+    control_message,
+    control_nbytes,
     mixing_gap,
+    read_control,
+    theta_message,
 )
 from strategies.registry import COMPRESSORS
 from strategies.topology import mixing_matrix, spectral_gap
@@ -326,3 +334,100 @@ def test_mixing_gap() -> None:
     assert mixing_gap(tuple(range(8)), "one_peer_exp") == pytest.approx(1.0)
     assert 0 < mixing_gap(tuple(range(6)), "one_peer_exp") < 1
     assert math.isclose(mixing_gap((0, 1), "complete"), 1.0)
+
+
+# -------------------------------------------------------------- control traffic
+
+QUARTER_OCTAVE = 2.0**0.25 * (1 + 1e-15)  # a code's step, and a few ulps of pow's rounding
+
+
+@pytest.mark.parametrize("bits, rounding", [(1, "dither"), (2, "dither"), (2, "nearest"),
+                                            (2, "stochastic"), (4, "nearest"), (8, "dither")])
+def test_theta_sent_as_its_code_keeps_the_recovery_bound(bits: int, rounding: str) -> None:
+    """theta travels as the 1-byte code of its B: the theta it stands for is >= the exact one
+    (at most 2^(1/4) larger), and any spread within that decoded theta still decodes within
+    delta B (compression.py: theta' + delta B <= B / 2)."""
+    gen = torch.Generator().manual_seed(bits)
+    block, n_blocks = 16, 12
+    d = block * n_blocks - 5  # a short last block
+    theta = np.exp(np.random.default_rng(bits).uniform(np.log(1e-7), np.log(1e3), n_blocks))
+    codes = theta_message(theta, bits, rounding)
+    assert codes.dtype == np.uint8 and codes.nbytes == n_blocks  # 1 byte per block, not 8
+    decoded = code_thetas(torch.from_numpy(codes), bits, rounding).numpy()
+    assert np.all(decoded >= theta) and np.all(decoded <= theta * QUARTER_OCTAVE)
+    method = Moniqua(options("moniqua", bits=bits, rounding=rounding, block_size=block))
+    per_value = torch.from_numpy(decoded).repeat_interleave(block)[:d]
+    delta = moniqua_delta(bits, rounding)
+    for trial in range(20):
+        y = 100 * torch.randn(d, dtype=F64, generator=gen) if trial else torch.zeros(d, dtype=F64)
+        t = 2 * torch.rand(d, dtype=F64, generator=gen) - 1
+        t[: d // 4] = torch.sign(t[: d // 4])  # the spread at the decoded theta itself
+        x = y + per_value * t
+        assert bool(((x - y).abs() <= per_value * (1 + 1e-12) + 1e-13).all())
+        msg, state = method.encode(x, torch.zeros(d, dtype=F64), codes, SEED, trial, 0,
+                                   method.init(x))
+        assert np.array_equal(msg.scale_codes.numpy(), codes)  # used as they are
+        # ... which are the codes the exact theta gives: the message is the same.
+        exact, _ = method.encode(x, torch.zeros(d, dtype=F64), theta, SEED, trial, 0,
+                                 method.init(x))
+        assert torch.equal(msg.payload, exact.payload)
+        x_hat = moniqua_decode(msg, y, state.dither)
+        bound = delta * block_moduli(msg.scale_codes).repeat_interleave(block)[:d]
+        slack = 1e-12 * (1 + float(x.abs().max()))  # float64 rounding, no wrap
+        assert bool(((x_hat - x).abs() <= bound + slack).all()), (trial, bits, rounding)
+        # The bound is tight at the code: B / 2 = theta' + delta B.
+        torch.testing.assert_close(per_value + bound, bound / delta / 2, rtol=1e-15, atol=0)
+
+
+def test_a_coded_bound_is_an_upper_bound_at_most_a_quarter_octave_looser() -> None:
+    grid = block_moduli(torch.arange(0, 255)).numpy()  # the codes' values themselves
+    rng = np.random.default_rng(0)
+    values = np.concatenate([grid, np.nextafter(grid, np.inf), np.nextafter(grid, 0),
+                             np.exp(rng.uniform(np.log(3e-10), np.log(2e9), 5000))])
+    values = values[(values >= grid[0]) & (values <= grid[-1])]
+    coded = code_bounds(bound_codes(values))
+    assert np.all(coded >= values) and np.all(coded <= values * QUARTER_OCTAVE)
+    np.testing.assert_array_equal(code_bounds(bound_codes(grid)), grid)  # exact on the grid
+    # Outside the grid: still upper bounds; too large or not finite decodes to inf.
+    edge = code_bounds(bound_codes(np.array([0.0, 1e-12, 3.5e9, np.inf, np.nan])))
+    assert edge[0] == edge[1] == grid[0] and np.all(np.isinf(edge[2:]))
+    # The theta a scale code stands for, likewise (1 - 2 delta = 3/4 at 2-bit nearest).
+    theta = np.exp(rng.uniform(np.log(1e-8), np.log(1e8), 5000))
+    back = code_thetas(torch.from_numpy(theta_message(theta, 2, "nearest")), 2, "nearest")
+    assert np.all(back.numpy() >= theta) and np.all(back.numpy() <= theta * QUARTER_OCTAVE)
+
+
+def test_control_stats_travel_coded_and_only_loosen_theta() -> None:
+    """The workers' max_diff and max_step go up as 1-byte codes rounded up: 2 bytes per block
+    and a 4-byte wrap count instead of 2 float64s per block; the theta the controller sets from
+    them is >= the one from the exact stats and at most 2^(1/4) larger."""
+    x, steps = replicas(4, d=10)
+    w = mixing_matrix(range(4), "ring")
+    method = Moniqua(options("moniqua", bits=4, rounding="dither", block_size=4))
+    assert method.control and not DPSGD(options("none")).control
+    assert not Choco(options("choco")).control
+    states = [method.init(r) for r in x]
+    _, _, stats = one_round(method, x, steps, w, states, theta=np.full(3, 0.2))
+    sent = [control_message(s) for s in stats]
+    assert all(control_nbytes(m) == 2 * 3 + 4 for m in sent)  # 3 blocks of 4 values
+    rows = [read_control(m) for m in sent]
+    for exact, coded in zip(stats, rows):
+        assert coded["wraps"] == exact["wraps"] == 0
+        for key in ("max_diff", "max_step"):
+            assert np.all(coded[key] >= exact[key])
+            assert np.all(coded[key] <= exact[key] * QUARTER_OCTAVE)
+    ctl = ThetaController(margin=1.2, block_size=4)
+    near = [stats_row([0.01, 0.02, 0.001], [0.1, 0.05, 0.2])]  # here (b) binds, above (a)
+    for exact, coded, bound in ((stats, rows, "a"),
+                                (near, [read_control(control_message(near[0]))], "b")):
+        theta_exact, _, _ = ctl.update(ctl.init(), exact, [0, 1, 2, 3], "ring", 1)
+        seen = np.max([s["max_diff"] + 2 * s["max_step"] for s in exact], axis=0)
+        assert np.all((theta_exact < 1.2 * seen * 0.99) == (bound == "a"))
+        theta_coded, _, _ = ctl.update(ctl.init(), coded, [0, 1, 2, 3], "ring", 1)
+        assert np.all(theta_coded >= theta_exact)
+        assert np.all(theta_coded <= theta_exact * QUARTER_OCTAVE)
+    # A non-finite stat stays non-finite: the controller keeps theta, as with exact stats.
+    broken = read_control(control_message({**stats[0], "max_diff": np.full(3, np.nan)}))
+    state = ctl.init()
+    theta, _, resync = ctl.update(state, [broken], [0, 1], "ring", 1)
+    assert theta is state.theta and not resync

@@ -14,7 +14,8 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.run import train
 
 D_MLP = 64 * 128 + 128 + 128 * 10 + 10  # parameters of the mlp on 8x8 digits
-HEADER = 9 + math.ceil(D_MLP / 128)  # Moniqua: count, bits, block size; a byte per block
+BLOCKS = math.ceil(D_MLP / 128)  # Moniqua's blocks (strategy.block_size=128)
+HEADER = 9 + BLOCKS  # Moniqua: count, bits, block size; a byte per block
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -142,3 +143,63 @@ def test_a_worker_removed_mid_training_drops_out_and_the_run_completes(ray_sessi
         live = [json.loads(line)["live_workers"] for line in f]
     assert live[0] == 4 and 3 in live
     assert result["test_acc"] > 0.85
+
+
+# ------------------------------------------------------------- bytes both ways
+
+RING, STEPS = 4, 32  # 4 workers on a ring: 2 neighbours each
+
+
+@pytest.fixture(scope="module")
+def ring_runs(ray_session, tmp_path_factory):
+    """An fp32 (D-PSGD) and a 2-bit Moniqua run on the same ring, same steps; consensus_dist
+    measured every 5 steps (and at the last)."""
+    runs = {}
+    for compress, extra in (("none", []), ("moniqua", ["strategy.bits=2"])):
+        run_dir = tmp_path_factory.mktemp(compress)
+        summary = train(load_config([
+            "strategy=gossip", "strategy.topology=ring", f"workers={RING}", f"steps={STEPS}",
+            "model=mlp", "optim.momentum=0", "optim.lr=0.1", f"strategy.compress={compress}",
+            "strategy.consensus_every=5", *extra, f"run.dir={run_dir}", "log.progress=false",
+            "eval.every=0"]))
+        with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:
+            runs[compress] = summary, [json.loads(line) for line in f]
+    return runs
+
+
+def test_fp32_gossip_counts_each_message_once_up_and_per_fetching_neighbour_down(ring_runs):
+    summary, _ = ring_runs["none"]
+    message = 4 * D_MLP  # one fp32 model
+    assert summary["bytes_up"] == STEPS * RING * message == summary["bytes_sent"]
+    # Every worker fetches its two neighbours' messages; D-PSGD has no control traffic.
+    assert summary["bytes_down"] == STEPS * RING * 2 * message == 2 * summary["bytes_up"]
+
+
+def test_moniqua_2_bits_sends_14x_fewer_bytes_than_fp32_control_included(ring_runs):
+    dense, _ = ring_runs["none"]
+    summary, rows = ring_runs["moniqua"]
+    assert summary["wraps"] == 0  # no resync: its all-gather would count as bytes_up
+    message = math.ceil(D_MLP / 4) + HEADER
+    assert summary["bytes_sent"] == STEPS * RING * message
+    # Up: the message, max_diff and max_step as a byte per block, the wrap count (int32).
+    assert summary["bytes_up"] == STEPS * RING * (message + 2 * BLOCKS + 4)
+    # Down: the two neighbours' messages, and theta as a byte per block (a single theta, one
+    # byte, in the first round).
+    assert summary["bytes_down"] == STEPS * RING * 2 * message + RING * (1 + (STEPS - 1) * BLOCKS)
+    total = lambda s: s["bytes_up"] + s["bytes_down"]  # noqa: E731
+    ratio = total(dense) / total(summary)
+    assert ratio >= 14, ratio
+    assert ratio < dense["bytes_sent"] / summary["bytes_sent"]  # control counts
+    assert rows[-1]["bytes_up"] == summary["bytes_up"]
+
+
+def test_consensus_measurement_is_counted_apart_on_its_steps_only(ring_runs):
+    for compress, (summary, rows) in ring_runs.items():
+        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+        measured = [b["bytes_measure"] - a["bytes_measure"]
+                    for a, b in zip([{"bytes_measure": 0}] + rows, rows)]
+        due = [r["step"] % 5 == 0 or r["step"] == STEPS for r in rows]
+        # Each measurement pulls every replica (fp32) through the driver.
+        assert measured == [RING * 4 * D_MLP if d else 0 for d in due], compress
+        assert [("consensus_dist" in r) for r in rows] == due
+        assert summary["bytes_measure"] == sum(due) * RING * 4 * D_MLP
