@@ -10,8 +10,12 @@ lands on that instance and nowhere else. The other part goes to a Watcher actor 
 that polls the instance metadata service (IMDSv2) and returns when a spot interruption notice or
 a rebalance recommendation arrives; poll() hands that machine to the job in PollResult.noticed
 (the job drains its worker), asks for a replacement, and terminates the drained instance at the
-next poll. Every instance is tagged squall:job=<run.name>; shutdown() terminates all of them, and
-`squall cloud cleanup run.name=...` finds leftovers of a crashed driver by that tag.
+next poll. Every instance is tagged squall:job=<run.name>; shutdown() and `squall cloud cleanup
+run.name=...` find the job's instances by that tag, terminate them (one by one when EC2 fails the
+batch for an id it does not know) and verify that they are going. Launches retry transient EC2
+errors with one ClientToken per logical launch; a replacement that has not joined Ray after
+cloud.join_timeout_s is terminated and another asked for; the user data shuts the instance down
+(so it is terminated) when Ray ends on it, i.e. when the head is gone.
 
 Spot price history (describe_spot_price_history, paginated) prices every machine per second for
 the run's cost, and `squall cloud prices ... out=FILE` writes it as a trace for cloud=simulated.
@@ -28,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shlex
 import signal
 import time
@@ -39,7 +44,15 @@ from typing import Any
 import boto3
 import ray
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
 from ray.cluster_utils import Cluster
 from ray.exceptions import RayError
 
@@ -58,9 +71,21 @@ WORKER_SHARE = 0.5  # of the instance's resource; the watcher takes the rest
 CAPACITY_ERRORS = {
     "InsufficientInstanceCapacity", "InsufficientCapacity", "SpotMaxPriceTooLow",
     "MaxSpotInstanceCountExceeded", "InstanceLimitExceeded", "VcpuLimitExceeded",
-    "InsufficientFreeAddressesInSubnet", "Unsupported", "RequestLimitExceeded",
+    "InsufficientFreeAddressesInSubnet", "Unsupported",
 }
+# Errors that say "try the same request again in a moment": retried in place with backoff and
+# the same ClientToken (cloud.api_retries); when they persist, the next type/zone is tried.
+TRANSIENT_ERRORS = {
+    "InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable",
+    "RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled",
+    "RequestThrottledException", "EC2ThrottledException", "RequestTimeout",
+    "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown",
+}
+TRANSIENT_EXCEPTIONS = (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+                        ReadTimeoutError)
+NOT_FOUND_ERRORS = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+GONE_STATES = {"shutting-down", "terminated"}
 NO_CREDENTIALS = ("cloud=aws: no AWS credentials found (boto3 default chain: environment, "
                   "~/.aws, instance role)")
 
@@ -77,6 +102,8 @@ class Instance:
     instance_type: str
     zone: str
     key: str  # the Ray resource that names the instance's node
+    subnet: str | None = None
+    joined: bool = False  # its Ray node is in the cluster
     node: Any = None  # the local stand-in Ray node (cloud.local_nodes)
     watcher: Any = None  # the Watcher actor on it
 
@@ -154,11 +181,10 @@ class Ec2:
             for instance_type, subnet in choices:
                 where = {"SubnetId": subnet} if subnet else {}
                 try:
-                    reply = self._call("run_instances", self.launcher, InstanceType=instance_type,
-                                       **where, **request)
-                    return reply["Instances"][0]
+                    return self._run_instances(cloud, InstanceType=instance_type, **where,
+                                               **request)
                 except ClientError as e:
-                    if _code(e) not in CAPACITY_ERRORS:
+                    if _code(e) not in CAPACITY_ERRORS | TRANSIENT_ERRORS:
                         raise AwsError(f"cloud=aws: run_instances {instance_type}: "
                                        f"{_describe(e)}") from None
                     last = f"{instance_type} in {subnet or 'any subnet'}: {_code(e)}"
@@ -168,12 +194,112 @@ class Ec2:
                        f"choices after cloud.launch_rounds={rounds} (last: {last}); try more "
                        "cloud.instance_types or cloud.subnets, or a higher cloud.bid")
 
-    def terminate(self, ids: list[str]) -> None:
+    def _run_instances(self, cloud: AwsCloudConfig, **request: Any) -> dict:
+        """One logical launch: run_instances, retried after a transient error (up to
+        cloud.api_retries times, backoff from cloud.api_backoff_s doubling, with jitter) with
+        one ClientToken, so that a retry of a request EC2 did carry out (its reply lost) returns
+        that instance instead of starting a second one. A ClientError that is not transient, or
+        still is after the retries, is raised for launch() to judge."""
+        token = f"squall-{uuid.uuid4().hex}"  # <= 64 ASCII characters
+        for attempt in range(cloud.api_retries + 1):
+            try:
+                reply = self.launcher.run_instances(ClientToken=token, **request)
+                return reply["Instances"][0]
+            except ClientError as e:
+                if _code(e) not in TRANSIENT_ERRORS or attempt == cloud.api_retries:
+                    raise
+                why = _describe(e)
+            except TRANSIENT_EXCEPTIONS as e:
+                if attempt == cloud.api_retries:
+                    raise AwsError(f"cloud=aws: run_instances {request['InstanceType']}: {e} "
+                                   f"(after {attempt + 1} attempts)") from None
+                why = str(e)
+            except NoCredentialsError:
+                raise AwsError(NO_CREDENTIALS) from None
+            except BotoCoreError as e:
+                raise AwsError(f"cloud=aws: run_instances: {e}") from None
+            delay = min(60.0, cloud.api_backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+            log.info("run_instances %s: %s; retrying in %.1f s (ClientToken %s)",
+                     request["InstanceType"], why, delay, token)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def terminate(self, ids: list[str]) -> dict[str, str]:
+        """Terminate these instances. One id EC2 does not know (a stale id, or one it does not
+        list yet right after launch) fails the whole batch call: then each id is terminated on
+        its own, so the others still go. Returns {id: error} of those that could not be
+        terminated, unknown ids not included (the tag search finds them once EC2 lists them)."""
+        ids = sorted(set(ids))
+        if not ids:
+            return {}
         try:
             self._call("terminate_instances", InstanceIds=ids)
+            return {}
         except ClientError as e:
-            raise AwsError(f"cloud=aws: terminate_instances {' '.join(ids)}: "
-                           f"{_describe(e)}") from None
+            if len(ids) == 1:
+                if _code(e) in NOT_FOUND_ERRORS:
+                    log.info("terminate_instances %s: %s", ids[0], _describe(e))
+                    return {}
+                return {ids[0]: _describe(e)}
+            log.info("terminate_instances (%d ids): %s; terminating them one by one", len(ids),
+                     _describe(e))
+        failed: dict[str, str] = {}
+        for one in ids:
+            try:
+                failed.update(self.terminate([one]))
+            except AwsError as e:
+                failed[one] = str(e)
+        return failed
+
+    def states(self, ids: list[str]) -> dict[str, str]:
+        """The state name of each of these instances that EC2 knows (an instance-id filter:
+        unknown ids are left out instead of failing the call)."""
+        found: dict[str, str] = {}
+        ids = sorted(set(ids))
+        for i in range(0, len(ids), 200):  # at most 200 values per filter
+            pages = self._pages("describe_instances", Filters=[
+                {"Name": "instance-id", "Values": ids[i:i + 200]}])
+            found.update({d["InstanceId"]: d["State"]["Name"] for page in pages
+                          for r in page["Reservations"] for d in r["Instances"]})
+        return found
+
+    def terminate_job(self, job: str, known: list[str] = (), verify_s: float = 0.0
+                      ) -> tuple[list[str], dict[str, str]]:
+        """Terminate every instance of the job: those tagged squall:job=<job> in a live state,
+        and the `known` ids (launched by this driver, maybe not listed by the tag yet); then
+        describe them again to verify they are shutting down or terminated, once more trying
+        those that are not. Returns (ids that are going, {id: why} of those that are not)."""
+        ids = set(known)
+        try:
+            ids.update(self.find(job))
+        except AwsError as e:  # terminate at least what this driver knows
+            log.warning("%s; terminating the %d instance(s) this driver launched", e, len(ids))
+        if not ids:
+            return [], {}
+        failed = self.terminate(sorted(ids))
+        left: dict[str, str] = {}
+        for attempt in range(2):
+            try:
+                states = self.states(sorted(ids))
+                late = set(self.find(job)) - ids  # listed by the tag only now
+            except AwsError as e:
+                return sorted(ids - set(failed)), {**failed, **{i: str(e) for i in ids
+                                                               if i not in failed}}
+            if late:
+                ids |= late
+                failed.update(self.terminate(sorted(late)))
+                states.update(self.states(sorted(late)))
+            left = {i: failed.get(i, f"still {state}") for i, state in states.items()
+                    if state not in GONE_STATES}
+            if not left or attempt:
+                break
+            time.sleep(verify_s)
+            failed = self.terminate(sorted(left))
+        unknown = sorted(i for i in ids if i not in states)
+        if unknown:
+            log.info("EC2 does not know %s (never launched, or long gone)", " ".join(unknown))
+        gone = sorted(i for i in ids if i in states and i not in left)
+        return gone, left
 
     def find(self, job: str) -> list[str]:
         """Ids of the instances tagged squall:job=<job> that are not terminated."""
@@ -233,13 +359,35 @@ class SpotPrices:
 
 
 def user_data(setup: list[str], head: str, key: str) -> str:
-    """An instance's boot script: the setup lines, then join the head with its resource."""
+    """An instance's boot script: the setup lines, then join the head with its resource and
+    stay in the cluster (--block) until Ray ends on it; then, or when a setup line fails, the
+    instance shuts down, and being launched with InstanceInitiatedShutdownBehavior=terminate
+    it is terminated: no instance outlives its head."""
     resources = json.dumps({key: 1})
     return "\n".join(["#!/bin/bash", "# squall worker node: joins the Ray head; the driver then",
                       "# places this node's worker and its interruption watcher on it",
+                      "# when Ray stops here (the head is gone) or setup fails: terminate",
+                      "trap 'shutdown -h now' EXIT",
                       "set -e", *setup,
-                      f"ray start --address={shlex.quote(head)} "
-                      f"--resources={shlex.quote(resources)}"]) + "\n"
+                      f"ray start --block --address={shlex.quote(head)} "
+                      f"--resources={shlex.quote(resources)}",
+                      "shutdown -h now"]) + "\n"
+
+
+def setup_lines(cloud: AwsCloudConfig) -> list[str]:
+    """cloud.setup, then the lines of cloud.setup_file, then those of $SQUALL_SETUP: the last
+    two are read here, at launch, and stored nowhere (config.yaml and checkpoints show
+    cloud.setup redacted, and never hold the others)."""
+    lines = list(cloud.setup)
+    if cloud.setup_file:
+        try:
+            with open(os.path.expanduser(cloud.setup_file)) as f:
+                lines += f.read().splitlines()
+        except OSError as e:
+            raise ConfigError(f"cloud.setup_file={cloud.setup_file}: cannot read it "
+                              f"({e.strerror or e})") from None
+    lines += os.environ.get("SQUALL_SETUP", "").splitlines()
+    return lines
 
 
 # --------------------------------------------------------------------------- the pool
@@ -254,6 +402,7 @@ class AwsPool(Pool):
         if not job.run_name:
             raise ConfigError("cloud=aws needs run.name: the instances are tagged "
                               "squall:job=<run.name> (and `squall cloud cleanup` finds them so)")
+        self.setup = setup_lines(cloud)  # cloud.setup_file and $SQUALL_SETUP: read once, here
         self.ec2 = Ec2(cloud)
         self.cluster: Cluster | None = None
         self.head = cloud.head_address
@@ -265,6 +414,7 @@ class AwsPool(Pool):
         self._draining: list[Machine] = []
         self._running = False  # after start(): a failed replacement is retried, not fatal
         self._failures = 0
+        self._node_keys: set[str] | None = None  # resources of the live Ray nodes, per poll
 
     def start(self, n: int) -> list[Machine]:
         if self.cloud.local_nodes and ray.is_initialized():
@@ -311,10 +461,11 @@ class AwsPool(Pool):
         tags = {JOB_TAG: self.job.run_name, NODE_TAG: key,
                 "Name": f"squall-{self.job.run_name}-{machine.id}"}
         rounds = 1 if self._running else c.launch_rounds
-        script = user_data(c.setup, self.head, key)
+        script = user_data(self.setup, self.head, key)
         info = self.ec2.launch(tags, script, self.choices, c, rounds)
         instance = Instance(info["InstanceId"], info["InstanceType"],
-                            info.get("Placement", {}).get("AvailabilityZone", ""), key)
+                            info.get("Placement", {}).get("AvailabilityZone", ""), key,
+                            info.get("SubnetId"))
         self.instances[instance.id] = machine.node = instance
         log.info("machine %d: spot instance %s (%s, %s)", machine.id, instance.id,
                  instance.instance_type, instance.zone)
@@ -359,22 +510,63 @@ class AwsPool(Pool):
             self.cluster.remove_node(instance.node, allow_graceful=True)  # see simulated
             instance.node = None
         try:
-            self.ec2.terminate([instance.id])
+            failed = self.ec2.terminate([instance.id])
+        except AwsError as e:
+            failed = {instance.id: str(e)}
+        if failed:  # shutdown() tries again
+            log.warning("cloud=aws: could not terminate %s: %s", instance.id, failed[instance.id])
+        else:
             self.instances.pop(instance.id, None)
-        except AwsError as e:  # shutdown() tries again
-            log.warning("%s", e)
 
     def placement(self, machine: Machine) -> dict:
         return {"resources": {machine.node.key: WORKER_SHARE}}
 
+    def _ready(self, machine: Machine) -> bool:
+        """A replacement takes a worker once its instance's Ray node is in the cluster."""
+        instance: Instance | None = machine.node
+        if instance is None or instance.joined:
+            return True
+        if self._node_keys is None:
+            self._node_keys = {key for node in ray.nodes() if node.get("Alive")
+                               for key in node.get("Resources", {})}
+        instance.joined = instance.key in self._node_keys
+        return instance.joined
+
+    def _drop_unjoined(self) -> None:
+        """Terminate the replacements that did not join within cloud.join_timeout_s of their
+        launch and ask for others, their (type, subnet) tried last from now on."""
+        timeout = self.cloud.join_timeout_s
+        now = time.monotonic()
+        for machine in list(self._booting):
+            if not timeout or now - machine.joined_at < timeout or self._ready(machine):
+                continue
+            instance: Instance = machine.node
+            log.warning("machine %d: instance %s (%s, %s) did not join the Ray cluster within "
+                        "cloud.join_timeout_s=%g; terminating it and asking for another",
+                        machine.id, instance.id, instance.instance_type, instance.zone, timeout)
+            tried = [c for c in self.choices if c[0] == instance.instance_type and
+                     c[1] in (instance.subnet, None)]
+            self.choices = [c for c in self.choices if c not in tried] + tried
+            self._booting.remove(machine)
+            self.reclaim([machine])
+
     def shutdown(self) -> None:
-        """Terminate every instance the job started, then let go of Ray."""
+        """Terminate every instance of the job (those it launched and those the squall:job
+        tag finds), verify they are going, then let go of Ray."""
         try:
-            if self.instances:
-                ids = sorted(self.instances)
-                self.ec2.terminate(ids)
-                log.info("terminated %d spot instance(s): %s", len(ids), " ".join(ids))
-                self.instances.clear()
+            gone, left = self.ec2.terminate_job(self.job.run_name, sorted(self.instances),
+                                                verify_s=min(5.0, self.cloud.api_backoff_s))
+            if gone:
+                log.info("terminated %d spot instance(s): %s", len(gone), " ".join(gone))
+            if left:
+                log.error("cloud=aws: could not terminate %s; run `squall cloud cleanup "
+                          "run.name=%s` or terminate them in the EC2 console",
+                          "; ".join(f"{i} ({why})" for i, why in sorted(left.items())),
+                          self.job.run_name)
+            self.instances = {i: v for i, v in self.instances.items() if i in left}
+        except AwsError as e:
+            log.error("%s; instances of run.name=%s may still run: `squall cloud cleanup "
+                      "run.name=%s`", e, self.job.run_name, self.job.run_name)
         finally:
             super().shutdown()
             if self.cluster is not None:
@@ -387,6 +579,8 @@ class AwsPool(Pool):
         self._draining = []
         if time.monotonic() - self._prices_at > 3600:
             self._refresh_prices()
+        self._node_keys = None
+        self._drop_unjoined()
         result = super().poll(step)
         for machine, notice in self._notices():
             now = time.monotonic()
@@ -446,10 +640,13 @@ def cleanup(cloud: AwsCloudConfig, run_name: str) -> list[str]:
     if not run_name:
         raise ConfigError("squall cloud cleanup needs run.name=NAME (the squall:job tag)")
     ec2 = Ec2(cloud)
-    ids = ec2.find(run_name)
-    if ids:
-        ec2.terminate(ids)
-    return ids
+    gone, left = ec2.terminate_job(run_name, verify_s=min(5.0, cloud.api_backoff_s))
+    if left:
+        raise AwsError(f"cloud=aws: could not terminate {len(left)} instance(s) tagged "
+                       f"{JOB_TAG}={run_name}: " + "; ".join(
+                           f"{i} ({why})" for i, why in sorted(left.items()))
+                       + (f" (terminated: {' '.join(gone)})" if gone else ""))
+    return gone
 
 
 def export_prices(cloud: AwsCloudConfig, out: str, hours: float, zone: str = "") -> str:

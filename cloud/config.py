@@ -10,9 +10,17 @@ Add a pool: a subclass of CloudConfig beside its code, one entry in CLOUDS, one 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field
+from types import MappingProxyType
 
 from conf.schema import ConfigError, opt
+
+
+def secret(f: Field) -> Field:
+    """Mark a field (from opt()) as secret: config.yaml and checkpoint manifests show it
+    redacted (orchestrator.config.to_yaml / to_dict)."""
+    f.metadata = MappingProxyType({**f.metadata, "secret": True})
+    return f
 
 
 @dataclass
@@ -99,7 +107,10 @@ class AwsCloudConfig(CloudConfig):
     security_groups: list[str] = opt([], "security group ids of the instances (aws; default: "
                                      "the VPC's default group)")
     ami: str = opt("", "image with Python, Ray and squall installed (aws)")
-    setup: list[str] = opt([], "shell lines the instances run before `ray start` (aws)")
+    setup: list[str] = secret(opt([], "shell lines the instances run before `ray start` (aws; "
+                                  "stored redacted; secrets: cloud.setup_file or $SQUALL_SETUP)"))
+    setup_file: str = opt("", "file of shell lines run after cloud.setup, read at launch and "
+                          "never stored (aws); $SQUALL_SETUP lines follow it")
     head_address: str = opt("", "Ray head the instances join (aws; default: the GCS address "
                             "of the driver's Ray)")
     endpoint_url: str = opt("", "EC2 API endpoint (aws; default: AWS's; tests point it at moto)")
@@ -113,6 +124,13 @@ class AwsCloudConfig(CloudConfig):
                              ge=1, le=20)
     retry_backoff_s: float = opt(5.0, "wait after a failed round, doubling each round (aws)",
                                  ge=0, le=600)
+    api_retries: int = opt(3, "retries of a launch after a transient EC2 error (InternalError, "
+                           "throttling, timeouts), with the same ClientToken (aws)", ge=0, le=10)
+    api_backoff_s: float = opt(1.0, "wait before the first such retry, doubling (aws)", ge=0,
+                               le=60)
+    join_timeout_s: float = opt(600.0, "a replacement instance not in the Ray cluster this long "
+                                "after its launch is terminated and another one asked for "
+                                "(aws; 0: wait forever)", ge=0)
     local_nodes: bool = opt(False, "tests: a local Ray node stands in for each instance (aws)")
 
     def check(self, workers: int) -> None:

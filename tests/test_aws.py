@@ -43,13 +43,18 @@ TYPES = "cloud.instance_types=[g5.xlarge,g4dn.xlarge]"
 # --------------------------------------------------------------------------- servers
 class Ec2Proxy:
     """Forwards EC2 calls to moto, except: RunInstances calls fail with an EC2 error while a
-    rule says so, and DescribeSpotPriceHistory is answered from `history` in pages of 3."""
+    rule says so, or (`drop`) are carried out by moto and their reply lost (the connection
+    closed without an answer); DescribeSpotPriceHistory is answered from `history` in pages of
+    3. Like EC2, a RunInstances with a ClientToken seen before returns the first answer again
+    (moto has no idempotency)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = urllib.parse.urlsplit(upstream).netloc
         self.fail: dict[str, tuple[str, int]] = {}  # type or "*" -> (code, calls left; -1: all)
         self.history: list[dict] = []
         self.calls: list[dict] = []  # the form of every EC2 call
+        self.drop = 0  # RunInstances calls whose reply is lost
+        self.tokens: dict[str, tuple[int, bytes]] = {}  # ClientToken -> first answer
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,12 +66,21 @@ class Ec2Proxy:
                 form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
                 proxy.calls.append(form)
                 reply = proxy.answer(form)
+                token = form.get("ClientToken") if form.get("Action") == "RunInstances" else None
+                if reply is None and token in proxy.tokens:
+                    reply = proxy.tokens[token]
                 if reply is None:  # pass it on to moto
                     upstream = http.client.HTTPConnection(proxy.upstream, timeout=30)
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                     upstream.request("POST", self.path, body, headers)
                     response = upstream.getresponse()
                     reply = response.status, response.read()
+                    if token and reply[0] == 200:
+                        proxy.tokens[token] = reply
+                    if token and proxy.drop:
+                        proxy.drop -= 1
+                        self.close_connection = True
+                        return  # moto started it; the reply never arrives
                 status, data = reply
                 self.send_response(status)
                 self.send_header("Content-Type", "text/xml")
@@ -84,7 +98,8 @@ class Ec2Proxy:
                 code, left = self.fail.get(key, ("", 0))
                 if left:
                     self.fail[key] = (code, left - 1)
-                    status = 500 if code.startswith("Insufficient") else 400
+                    status = (500 if code.startswith("Insufficient") or code == "InternalError"
+                              else 503 if code.endswith("Unavailable") else 400)
                     return status, (f"<Response><Errors><Error><Code>{code}</Code><Message>"
                                     f"injected by the test</Message></Error></Errors>"
                                     f"<RequestID>r</RequestID></Response>").encode()
@@ -133,7 +148,8 @@ def proxy(aws):
 
 def cloud_config(endpoint: str, *more: str):
     return load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={endpoint}",
-                        f"cloud.ami={AMI}", "cloud.retry_backoff_s=0", *more]).cloud
+                        f"cloud.ami={AMI}", "cloud.retry_backoff_s=0", "cloud.api_backoff_s=0.01",
+                        *more]).cloud
 
 
 def _pool(cfg) -> AwsPool:
@@ -202,8 +218,12 @@ def test_launch_makes_a_tagged_imdsv2_spot_instance_that_joins_the_head(aws):
     assert sent == script
     lines = sent.splitlines()
     assert lines[0] == "#!/bin/bash" and "source /opt/venv/bin/activate" in lines
-    assert lines[-1] == ("ray start --address=10.0.0.5:6379 "
-                         "--resources='{\"squall_node_abc\": 1}'")
+    # The node stays in the cluster until Ray ends there (the head is gone), then, or when a
+    # setup line fails (set -e), the instance shuts down, which terminates it.
+    assert lines.index("trap 'shutdown -h now' EXIT") < lines.index("set -e") < lines.index(
+        "source /opt/venv/bin/activate")
+    assert lines[-2:] == ["ray start --block --address=10.0.0.5:6379 "
+                          "--resources='{\"squall_node_abc\": 1}'", "shutdown -h now"]
     assert client.describe_instance_attribute(
         InstanceId=info["InstanceId"], Attribute="instanceInitiatedShutdownBehavior")[
         "InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
@@ -244,6 +264,149 @@ def test_other_launch_errors_fail_at_once(proxy):
                                        "injected by the test"):
         Ec2(cloud).launch({}, "", [("g5.xlarge", None), ("g4dn.xlarge", None)], cloud, 3)
     assert proxy.launches() == ["g5.xlarge"]
+
+
+@pytest.mark.parametrize("code", ["InternalError", "Unavailable", "RequestLimitExceeded"])
+def test_a_transient_error_is_retried_with_the_same_client_token(proxy, code):
+    proxy.fail["*"] = (code, 1)  # EC2 answers the first RunInstances with an error
+    cloud = cloud_config(proxy.url)
+    info = Ec2(cloud).launch({"squall:job": f"transient-{code}"}, "#!/bin/bash\n",
+                             [("g5.xlarge", None), ("g4dn.xlarge", None)], cloud, rounds=1)
+    assert info["InstanceType"] == "g5.xlarge"  # retried in place, not the next type
+    calls = [c for c in proxy.calls if c.get("Action") == "RunInstances"]
+    assert len(calls) == 2 and calls[0]["ClientToken"] == calls[1]["ClientToken"]
+    assert calls[0]["ClientToken"].startswith("squall-")
+    assert running(proxy.url, f"transient-{code}") == [info["InstanceId"]]
+
+
+def test_a_lost_reply_is_retried_and_starts_no_second_instance(proxy):
+    proxy.drop = 1  # EC2 starts the instance, the answer never arrives
+    cloud = cloud_config(proxy.url)
+    info = Ec2(cloud).launch({"squall:job": "lost-reply"}, "", [("g5.xlarge", None)], cloud, 1)
+    calls = [c for c in proxy.calls if c.get("Action") == "RunInstances"]
+    assert len(calls) == 2 and calls[0]["ClientToken"] == calls[1]["ClientToken"]
+    assert running(proxy.url, "lost-reply") == [info["InstanceId"]]  # one instance, not two
+    other = Ec2(cloud).launch({"squall:job": "lost-reply"}, "", [("g5.xlarge", None)], cloud, 1)
+    assert other["InstanceId"] != info["InstanceId"]  # another launch: another token
+
+
+def test_transient_errors_that_persist_move_on_then_fail_in_one_line(proxy):
+    proxy.fail["g5.xlarge"] = ("InternalError", -1)
+    cloud = cloud_config(proxy.url, "cloud.api_retries=2")
+    choices = [("g5.xlarge", None), ("g4dn.xlarge", None)]
+    info = Ec2(cloud).launch({"squall:job": "persist"}, "", choices, cloud, rounds=1)
+    assert info["InstanceType"] == "g4dn.xlarge"
+    assert proxy.launches() == ["g5.xlarge"] * 3 + ["g4dn.xlarge"]
+    proxy.fail["*"] = ("Unavailable", -1)
+    with pytest.raises(AwsError, match=r"last: g4dn.xlarge in any subnet: Unavailable"):
+        Ec2(cloud).launch({"squall:job": "persist"}, "", choices, cloud, rounds=1)
+
+
+def test_shutdown_terminates_by_tag_despite_an_unknown_id_and_verifies(aws, caplog):
+    """EC2 fails a whole terminate_instances call for one id it does not know (a stale id,
+    or one it does not list yet right after launch): the others are terminated anyway, and
+    an instance the driver never heard of (its launch reply lost) is found by its tag."""
+    cfg = load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={aws}", f"cloud.ami={AMI}",
+                       "run.name=stale", "cloud.api_backoff_s=0.01"])
+    pool = _pool(cfg)
+    ec2 = pool.ec2
+    known = [ec2.launch({"squall:job": "stale"}, "", [("g5.xlarge", None)], cfg.cloud, 1)
+             ["InstanceId"] for _ in range(2)]
+    orphan = ec2.launch({"squall:job": "stale"}, "", [("g4dn.xlarge", None)], cfg.cloud, 1)
+    bystander = ec2.launch({"squall:job": "not-this-one"}, "", [("g5.xlarge", None)],
+                           cfg.cloud, 1)["InstanceId"]
+    stale = "i-0123456789abcdef0"
+    with pytest.raises(Exception, match="InvalidInstanceID.NotFound"):  # what EC2 does
+        ec2_client(aws).terminate_instances(InstanceIds=[stale, *known])
+    assert len(running(aws, "stale")) == 3
+    for i in [stale, *known]:
+        pool.instances[i] = Instance(i, "g5.xlarge", "us-east-1a", "k")
+    caplog.set_level("INFO", logger="cloud.aws")
+    pool.shutdown()
+    assert running(aws, "stale") == [] and running(aws, "not-this-one") == [bystander]
+    states = {i: d["State"]["Name"] for i, d in instances(aws, "stale").items()}
+    assert set(states) == {*known, orphan["InstanceId"]}
+    assert set(states.values()) <= {"shutting-down", "terminated"}
+    assert pool.instances == {}
+    assert "terminated 3 spot instance(s)" in caplog.text
+    assert f"EC2 does not know {stale}" in caplog.text and "could not" not in caplog.text
+
+
+def test_an_instance_that_cannot_be_terminated_is_reported(aws, caplog, capsys):
+    cloud = cloud_config(aws)
+    ec2 = Ec2(cloud)
+    ids = [ec2.launch({"squall:job": "stuck"}, "", [("g5.xlarge", None)], cloud, 1)
+           ["InstanceId"] for _ in range(2)]
+    ec2_client(aws).modify_instance_attribute(InstanceId=ids[0],
+                                              DisableApiTermination={"Value": True})
+    gone, left = ec2.terminate_job("stuck", [])
+    assert gone == [ids[1]] and list(left) == [ids[0]]
+    assert "OperationNotPermitted" in left[ids[0]]
+    assert running(aws, "stuck") == [ids[0]]
+    assert main(["cloud", "cleanup", "run.name=stuck", f"cloud.endpoint_url={aws}"]) == 2
+    assert f"could not terminate 1 instance(s) tagged squall:job=stuck: {ids[0]}" in \
+        capsys.readouterr().err
+    ec2_client(aws).modify_instance_attribute(InstanceId=ids[0],
+                                              DisableApiTermination={"Value": False})
+    assert ec2.terminate_job("stuck") == ([ids[0]], {})
+
+
+def test_a_replacement_that_never_joins_is_terminated_and_another_asked_for(aws, caplog):
+    """No Ray node ever comes up for the instance (its setup failed, it cannot reach the
+    head): after cloud.join_timeout_s it is terminated and another (type, subnet) is tried."""
+    import ray
+
+    cfg = load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={aws}", f"cloud.ami={AMI}",
+                       "run.name=never-joins", "cloud.join_timeout_s=0.5",
+                       "cloud.head_address=10.0.0.5:6379", "workers=1"])
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    pool = _pool(cfg)
+    try:
+        [first] = pool.start(1)
+        pool._request("spot")
+        assert pool.poll(1).joined == []  # launched, its node not in the cluster
+        [waiting] = pool._booting
+        late = waiting.node
+        assert running(aws, "never-joins") == sorted([first.node.id, late.id])
+        time.sleep(0.6)
+        assert pool.poll(2).joined == []
+        assert "did not join the Ray cluster within cloud.join_timeout_s=0.5" in caplog.text
+        assert late.id not in pool.instances and waiting.id not in pool.alive
+        [other] = pool._booting
+        assert (other.node.instance_type, other.node.subnet) != (late.instance_type,
+                                                                 late.subnet)
+        assert instances(aws, "never-joins")[late.id]["State"]["Name"] == "terminated"
+        assert running(aws, "never-joins") == sorted([first.node.id, other.node.id])
+        assert pool.machines_started == 3
+    finally:
+        pool.shutdown()
+        ray.shutdown()
+    assert running(aws, "never-joins") == []
+
+
+def test_setup_secrets_come_from_a_file_or_the_environment_and_are_never_stored(
+        aws, tmp_path, monkeypatch):
+    from orchestrator.config import to_dict, to_yaml
+    from orchestrator.run import check_resumable
+
+    (tmp_path / "setup.sh").write_text("export FILE_TOKEN=from-the-file\n")
+    monkeypatch.setenv("SQUALL_SETUP", "export ENV_TOKEN=from-the-env")
+    cfg = load_config(["cloud=aws", f"cloud.ami={AMI}", "run.name=setup",
+                       "cloud.setup=['export INLINE_TOKEN=inline']",
+                       f"cloud.setup_file={tmp_path / 'setup.sh'}"])
+    pool = _pool(cfg)
+    assert pool.setup == ["export INLINE_TOKEN=inline", "export FILE_TOKEN=from-the-file",
+                          "export ENV_TOKEN=from-the-env"]
+    assert cfg.cloud.setup == ["export INLINE_TOKEN=inline"]  # the config itself unchanged
+    stored = to_yaml(cfg) + json.dumps(to_dict(cfg))
+    assert "TOKEN" not in stored and "<redacted>" in stored
+    assert to_dict(cfg)["cloud"]["setup"] == ["<redacted>"]
+    assert to_dict(cfg)["cloud"]["setup_file"] == str(tmp_path / "setup.sh")  # a path only
+    check_resumable(to_dict(cfg), cfg)  # a manifest stored so is resumed from
+    assert to_dict(load_config(["cloud=aws"]))["cloud"]["setup"] == []
+    with pytest.raises(ConfigError, match="cloud.setup_file=/nonexistent/x: cannot read it"):
+        _pool(load_config(["cloud=aws", f"cloud.ami={AMI}", "run.name=setup",
+                           "cloud.setup_file=/nonexistent/x"]))
 
 
 def test_cleanup_terminates_what_a_crashed_run_left_by_its_tag(aws, capsys):
@@ -382,7 +545,13 @@ def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up
     The run's files, its checkpoints and its output never contain the AWS secret."""
     moto, job = aws, "spot-e2e"
     secret = f"squall-test-secret-{uuid.uuid4().hex}"
-    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "SQUALL_S3_ENDPOINT_URL": moto}
+    # Secrets in the instances' setup: inline (stored redacted), a file, the environment.
+    setup = {where: f"squall-setup-{where}-{uuid.uuid4().hex}" for where in
+             ("inline", "file", "env")}
+    setup_file = tmp_path.parent / f"{job}-setup.sh"  # outside the run's directory
+    setup_file.write_text(f"export FILE_TOKEN={setup['file']}\n")
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "SQUALL_S3_ENDPOINT_URL": moto,
+           "SQUALL_SETUP": f"export ENV_TOKEN={setup['env']}"}
     boto3.client("s3", endpoint_url=moto).create_bucket(Bucket="spot-ckpts")
     metrics = tmp_path / job / "metrics.jsonl"
 
@@ -395,7 +564,9 @@ def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up
                 "cloud.local_nodes=true", f"cloud.endpoint_url={moto}", f"cloud.ami={AMI}",
                 f"cloud.imds_url={imds.url}/{{instance_id}}", "cloud.imds_poll_s=0.2",
                 "workers=2", "steps=1000000", "model=mlp", "log.progress=false", "eval.every=0",
-                f"run.dir={tmp_path}", f"run.name={job}", f"checkpoint.dir=s3://spot-ckpts/{job}"]
+                f"run.dir={tmp_path}", f"run.name={job}", f"checkpoint.dir=s3://spot-ckpts/{job}",
+                f"cloud.setup=['export INLINE_TOKEN={setup['inline']}']",
+                f"cloud.setup_file={setup_file}"]
         with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
             proc = subprocess.Popen(args, stdout=out, stderr=err, env=env,
                                     start_new_session=True)  # its Ray nodes: one group
@@ -430,16 +601,26 @@ def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up
     store = CheckpointStore(f"s3://spot-ckpts/{job}", endpoint_url=moto)
     assert store.load_latest().step == summary["steps_done"]  # the Ctrl-C checkpoint
 
-    # No secret anywhere: run directory, output, checkpoints in S3.
+    # The setup lines went to the instances (their user data), in order.
+    sent = base64.b64decode(ec2_client(moto).describe_instance_attribute(
+        InstanceId=first[0], Attribute="userData")["UserData"]["Value"]).decode().splitlines()
+    assert [line.split("=")[1] for line in sent if "_TOKEN=" in line] == [
+        setup["inline"], setup["file"], setup["env"]]
+    # No secret anywhere: run directory (config.yaml, summary.json, ...), output, checkpoints
+    # (their manifests hold the config) in S3.
+    secrets = [secret.encode(), *(s.encode() for s in setup.values())]
     s3 = boto3.client("s3", endpoint_url=moto)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="spot-ckpts")["Contents"]]
     assert keys and all(key.startswith(f"{job}/ckpt-") for key in keys)
     for key in keys:
-        assert secret.encode() not in s3.get_object(Bucket="spot-ckpts", Key=key)["Body"].read()
+        data = s3.get_object(Bucket="spot-ckpts", Key=key)["Body"].read()
+        assert not [s for s in secrets if s in data], key
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert len(files) >= 5  # out, err, config.yaml, metrics.jsonl, summary.json, model.pt
     for path in files:
-        assert secret.encode() not in path.read_bytes(), path
+        data = path.read_bytes()
+        assert not [s for s in secrets if s in data], path
+    assert "<redacted>" in (tmp_path / job / "config.yaml").read_text()
 
 
 def test_the_cluster_launcher_file_passes_rays_schema_with_spot_workers():
@@ -455,3 +636,9 @@ def test_the_cluster_launcher_file_passes_rays_schema_with_spot_workers():
     spot = [t for name, t in types.items() if name != cluster["head_node_type"]]
     assert spot and all(t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
                         for t in spot)
+    # squall installed, Ray and torch pinned, more file descriptors, no public dashboard
+    setup = " ".join(cluster["setup_commands"])
+    assert '"ray[default]==' in setup and '"torch==' in setup and "-e ~/squall" in setup
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    assert all("ulimit -n 65536" in c for c in starts if "ray start" in c)
+    assert "0.0.0.0" not in path.read_text()
