@@ -209,12 +209,12 @@ def train(cfg: Config) -> dict:
     """Run (or resume) one training job and return its summary (also in summary.json). A run
     that fails on a user mistake (ConfigError) leaves no new run directory behind."""
     run_dir = make_run_dir(cfg)
-    fresh = not run_dir.exists()
+    created = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
     try:
         return run_training(cfg, run_dir)
     except ConfigError:
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None:  # the first folder of the path that this run made
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

@@ -94,6 +94,13 @@ CASES = {
     "gossip with one worker": (
         ["strategy=gossip", "workers=1"],
         "strategy=gossip with workers=1: gossip needs at least 2 workers"),
+    "a pool's own check, after the run's folders were made": (
+        ["cloud=aws"],
+        "cloud=aws needs cloud.ami: an image with Python, Ray and squall installed (see "
+        "docs/aws.md)"),
+    "a trace that is not there": (
+        ["cloud=simulated", "cloud.trace=/nonexistent.csv"],
+        "cloud.trace=/nonexistent.csv: cannot read it (No such file or directory)"),
     "repeated keys, then a mistake: only the error": (
         ["workers=2", "workers=3", "run.dir={a_file}"],
         "run.dir={a_file}: a file, not a directory"),
