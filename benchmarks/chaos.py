@@ -1,7 +1,7 @@
 """Chaos benchmark: preemption storms, SIGKILLs, malformed invocations, attacks under preemption.
 
-    .venv/bin/python -m benchmarks.chaos            # full run (~45-60 min on 2 cores)
-    .venv/bin/python -m benchmarks.chaos --quick    # smoke run (~6 min): smaller targets
+    .venv/bin/python -m benchmarks.chaos            # full run (~65 min on a busy 2-core box)
+    .venv/bin/python -m benchmarks.chaos --quick    # smoke run (~12 min there): small targets
     .venv/bin/python -m benchmarks.chaos --sections malformed,grid   # only these sections
 
 Four sections, each a set of real `python -m orchestrator train ...` processes (each with a
