@@ -433,7 +433,7 @@ class AwsPool(Pool):
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": 1, "include_dashboard": self.job.ray.dashboard})
             ray.init(address=self.cluster.address, logging_level=logging.WARNING,
-                     log_to_driver=False)
+                     log_to_driver=False, runtime_env=self.job.ray.runtime_env())
         else:  # the driver runs on the head node of the cluster the instances join
             address = self.job.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
             try:

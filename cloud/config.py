@@ -29,6 +29,19 @@ class RayConfig:
     num_cpus: int | None = opt(None, "CPUs of a locally started Ray (default: enough for workers)",
                                ge=1)
     dashboard: bool = opt(False, "start the Ray dashboard with a local cluster")
+    working_dir: str = opt("", "directory uploaded to every node for the workers (Ray's "
+                           "runtime_env working_dir): where your model/data modules live")
+    py_modules: list[str] = opt([], "local packages or module directories uploaded to every "
+                                "node (Ray's runtime_env py_modules)")
+
+    def runtime_env(self) -> dict | None:
+        """The runtime_env for ray.init: the user's code on every node (None: nothing)."""
+        env: dict = {}
+        if self.working_dir:
+            env["working_dir"] = self.working_dir
+        if self.py_modules:
+            env["py_modules"] = list(self.py_modules)
+        return env or None
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ class Pool:
             cpus = ray_cfg.num_cpus or max(
                 os.cpu_count() or 1, math.ceil(self.job.workers * self.job.worker_num_cpus))
             ray.init(address="local", num_cpus=cpus, include_dashboard=ray_cfg.dashboard,
-                     logging_level=logging.WARNING)
+                     logging_level=logging.WARNING, runtime_env=ray_cfg.runtime_env())
 
     def _markets(self, n: int) -> list[str]:
         """The markets of the first n machines."""
@@ -228,7 +228,8 @@ def join_cluster(ray_cfg: RayConfig, address: str) -> None:
             raise ConfigError(f"{key}={address}: the cluster uses token authentication; set "
                               "RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN or ~/.ray/auth_token)")
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING,
+                 runtime_env=ray_cfg.runtime_env())
     except ConnectionError as e:
         raise ConfigError(f"{key}={address}: cannot join the Ray cluster there "
                           f"({str(e).splitlines()[0]})") from None

@@ -93,7 +93,7 @@ class SimulatedPool(Pool):
         # Reclaims kill raylets on purpose: keep Ray's per-node death reports off the terminal
         # (worker exceptions still reach the driver through ray.get).
         ray.init(address=self.cluster.address, logging_level=logging.WARNING,
-                 log_to_driver=False)
+                 log_to_driver=False, runtime_env=self.job.ray.runtime_env())
 
     def _provision(self, machine: Machine) -> None:
         self._adding[machine.id] = self._node_starter.submit(

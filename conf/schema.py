@@ -18,8 +18,8 @@ def opt(default: Any, help: str, *, choices: Any = None, ge: float | None = None
     """A dataclass field with its help text and allowed values. `choices` is a list of
     names or a registry (anything with .names()), read when the value is checked."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 

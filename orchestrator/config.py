@@ -43,6 +43,8 @@ from strategies.config import (
 from strategies.registry import ATTACKS
 
 GROUPS = ("strategy", "data", "model", "cloud")
+TARGET_GROUPS = ("data", "model")  # groups whose built-in options are targets too
+CUSTOM = "custom"  # their option when the user gives the target
 FAMILIES = ("strategy", "cloud")  # groups whose option picks the schema class
 
 __all__ = ["CloudConfig", "Config", "ConfigError", "GossipConfig", "JobSpec", "RayConfig",
@@ -62,27 +64,37 @@ class ByzantineConfig:
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "data set; pick it with data=<name>")
-    root: str = opt("~/.cache/squall/data", "directory holding torchvision data sets")
-    download: bool = opt(False, "download torchvision data sets into data.root (needs internet)")
+    name: str = opt("digits", "built-in data set; pick it with data=<name> (or give data.target)")
+    target: str = opt("", "module:callable called as fn(split, **data.args) for split train "
+                      "and test, returning a map-style Dataset of (input, label) pairs")
+    args: dict[str, Any] = opt({}, "keyword arguments of the data factory, e.g. "
+                               "data.args.samples=512")
+    root: str = opt("~/.cache/squall/data", "where the data lives, passed as root= to a "
+                    "factory that takes it: a local directory or s3://bucket/prefix (copied "
+                    "to data.cache on each node)")
+    cache: str = opt("~/.cache/squall/s3", "local copy of an s3:// data.root, on each node")
     batch_size: int = opt(32, "mini-batch size per worker", ge=1)
+    loader_workers: int = opt(0, "DataLoader worker processes per worker actor (0: in the "
+                              "actor)", ge=0)
     partition: str = opt("iid", "how training data is split across workers",
                          choices=["iid", "classes_per_worker", "dirichlet"])
     classes_per_worker: int = opt(2, "classes each worker holds (partition=classes_per_worker)",
                                   ge=1)
     alpha: float = opt(0.5, "Dirichlet concentration (partition=dirichlet); small = skewed", gt=0)
-    test_fraction: float = opt(0.2, "held-out test fraction for data sets without a test split",
-                               gt=0, lt=1)
-    samples: int = opt(4096, "training samples to generate (data=fake)", ge=1)
-    shape: list[int] = opt([3, 32, 32], "image shape C,H,W to generate (data=fake)")
-    num_classes: int = opt(10, "classes to generate (data=fake)", ge=2)
 
 
 @dataclass
 class ModelConfig:
-    name: str = opt("cnn", "model architecture; pick it with model=<name>")
-    width: int = opt(32, "channels of the first conv layer (cnn)", ge=1)
-    hidden: int = opt(128, "hidden units (mlp, and the cnn's classifier)", ge=1)
+    name: str = opt("cnn", "built-in model; pick it with model=<name> (or give model.target)")
+    target: str = opt("", "module:callable that builds the model, called with model.args")
+    args: dict[str, Any] = opt({}, "keyword arguments of the model factory, e.g. "
+                               "model.args.width=64")
+
+
+@dataclass
+class LossConfig:
+    target: str = opt("", "module:callable fn(model, batch) -> scalar loss tensor "
+                      "(default: cross entropy of model(inputs) against the labels)")
 
 
 @dataclass
@@ -104,8 +116,13 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = opt(50, "evaluate test accuracy every N steps (0: only at the end)", ge=0)
+    every: int = opt(50, "evaluate on the test split every N steps (0: only at the end)", ge=0)
     batch_size: int = opt(1000, "evaluation batch size", ge=1)
+    target: str = opt("", "module:callable fn(model, dataset) -> dict of floats, logged "
+                      "with the test accuracy (or test_loss with a loss.target)")
+    on: str = opt("driver", "where evaluation runs: the driver, or a worker (for models too "
+                  "big for the driver; the driver then loads no data)",
+                  choices=["driver", "worker"])
 
 
 @dataclass
@@ -117,6 +134,10 @@ class WorkerConfig:
                                 gt=0)
     start_timeout_s: float = opt(300.0, "give up when the workers have not all started by then",
                                  gt=0)
+    grad_accum: int = opt(1, "micro-batches of data.batch_size per gradient (gradient "
+                          "accumulation: their mean is the worker's gradient)", ge=1)
+    precision: str = opt("fp32", "bf16: forward and loss under bfloat16 autocast (gradients "
+                         "and parameters stay float32)", choices=["fp32", "bf16"])
 
 
 @dataclass
@@ -139,6 +160,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=_default_strategy)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
     # CloudConfig or its subclass for the pool (cloud/config.py), picked by cloud=<name>
@@ -326,6 +348,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
     base = _read_yaml("config.yaml")
     choices = {g: base.get("defaults", {}).get(g) for g in GROUPS}
     sets: list[tuple[str, Any, str]] = []
+    picked: set[str] = set()
     for text in overrides or []:
         key, value = parse_override(text)
         if key in GROUPS:
@@ -333,6 +356,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
             if value not in valid:
                 raise ConfigError(f"{key}={value}: unknown option; valid: {', '.join(valid)}")
             choices[key] = value
+            picked.add(key)
         elif _dict_field(key, every_field) is not None:
             if key.endswith(".name") and key.split(".")[0] in GROUPS:
                 raise ConfigError(f"{key}: pick it with {key.split('.')[0]}=<option>")
@@ -340,6 +364,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
         else:
             raise ConfigError(f"unknown key '{key}'{_suggest(key, [*every_field, *GROUPS])}")
 
+    _own_targets(choices, picked, sets)
     # the family groups' options pick their schema classes
     schemas = {g: schema_class(g, choices[g]) for g in FAMILIES}
     fields = schema_fields(schemas=schemas)
@@ -365,6 +390,20 @@ def load_config(overrides: list[str] | None = None) -> Config:
     _check_combinations(config)
     _resolve_defaults(config)
     return config
+
+
+def _own_targets(choices: dict[str, str], picked: set[str],
+                 sets: list[tuple[str, Any, str]]) -> None:
+    """model.target / data.target replace the built-in option: the group's option becomes
+    'custom' (no YAML defaults); naming both is a one-line error."""
+    for group in TARGET_GROUPS:
+        given = [text for key, value, text in sets if key == f"{group}.target" and value]
+        if not given:
+            continue
+        if group in picked:
+            raise ConfigError(f"{given[-1]}: give either {group}=<option> or {group}.target, "
+                              "not both")
+        choices[group] = CUSTOM
 
 
 def _resolve_defaults(cfg: Config) -> None:

@@ -27,7 +27,6 @@ measure consensus_dist. Not counted: object references, the row of W, bookkeepin
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,9 +34,10 @@ import ray
 import torch
 
 from orchestrator.config import Config
-from orchestrator.data import batch_indices
-from orchestrator.models import build_model, flatten, unflatten_into
+from orchestrator.models import flatten, unflatten_into
 from orchestrator.step import StepOutcome
+from orchestrator.workers import Replica
+from orchestrator.workload import DataInfo, Workload
 from strategies.consensus import (
     ThetaController,
     build_method,
@@ -53,18 +53,15 @@ if TYPE_CHECKING:
     from orchestrator.workers import WorkerPool
 
 
-class GossipWorker:
+class GossipWorker(Replica):
     """One replica: its shard, its model as a flat vector, and its consensus state."""
 
-    def __init__(self, rank: int, x: np.ndarray, y: np.ndarray, shard: np.ndarray, cfg: Config,
-                 input_shape: tuple[int, ...], num_classes: int, device: str,
-                 byzantine: bool = False, start_state: np.ndarray | None = None) -> None:
-        torch.set_num_threads(max(1, int(cfg.worker.num_cpus)))
-        self.rank, self.cfg, self.device = rank, cfg, torch.device(device)
-        self.x_data = torch.from_numpy(x[shard]).to(self.device)
-        self.y_data = torch.from_numpy(y[shard]).to(self.device)
-        torch.manual_seed(cfg.seed)  # the same initial model on every worker
-        self.model = build_model(cfg.model, input_shape, num_classes).to(self.device)
+    def __init__(self, rank: int, workload: Workload, cfg: Config, info: DataInfo,
+                 device: str, byzantine: bool = False,
+                 start_state: np.ndarray | None = None) -> None:
+        super().__init__(rank, workload, cfg, info, device, byzantine)
+        if self.error:
+            return
         self.params = list(self.model.parameters())
         self.x = torch.from_numpy(flatten(self.params)).to(self.device)
         if start_state is not None:  # a joiner starts from a live neighbour's model
@@ -72,9 +69,6 @@ class GossipWorker:
         self.momentum = torch.zeros_like(self.x)
         self.method = build_method(cfg.strategy)
         self.consensus = self.method.init(self.x)
-
-    def ready(self) -> int:
-        return os.getpid()
 
     def state(self) -> np.ndarray:
         return self.x.cpu().numpy()
@@ -88,11 +82,8 @@ class GossipWorker:
         size in bytes, for the driver). theta: Moniqua's per-block codes (theta_message),
         None for methods without control traffic."""
         unflatten_into(self.x, self.params)
-        idx = torch.from_numpy(batch_indices(len(self.y_data), self.cfg.data.batch_size, step,
-                                             self.cfg.seed, self.rank)).to(self.device)
         self.model.zero_grad(set_to_none=False)
-        loss = torch.nn.functional.cross_entropy(self.model(self.x_data[idx]), self.y_data[idx])
-        loss.backward()
+        loss = self.backward(step)
         optim = self.cfg.optim
         g = torch.cat([p.grad.reshape(-1) for p in self.params]) + optim.weight_decay * self.x
         self.momentum = optim.momentum * self.momentum + g

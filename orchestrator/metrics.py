@@ -5,6 +5,7 @@ log.tensorboard=true every numeric field of each step also goes to <run dir>/ten
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,9 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+REDONE = "redone.json"  # steps redone by the resumes of a run, so far
+
+
 class RunLog:
     """Writes a run's files and shows its progress on stderr."""
 
@@ -91,16 +95,32 @@ class RunLog:
 
     def open_metrics(self, start_step: int) -> int:
         """Start logging after `start_step`: lines past it (steps a resumed run redoes) are
-        dropped. Returns how many steps are redone."""
+        dropped. Returns how many steps the run has redone in all its resumes, counted in
+        the run directory (redone.json, written before any step is redone), since a crash
+        before the next checkpoint would lose a count kept only in the checkpoint."""
         path = self.dir / "metrics.jsonl"
         rows = read_metrics(self.dir)  # steps past the checkpoint (all, without one) are redone
         kept = [r for r in rows if r["step"] <= start_step]
+        redone = max(0, max([r["step"] for r in rows], default=start_step) - start_step)
+        total = self._redone_before() + redone
+        if redone:
+            tmp = self.dir / ".redone.json.tmp"
+            tmp.write_text(json.dumps({"steps": total}))
+            os.replace(tmp, self.dir / REDONE)
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(path, "a")
         self._bar_start = start_step
-        return max([r["step"] for r in rows], default=start_step) - start_step
+        return total
 
-    def step(self, record: dict) -> None:
+    def _redone_before(self) -> int:
+        try:
+            return int(json.loads((self.dir / REDONE).read_text())["steps"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0
+
+    def step(self, record: dict, evaluated: dict | None = None) -> None:
+        """Write the step's record; `evaluated`: the metrics of an evaluation in this step
+        (also in the record), printed on a line of their own."""
         if self._bar is None:  # shown from the first step: start-up errors come out clean
             self._bar = tqdm(total=self.cfg.steps, initial=self._bar_start, file=sys.stderr,
                              disable=not self.cfg.log.progress, desc="train", unit="step",
@@ -112,16 +132,17 @@ class RunLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(key, value, record["step"])
         postfix = {"loss": f"{record['loss']:.3f}", "workers": record["live_workers"]}
-        if "test_acc" in record:
-            postfix["acc"] = f"{record['test_acc']:.3f}"
+        if evaluated:
+            postfix.update({k: f"{v:.3f}" for k, v in list(evaluated.items())[:1]})
             self._bar.write(f"step {record['step']} | loss {record['loss']:.4f} | "
-                            f"test_acc {record['test_acc']:.4f} | "
+                            f"{shown_metrics(evaluated)} | "
                             f"{record['live_workers']} workers | {record['step_s']:.3f} s",
                             file=sys.stderr)
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
 
-    def finish(self, summary: dict, live: list[int]) -> None:
+    def finish(self, summary: dict, live: list[int], evaluated: dict) -> None:
+        """Write summary.json and print the summary; `evaluated`: the final metrics."""
         if self._bar is not None:
             self._bar.close()
         self._metrics.close()
@@ -131,7 +152,7 @@ class RunLog:
         s = summary
         status = "interrupted" if s["interrupted"] else "done"
         lines = [f"squall: run {self.dir} {status} in {s['wall_s']:.1f} s",
-                 f"  steps {s['steps_done']}/{self.cfg.steps} | test_acc {s['test_acc']:.4f} | "
+                 f"  steps {s['steps_done']}/{self.cfg.steps} | {shown_metrics(evaluated)} | "
                  f"loss {s['loss']:.4f} | sent {s['bytes_sent'] / 1e6:.1f} MB | "
                  f"skipped steps {s['skipped_steps']}",
                  f"  live workers {s['live_workers_mean']:.2f} mean of {self.cfg.workers} "
@@ -143,3 +164,8 @@ class RunLog:
             lines.append(f"  cost ${s['cost_usd']:.4f} vs ${s['on_demand_cost_usd']:.4f} on "
                          f"demand ({saved:.0%} saved)")
         print("\n".join(lines))
+
+
+def shown_metrics(metrics: dict) -> str:
+    """'test_acc 0.9528 | bits_per_char 2.1' (or 'no evaluation')."""
+    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no evaluation"

@@ -9,31 +9,39 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.config import ModelConfig
+
+# --------------------------------------------------------------------------- built-in models
+# Factories in the form every model target has (orchestrator/workload.py): keyword
+# arguments in, a module out; input_shape and num_classes come from the data set.
+def cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 32,
+        hidden: int = 128) -> nn.Module:
+    """Two conv layers and a small classifier (digits, MNIST)."""
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        nn.Linear(2 * width * 16, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes))
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    channels = input_shape[0]
-    if cfg.name == "cnn":
-        return nn.Sequential(
-            nn.Conv2d(channels, cfg.width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(cfg.width, 2 * cfg.width, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(2 * cfg.width * 16, cfg.hidden), nn.ReLU(),
-            nn.Linear(cfg.hidden, num_classes))
-    if cfg.name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), cfg.hidden),
-                             nn.ReLU(), nn.Linear(cfg.hidden, num_classes))
-    if cfg.name == "resnet20":
-        return ResNet20(channels, num_classes)
-    if cfg.name == "resnet18":
-        import torchvision
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 128) -> nn.Module:
+    """One hidden layer (the 784-128-10 MLP of Chen et al. on MNIST)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden),
+                         nn.ReLU(), nn.Linear(hidden, num_classes))
 
-        model = torchvision.models.resnet18(num_classes=num_classes)
-        if channels != 3:
-            model.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
-        return model
-    raise ValueError(f"unknown model '{cfg.name}'")
+
+def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return ResNet20(input_shape[0], num_classes)
+
+
+def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18, its first layer adapted to the data's channels."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    if input_shape[0] != 3:
+        model.conv1 = nn.Conv2d(input_shape[0], 64, 7, stride=2, padding=3, bias=False)
+    return model
 
 
 class BasicBlock(nn.Module):
@@ -121,3 +129,8 @@ def unflatten_into(vector: np.ndarray | torch.Tensor, tensors: list[torch.Tensor
     with torch.no_grad():
         for t, view in zip(tensors, _slices(vec, tensors)):
             t.copy_(view)
+
+
+def model_vector(model: nn.Module) -> np.ndarray:
+    """The model's parameters and floating-point buffers as one flat float32 vector."""
+    return flatten(list(model.parameters()) + float_buffers(model))

@@ -41,7 +41,8 @@ def run_report(folder: Path) -> Path:
         raise ConfigError(f"squall report {folder}: metrics.jsonl has no steps yet")
     steps = [r["step"] for r in rows]
     wall = _wall(rows)
-    evals = [r for r in rows if "test_acc" in r]
+    metric = "test_acc" if any("test_acc" in r for r in rows) else "test_loss"
+    evals = [r for r in rows if metric in r]
     images = []
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -51,14 +52,14 @@ def run_report(folder: Path) -> Path:
     images.append(_save(fig, folder / "loss.png", "Training loss vs step and vs wall time"))
 
     if evals:
-        eval_wall = [w for r, w in zip(rows, wall) if "test_acc" in r]
+        eval_wall = [w for r, w in zip(rows, wall) if metric in r]
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, x, label in ((a, [r["step"] for r in evals], "step"), (b, eval_wall,
                                                                         "wall time (s)")):
-            ax.plot(x, [r["test_acc"] for r in evals], marker="o", ms=3)
-            ax.set(xlabel=label, ylabel="test accuracy")
+            ax.plot(x, [r[metric] for r in evals], marker="o", ms=3)
+            ax.set(xlabel=label, ylabel=metric.replace("_", " "))
         images.append(_save(fig, folder / "accuracy.png",
-                            "Test accuracy vs step and vs wall time"))
+                            f"{metric.replace('_', ' ').capitalize()} vs step and vs wall time"))
 
     live = [r["live_workers"] for r in rows]
     drops = [i for i in range(1, len(live)) if live[i] < live[i - 1]]

@@ -19,10 +19,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from cloud import Pool, make_pool
 from orchestrator.checkpoint import (
@@ -33,13 +35,13 @@ from orchestrator.checkpoint import (
     restore_rng_state,
 )
 from orchestrator.config import Config, ConfigError, job_spec, to_dict
-from orchestrator.data import Dataset, load_dataset, partition
 from orchestrator.gossip import GossipRound
 from orchestrator.metrics import RunLog, make_run_dir
-from orchestrator.models import build_model
+from orchestrator.models import model_vector
 from orchestrator.parameter_server import ParameterServer
 from orchestrator.step import StepOutcome, TooFewWorkers, TrainingStep
 from orchestrator.workers import WorkerPool
+from orchestrator.workload import DataInfo, Workload, data_info, resolve_workload, takes
 
 # Settings that may change when a run resumes; anything else must match its checkpoint.
 RESUMABLE_CHANGES = ("steps", "run", "log", "eval", "checkpoint", "ray", "worker", "cloud")
@@ -108,17 +110,50 @@ class Progress:
         self.bytes_measure += outcome.bytes_measure
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, batch_size: int) -> float:
-    """Test accuracy of `model` on the test split."""
+def driver_data(cfg: Config, workload: Workload) -> tuple[Any, DataInfo]:
+    """The test split (the driver evaluates: eval.on=driver) and what it tells of the data;
+    with eval.on=worker the driver loads it only for a model factory that needs its
+    input_shape or num_classes and is not given them in model.args."""
+    needs_info = any(name not in cfg.model.args and takes(workload.model_fn, name)
+                     for name in ("input_shape", "num_classes"))
+    if cfg.eval.on == "worker" and not needs_info and cfg.byzantine.attack != "label_flip":
+        return None, DataInfo()
+    test_set = workload.dataset("test")
+    return (test_set if cfg.eval.on == "driver" else None), data_info(test_set)
+
+
+def check_workload(cfg: Config, workload: Workload, model: torch.nn.Module, test_set: Any,
+                   info: DataInfo) -> None:
+    """What the driver can check before any worker starts: the loss of one test batch, the
+    default metrics on a few test samples and the eval target on the test split (model in
+    eval mode: its statistics stay untouched)."""
+    if cfg.byzantine.f and cfg.byzantine.attack == "label_flip" and info.num_classes is None:
+        raise ConfigError("byzantine.attack=label_flip: the data set tells no number of "
+                          "classes (a `classes` or `targets` attribute)")
+    if test_set is None:
+        return
+    few = Subset(test_set, range(min(8, len(test_set))))
+    batch = next(iter(DataLoader(few, batch_size=2)))
     model.eval()
-    correct = 0
-    for i in range(0, len(data.y_test), batch_size):
-        x = torch.from_numpy(data.x_test[i:i + batch_size])
-        y = torch.from_numpy(data.y_test[i:i + batch_size])
-        correct += int((model(x).argmax(1) == y).sum())
-    model.train()
-    return correct / len(data.y_test)
+    try:
+        with torch.no_grad():
+            workload.check_loss(model, batch)
+        workload.evaluate(model, few, cfg.eval.batch_size, metric=False)
+        if workload.metric_fn is not None:
+            workload.metric(model, test_set)
+    finally:
+        model.train()
+
+
+def evaluate(cfg: Config, workload: Workload, model: torch.nn.Module | None, test_set: Any,
+             workers: WorkerPool | None) -> dict[str, float]:
+    """The metrics of the model to evaluate now (eval.on: the driver, or a live worker);
+    {} when there is none (no live replica, no live worker)."""
+    if model is None:
+        return {}
+    if cfg.eval.on == "driver":
+        return workload.evaluate(model, test_set, cfg.eval.batch_size)
+    return workers.evaluate(model_vector(model), cfg.eval.batch_size) if workers else {}
 
 
 def make_step(cfg: Config, model: torch.nn.Module) -> TrainingStep:
@@ -188,14 +223,14 @@ def save_checkpoint(store: CheckpointStore, cfg: Config, progress: Progress,
                {"config": to_dict(cfg)})
 
 
-def start_workers(cfg: Config, pool: Pool, data: Dataset, shards: list, training: TrainingStep
-                  ) -> WorkerPool:
+def start_workers(cfg: Config, pool: Pool, workload: Workload, info: DataInfo,
+                  training: TrainingStep) -> WorkerPool:
     """The first machines and a worker on each; the driver's threads leave their cores."""
     machines = pool.start(cfg.workers)
     if pool.workers_here:  # the driver's idle torch threads would spin on workers' cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - math.ceil(
             cfg.workers * cfg.worker.num_cpus)))
-    workers = WorkerPool(cfg, data, shards, pool, training)
+    workers = WorkerPool(cfg, workload, info, pool, training)
     workers.start(machines)
     return workers
 
@@ -205,28 +240,31 @@ def due(every: int, step: int, last: int) -> bool:
     return bool(every and step % every == 0) or step == last
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) one training job and return its summary (also in summary.json). A run
-    that fails on a user mistake (ConfigError) leaves no new run directory behind."""
+def train(cfg: Config, given: dict[str, Any] | None = None) -> dict:
+    """Run (or resume) one training job and return its summary (also in summary.json).
+    `given`: callables of the workload handed over directly (orchestrator.api). A run that
+    fails on a user mistake (ConfigError) leaves no new run directory behind."""
     run_dir = make_run_dir(cfg)
     created = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
     try:
-        return run_training(cfg, run_dir)
+        return run_training(cfg, run_dir, given or {})
     except ConfigError:
         if created is not None:  # the first folder of the path that this run made
             shutil.rmtree(created, ignore_errors=True)
         raise
 
 
-def run_training(cfg: Config, run_dir: Path) -> dict:
+def run_training(cfg: Config, run_dir: Path, given: dict[str, Any]) -> dict:
     """The run, top to bottom."""
     t_start = time.perf_counter()
 
-    # ---- data, model and the strategy's step: all checked before Ray starts
-    data = load_dataset(cfg.data, cfg.seed)
-    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    # ---- workload, model and the strategy's step: checked before Ray starts (the workers
+    # load their own shards of the training split)
+    workload = resolve_workload(cfg, **given)
+    test_set, info = driver_data(cfg, workload)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = workload.model(info)
+    check_workload(cfg, workload, model, test_set, info)
     training = make_step(cfg, model)
 
     # ---- resume from the newest valid checkpoint of this run, if there is one
@@ -237,7 +275,7 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
         return done
     pool = make_pool(cfg.cloud, job_spec(cfg))  # its own checks before the run dir
     log = RunLog(cfg, run_dir)
-    progress.lost_steps += log.open_metrics(progress.step)
+    progress.lost_steps = log.open_metrics(progress.step)  # in all resumes so far
 
     def checkpoint() -> None:
         save_checkpoint(store, cfg, progress, training, workers, t_start)
@@ -247,10 +285,11 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     cost0 = (progress.cost_usd, progress.on_demand_cost_usd)
     driver_threads = torch.get_num_threads()
     workers: WorkerPool | None = None
+    last_eval: dict[str, float] = {}  # the metrics of the last evaluation
     _received.clear()
     handlers = handle_stop_signals(_raise_stopped)  # they stop the run like Ctrl-C
     try:
-        workers = start_workers(cfg, pool, data, shards, training)
+        workers = start_workers(cfg, pool, workload, info, training)
         handle_stop_signals(_raise_stopped)  # again, in case Ray installed its own
         ray_address = ray.get_runtime_context().gcs_address
         last_save = time.monotonic()
@@ -273,10 +312,13 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
             else:  # nobody answered: no update, and the step's time still passes
                 time.sleep(typical_step_s)
             record = step_record(step, outcome, progress, pool, cost0, t0, t_start)
+            evaluated = {}
             if due(cfg.eval.every, step, cfg.steps):
-                if (eval_model := training.eval_model(workers)) is not None:
-                    record["test_acc"] = evaluate(eval_model, data, cfg.eval.batch_size)
-            log.step(record)
+                evaluated = evaluate(cfg, workload, training.eval_model(workers), test_set,
+                                     workers)
+                record.update(evaluated)
+                last_eval.update(evaluated)
+            log.step(record, evaluated)
             ckpt = cfg.checkpoint
             if due(ckpt.every_steps, step, cfg.steps) or (
                     ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
@@ -304,12 +346,13 @@ def run_training(cfg: Config, run_dir: Path) -> dict:
     # ---- summary and the trained model
     final = training.eval_model(None)
     torch.save(final.state_dict(), log.dir / "model.pt")
-    summary = {"run_dir": str(log.dir), "ray_address": ray_address,
-               "test_acc": evaluate(final, data, cfg.eval.batch_size),
+    if cfg.eval.on == "driver":  # else the workers' last evaluation
+        last_eval = workload.evaluate(final, test_set, cfg.eval.batch_size)
+    summary = {"run_dir": str(log.dir), "ray_address": ray_address, **last_eval,
                **summary_counts(progress, t_start), **training.summary(),
                **(workers.join_summary() if workers is not None else {}),
                "interrupted": interrupted, "signal": stop_signal, "error": error}
-    log.finish(summary, progress.live)
+    log.finish(summary, progress.live, last_eval)
     return summary
 
 

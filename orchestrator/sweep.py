@@ -141,7 +141,7 @@ def _run_all(folder: Path, runs: list[tuple[str, str, Config]], rows: list[dict]
             except KeyboardInterrupt:  # between runs: nothing of this run to keep
                 return True
         rows.append({"run": name, "overrides": swept,
-                     **{c: format_value(summary[c]) for c in COLUMNS[2:]}})
+                     **{c: format_value(summary.get(c, math.nan)) for c in COLUMNS[2:]}})
         write_tables(folder, rows)
         if summary["interrupted"]:
             return True

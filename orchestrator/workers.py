@@ -15,8 +15,9 @@ from ray.exceptions import RayActorError
 
 from cloud.pool import Machine, Pool
 from orchestrator.config import Config, ConfigError
-from orchestrator.data import Dataset, batch_indices
-from orchestrator.models import build_model, flat_grads, float_buffers, share_flat
+from orchestrator.data import StepBatches, shard_of
+from orchestrator.models import flat_grads, float_buffers, share_flat, unflatten_into
+from orchestrator.workload import DataInfo, Workload, to_device
 from strategies.attacks import flip_labels
 from strategies.rules import wire
 
@@ -37,19 +38,71 @@ class GradientResult:
         return self.grad.nbytes + self.buffers.nbytes
 
 
-class Worker:
-    """One worker slot: holds its shard of the training data and a model replica."""
+class Replica:
+    """What every worker actor holds: its shard of the training data, loaded in its own
+    process through the data factory, and a model replica.
 
-    def __init__(self, rank: int, x: np.ndarray, y: np.ndarray, shard: np.ndarray, cfg: Config,
-                 input_shape: tuple[int, ...], num_classes: int, device: str,
-                 byzantine: bool = False) -> None:
+    A mistake in the user's workload (the factory raises, the shard cannot be made) does not
+    kill the actor: `ready()` reports it, and the pool turns it into a one-line error.
+    """
+
+    def __init__(self, rank: int, workload: Workload, cfg: Config, info: DataInfo,
+                 device: str, byzantine: bool = False) -> None:
         torch.set_num_threads(max(1, int(cfg.worker.num_cpus)))
         self.rank, self.cfg, self.device = rank, cfg, torch.device(device)
-        self.x = torch.from_numpy(x[shard]).to(self.device)  # fancy indexing copies the shard
-        self.y = torch.from_numpy(y[shard]).to(self.device)
-        if byzantine and cfg.byzantine.attack == "label_flip":  # the data-side attack
-            self.y = flip_labels(self.y, num_classes)
-        self.model = build_model(cfg.model, input_shape, num_classes).to(self.device)
+        self.workload, self.error = workload, ""
+        self.flip = byzantine and cfg.byzantine.attack == "label_flip"  # the data-side attack
+        self.num_classes = info.num_classes
+        self.autocast = cfg.worker.precision == "bf16"
+        try:
+            train_set = workload.dataset("train")
+            shard = shard_of(train_set, rank, cfg.workers, cfg.data, cfg.seed)
+            self.batches = StepBatches(train_set, shard, cfg.data, cfg.seed, rank,
+                                       cfg.worker.grad_accum, self.device.type == "cuda")
+            torch.manual_seed(cfg.seed)  # the same initial model on every worker
+            self.model = workload.model(info).to(self.device)
+        except ConfigError as e:
+            self.error = str(e)
+
+    def ready(self) -> tuple[int, str]:
+        """(process id, the workload's error or '')."""
+        return os.getpid(), self.error
+
+    def backward(self, step: int) -> torch.Tensor:
+        """Forward and backward on this step's micro-batches (their mean loss): the gradient
+        accumulates into the parameters' .grad, which the caller zeroed."""
+        self.model.train()
+        micro = self.batches(step)
+        total = torch.zeros((), device=self.device)
+        for batch in micro:
+            batch = to_device(batch, self.device, non_blocking=True)
+            if self.flip:
+                inputs, labels = batch
+                batch = (inputs, flip_labels(labels, self.num_classes))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.workload.loss(self.model, batch) / len(micro)
+            loss.backward()
+            total += loss.detach().float()
+        return total
+
+
+    def evaluate(self, state: np.ndarray, batch_size: int) -> dict[str, float]:
+        """eval.on=worker: the metrics of the model `state` (flat parameters and buffers) on
+        the test split, which this worker loads the first time."""
+        if not hasattr(self, "test_set"):
+            self.test_set = self.workload.dataset("test")
+        unflatten_into(state, list(self.model.parameters()) + float_buffers(self.model))
+        return self.workload.evaluate(self.model, self.test_set, batch_size, self.device)
+
+
+class Worker(Replica):
+    """A parameter-server worker: the gradient of its mini-batch at the driver's parameters."""
+
+    def __init__(self, rank: int, workload: Workload, cfg: Config, info: DataInfo,
+                 device: str, byzantine: bool = False) -> None:
+        super().__init__(rank, workload, cfg, info, device, byzantine)
+        if self.error:
+            return
         self.params = list(self.model.parameters())
         self.n_params = sum(p.numel() for p in self.params)
         # Parameters and buffers are views of one flat vector, the gradients of another: the
@@ -58,28 +111,16 @@ class Worker:
         self.grad = flat_grads(self.params)
         self.encode = wire(cfg.strategy.name).encode  # e.g. sign_vote: 1 bit per value
 
-    def ready(self) -> int:
-        return os.getpid()
-
     def gradient(self, state: np.ndarray, step: int) -> GradientResult:
         """Load the driver's parameters and buffers, return the gradient on this step's batch."""
         self.load(state)
+        self.grad.zero_()
         loss = self.backward(step)
         return self.pack(loss, step)
 
     def load(self, state: np.ndarray) -> None:
         """The driver's flat parameters and buffers into the model (one copy)."""
         self.state.copy_(torch.from_numpy(state))
-
-    def backward(self, step: int) -> torch.Tensor:
-        """Forward and backward on this step's mini-batch; the gradient lands in self.grad."""
-        idx = batch_indices(len(self.y), self.cfg.data.batch_size, step, self.cfg.seed, self.rank)
-        idx_t = torch.from_numpy(idx).to(self.device)
-        self.model.train()
-        self.grad.zero_()
-        loss = torch.nn.functional.cross_entropy(self.model(self.x[idx_t]), self.y[idx_t])
-        loss.backward()
-        return loss
 
     def pack(self, loss: torch.Tensor, step: int) -> GradientResult:
         """The message to the driver: the flat gradient in the rule's wire format, and buffers."""
@@ -119,15 +160,15 @@ class WorkerPool:
     how many steps and seconds the replacements were late.
     """
 
-    def __init__(self, cfg: Config, data: Dataset, shards: list[np.ndarray], pool: Pool,
+    def __init__(self, cfg: Config, workload: Workload, info: DataInfo, pool: Pool,
                  step: Any) -> None:
-        self.cfg, self.pool, self.shards = cfg, pool, shards
+        self.cfg, self.pool = cfg, pool
         # The TrainingStep (orchestrator/step.py): its actor class, and what a (re)starting
         # worker of a rank gets.
         self.step = step
         self.device, self.gpus = worker_device(cfg)
-        self.args = (ray.put(data.x_train), ray.put(data.y_train))
-        self.shape = (data.input_shape, data.num_classes)
+        self.args = (ray.put(workload), cfg, info)  # each worker loads its own shard
+        self.setup_errors: list[str] = []  # workload errors of replacements (they are dropped)
         self.live: dict[int, tuple[ray.actor.ActorHandle, Machine]] = {}
         self.starting: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, Machine]] = {}
         self.idle: list[Machine] = []  # machines without a worker (no vacant rank yet)
@@ -143,6 +184,10 @@ class WorkerPool:
         self.fill()
         ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting),
                             timeout=self.cfg.worker.start_timeout_s)
+        for ref in ready:  # the workload's own mistakes: one line, before any step
+            _, error = ray.get(ref)
+            if error:
+                raise ConfigError(error)
         if len(ready) < len(machines):
             raise ConfigError(
                 f"workers={self.cfg.workers} did not all start within worker.start_timeout_s="
@@ -164,8 +209,7 @@ class WorkerPool:
             actor = self.step.actor_class.options(
                 num_cpus=self.cfg.worker.num_cpus, num_gpus=self.gpus,
                 **self.pool.placement(machine)).remote(
-                rank, *self.args, self.shards[rank], self.cfg, *self.shape, self.device,
-                **self.step.actor_kwargs(rank, self))
+                rank, *self.args, self.device, **self.step.actor_kwargs(rank, self))
             self.starting[actor.ready.remote()] = (rank, actor, machine)
 
     def admit(self, step: int | None = None) -> int:
@@ -179,9 +223,12 @@ class WorkerPool:
             for ref in ready:
                 rank, actor, machine = self.starting.pop(ref)
                 try:
-                    machine.worker_pid = ray.get(ref)
+                    machine.worker_pid, error = ray.get(ref)
                 except RayActorError:  # its machine went away while it started
                     self.pool.lost(machine)
+                    continue
+                if error:  # e.g. its node could not fetch the data: the machine goes back
+                    self._setup_failed(actor, machine, error)
                     continue
                 self.booted[rank] = (actor, machine)
                 self.ready_at[machine.id] = now
@@ -208,6 +255,15 @@ class WorkerPool:
                     and late_steps else 0.0
             self.join_log.append((ready_at - machine.joined_at, late_steps, late_s))
         return joined
+
+    def _setup_failed(self, actor: ray.actor.ActorHandle, machine: Machine, error: str) -> None:
+        """A replacement whose workload failed to load: logged once per message, its machine
+        given back like a lost one (the pool replaces it)."""
+        if error not in self.setup_errors:
+            warnings.warn(f"a replacement worker could not start: {error}", stacklevel=2)
+        self.setup_errors.append(error)
+        ray.kill(actor, no_restart=True)
+        self.pool.lost(machine)
 
     def join_summary(self) -> dict:
         """The replacements that joined in this run (since its start or resume):
@@ -250,6 +306,18 @@ class WorkerPool:
         self.live.clear()
         self.starting.clear()
         self.booted.clear()
+
+    def evaluate(self, state: np.ndarray, batch_size: int) -> dict[str, float]:
+        """eval.on=worker: the metrics of `state` computed by the live worker of the lowest
+        rank ({} when none answers within worker.step_timeout_s)."""
+        for rank in sorted(self.live):
+            ref = self.live[rank][0].evaluate.remote(state, batch_size)
+            ready, _ = ray.wait([ref], timeout=self.cfg.worker.step_timeout_s)
+            try:
+                return ray.get(ready[0]) if ready else {}
+            except RayActorError:  # it died meanwhile: the next step drops it; try another
+                continue
+        return {}
 
     def gradients(self, state_ref: ray.ObjectRef, step: int,
                   reclaim: list[Machine]) -> tuple[list[GradientResult], int]:

@@ -101,6 +101,18 @@ CASES = {
     "a trace that is not there": (
         ["cloud=simulated", "cloud.trace=/nonexistent.csv"],
         "cloud.trace=/nonexistent.csv: cannot read it (No such file or directory)"),
+    "a model target that does not import": (
+        ["model.target=nowhere:build"],
+        "model.target=nowhere:build: cannot import nowhere (ModuleNotFoundError: No module "
+        "named 'nowhere')"),
+    "a model factory that refuses its arguments": (
+        ["model.args.depth=2"],
+        "model.target=orchestrator.models:cnn: TypeError: cnn() got an unexpected keyword "
+        "argument 'depth'"),
+    "an eval target that raises, with a message of many lines": (
+        ["eval.target=orchestrator.data:digits"],
+        "eval.target=orchestrator.data:digits: ValueError: split must be 'train' or 'test', "
+        "not Sequential( ..."),
     "repeated keys, then a mistake: only the error": (
         ["workers=2", "workers=3", "run.dir={a_file}"],
         "run.dir={a_file}: a file, not a directory"),

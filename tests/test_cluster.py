@@ -102,14 +102,20 @@ def test_an_address_where_no_cluster_listens_is_one_line_at_once(tmp_path):
         "refused); start one with `ray start --head` or fix the address")
 
 
-def test_ray_job_submit(cluster, tmp_path):
+def test_ray_job_submit_with_the_users_own_module(cluster, tmp_path):
+    """An example's own model and data module, shipped with `--working-dir`: the driver and
+    the workers of the cluster import it from the job's working directory."""
     gcs, dashboard = cluster
-    proc = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--",
-                           *squall_args(tmp_path, "job")], capture_output=True, text=True,
+    example = Path(__file__).resolve().parents[1] / "examples" / "shapes"
+    proc = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--working-dir",
+                           str(example), "--", *squall_args(tmp_path, "job"),
+                           "model.target=shapes:make_model", "data.target=shapes:make_data",
+                           "data.args.samples=400"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["ray_address"] == gcs and summary["steps_done"] == 20
+    assert 0 <= summary["test_acc"] <= 1
 
 
 def test_a_token_cluster_joined_without_token_mode_is_one_line_at_once(tmp_path):

@@ -35,12 +35,25 @@ def test_defaults_come_from_conf_yaml():
 def test_group_choice_and_dotted_overrides():
     cfg = load_config(["model=mlp", "data=fake", "workers=8", "optim.lr=1e-3",
                        "data.batch_size=7", "ray.address=null", "run.name=exp1",
-                       "data.shape=[1,8,8]", "eval.every=5", "seed=3"])
+                       "data.args.shape=[1,8,8]", "eval.every=5", "seed=3"])
     assert cfg.model.name == "mlp" and cfg.data.name == "fake"
     assert cfg.workers == 8 and cfg.optim.lr == pytest.approx(1e-3)
-    assert cfg.data.batch_size == 7 and cfg.data.shape == [1, 8, 8]
+    assert cfg.data.batch_size == 7 and cfg.data.args["shape"] == [1, 8, 8]
     assert cfg.ray.address is None and cfg.run.name == "exp1"
     assert cfg.eval.every == 5 and cfg.seed == 3
+
+
+def test_a_target_replaces_the_built_in_option():
+    """model.target / data.target: the option becomes 'custom', the built-in's arguments do
+    not apply; a built-in names its own target (one path for both)."""
+    cfg = load_config(["model.target=mypkg.nets:make", "model.args.depth=3"])
+    assert (cfg.model.name, cfg.model.target, cfg.model.args) == (
+        "custom", "mypkg.nets:make", {"depth": 3})
+    assert load_config().model.target == "orchestrator.models:cnn"
+    assert load_config(["data.target=mypkg.data:load"]).data.args == {}
+    assert load_config(["model=mlp", "model.args.hidden=7"]).model.args == {"hidden": 7}
+    with pytest.raises(ConfigError, match="give either model=<option> or model.target"):
+        load_config(["model=mlp", "model.target=mypkg.nets:make"])
 
 
 def test_group_yaml_values_apply_then_overrides_win():
@@ -65,7 +78,7 @@ def test_every_field_has_help():
     ("wrkers=3", "unknown key 'wrkers'; did you mean 'workers'?"),
     ("optim.lrr=0.1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
     ("workers=abc", "workers=abc: expected integer"),
-    ("data.download=maybe", "expected boolean"),
+    ("log.progress=maybe", "expected boolean"),
     ("workers=0", "workers=0: must be >= 1"),
     ("optim.lr=-0.1", "optim.lr=-0.1: must be > 0"),
     ("data.partition=random", "data.partition=random: not allowed; valid: iid, "
@@ -75,7 +88,8 @@ def test_every_field_has_help():
     ("model=vgg", "model=vgg: unknown option; valid: cnn, mlp, resnet18, resnet20"),
     ("workers", "malformed override 'workers'"),
     ("=3", "malformed override '=3'"),
-    ("data.shape=[1,2", "malformed value in 'data.shape=[1,2'"),
+    ("data.args.shape=[1,2", "malformed value in 'data.args.shape=[1,2'"),
+    ("eval.on=gpu", "eval.on=gpu: not allowed; valid: driver, worker"),
     ("workers=2,4,8", "comma-separated value is a sweep"),
     ("strategy.name=mean", "pick it with strategy=<option>"),
 ])

@@ -4,22 +4,43 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.data import batch_indices, load_dataset, partition
+from orchestrator.data import (
+    StepBatches,
+    batch_indices,
+    fake,
+    mnist,
+    partition,
+    shard_of,
+)
+from orchestrator.data import (
+    digits as digits_data,
+)
+from orchestrator.workload import data_info
+
+
+class Digits:
+    """The built-in digits as arrays, for the partition tests."""
+
+    def __init__(self, **args) -> None:
+        train, test = digits_data("train", **args), digits_data("test", **args)
+        self.y_train, self.y_test = train.targets.numpy(), test.targets.numpy()
+        self.x_test = test.tensors[0].numpy()
+        self.info = data_info(test)
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_dataset(load_config().data, seed=0)
+    return Digits()
 
 
-def test_digits_is_offline_and_split_by_seed(digits):
-    assert digits.input_shape == (1, 8, 8) and digits.num_classes == 10
+def test_digits_is_offline_and_split_by_its_seed(digits):
+    assert digits.info.input_shape == (1, 8, 8) and digits.info.num_classes == 10
     assert len(digits.y_train) + len(digits.y_test) == 1797
     assert abs(len(digits.y_test) / 1797 - 0.2) < 0.01
-    again = load_dataset(load_config().data, seed=0)
-    other = load_dataset(load_config().data, seed=1)
+    again, other = Digits(), Digits(split_seed=1)
     assert np.array_equal(digits.y_test, again.y_test)
     assert not np.array_equal(digits.x_test, other.x_test)
 
@@ -68,16 +89,51 @@ def test_batch_indices_walk_epochs_of_a_permutation():
 
 
 def test_fake_data_shape():
-    data = load_dataset(load_config(["data=fake", "data.samples=64",
-                                     "data.shape=[3,16,16]"]).data, 0)
-    assert data.x_train.shape == (64, 3, 16, 16) and data.x_train.dtype == np.float32
-    assert set(np.unique(data.y_train)) <= set(range(10))
+    train, test = fake("train", samples=64, shape=[3, 16, 16]), fake("test", samples=64)
+    x, y = train.tensors
+    assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32 and len(test) == 8
+    assert set(y.tolist()) <= set(range(10))
 
 
 def test_missing_torchvision_data_is_a_config_error(tmp_path):
-    cfg = load_config(["data=mnist", f"data.root={tmp_path}"]).data
     with pytest.raises(ConfigError, match="data=mnist: not found under data.root="):
-        load_dataset(cfg, 0)
+        mnist("train", str(tmp_path))
+
+
+def test_shard_batches_are_the_stateless_batches_of_each_step(digits):
+    """A worker's DataLoader reads exactly batch_indices of each step, from any step on,
+    and a step of gradient accumulation is that many consecutive micro-batches."""
+    cfg = load_config(["workers=3"]).data
+    train = digits_data("train")
+    shard = shard_of(train, 1, 3, cfg, seed=0)
+    assert np.array_equal(shard, partition(digits.y_train, 3, cfg, 0, 10)[1])
+    x_all, y_all = train.tensors
+    batches = StepBatches(train, shard, cfg, seed=0, rank=1)
+    for step in (1, 2, 3, 7, 8):  # a jump from 3 to 7, as for a worker that was away
+        (x, y), = batches(step)
+        idx = shard[batch_indices(len(shard), cfg.batch_size, step, 0, 1)]
+        assert torch.equal(x, x_all[idx]) and torch.equal(y, y_all[idx])
+    micro = StepBatches(train, shard, cfg, seed=0, rank=1, accumulate=2)(3)
+    for (x, _), m in zip(micro, (5, 6)):
+        assert torch.equal(x, x_all[shard[batch_indices(len(shard), cfg.batch_size, m, 0, 1)]])
+
+
+def test_shard_batches_through_loader_processes_match(digits):
+    cfg = load_config(["data.loader_workers=2"]).data
+    train = digits_data("train")
+    shard = shard_of(train, 0, 2, cfg, seed=0)
+    a = StepBatches(train, shard, cfg, seed=0, rank=0)
+    b = StepBatches(train, shard, load_config().data, seed=0, rank=0)
+    for step in range(1, 6):
+        assert torch.equal(a(step)[0][0], b(step)[0][0])
+
+
+def test_non_iid_partition_needs_targets():
+    cfg = load_config(["data.partition=dirichlet"]).data
+    unlabelled = torch.utils.data.TensorDataset(torch.zeros(10, 2), torch.zeros(10))
+    with pytest.raises(ConfigError, match="no `targets` attribute"):
+        shard_of(unlabelled, 0, 2, cfg, seed=0)
+    assert len(shard_of(unlabelled, 0, 2, load_config().data, seed=0)) == 5  # iid: fine
 
 
 def test_torchvision_loader_on_a_local_copy(tmp_path):
@@ -92,6 +148,6 @@ def test_torchvision_loader_on_a_local_copy(tmp_path):
             np.array([0x803, n, 28, 28], ">i4").tobytes() + images.tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
             np.array([0x801, n], ">i4").tobytes() + labels.tobytes())
-    data = load_dataset(load_config(["data=mnist", f"data.root={tmp_path}"]).data, 0)
-    assert data.x_train.shape == (20, 1, 28, 28) and data.x_test.shape == (8, 1, 28, 28)
-    assert data.num_classes == 10 and abs(float(data.x_train.mean())) < 1.5
+    train, test = mnist("train", str(tmp_path)), mnist("test", str(tmp_path))
+    assert train.tensors[0].shape == (20, 1, 28, 28) and test.tensors[0].shape == (8, 1, 28, 28)
+    assert len(train.classes) == 10 and abs(float(train.tensors[0].mean())) < 1.5

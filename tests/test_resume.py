@@ -178,3 +178,24 @@ def test_steps_redone_are_counted_when_killed_before_the_first_checkpoint(tmp_pa
     assert finished.returncode == 0, finished.stderr
     summary = json.loads((tmp_path / "early" / "summary.json").read_text())
     assert summary["lost_steps"] == done and summary["steps_done"] == 20
+
+
+def test_steps_redone_add_up_over_crashes_between_the_same_checkpoints(tmp_path, make_config):
+    """Two crashes after the same checkpoint (step 10): the first redoes steps 11-30, the
+    second steps 11-25. The count lives in the run directory, not in the checkpoint that
+    both resumes read, so it is 35, not 15."""
+    from orchestrator.metrics import RunLog
+
+    log = RunLog(make_config("run.name=crashes"), tmp_path / "crashes")
+
+    def crash_at(last: int) -> None:
+        with open(log.dir / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, last + 1))
+
+    crash_at(30)
+    assert log.open_metrics(10) == 20
+    log._metrics.close()
+    crash_at(25)
+    assert log.open_metrics(10) == 35
+    log._metrics.close()
+    assert log.open_metrics(25) == 35  # nothing past the checkpoint: nothing more redone

@@ -241,11 +241,10 @@ def test_a_replacement_takes_part_exactly_d_steps_after_the_reclaim(make_config)
     import time
 
     from cloud.simulated import SimulatedPool
-    from orchestrator.data import load_dataset, partition
-    from orchestrator.models import build_model
     from orchestrator.planner import slot_availability
     from orchestrator.run import make_step
     from orchestrator.workers import WorkerPool
+    from orchestrator.workload import DataInfo, resolve_workload
 
     d = 3
     cfg = make_config("cloud=simulated", "workers=1", "model=mlp",
@@ -256,13 +255,12 @@ def test_a_replacement_takes_part_exactly_d_steps_after_the_reclaim(make_config)
     working = slot_availability(q, d + 3, wait=d, start=0)[0] / (1 - q)
     assert working[d] == pytest.approx((1 - q) ** d)
     assert working[d + 1] == pytest.approx((1 - q) ** (d + 1) + q)
-    data = load_dataset(cfg.data, cfg.seed)
-    shards = partition(data.y_train, 1, cfg.data, cfg.seed, data.num_classes)
-    training = make_step(cfg, build_model(cfg.model, data.input_shape, data.num_classes))
+    workload, info = resolve_workload(cfg), DataInfo((1, 8, 8), 10)
+    training = make_step(cfg, workload.model(info))
     pool = SimulatedPool(cfg.cloud, job_spec(cfg))
     try:
         machines = pool.start(1)
-        workers = WorkerPool(cfg, data, shards, pool, training)
+        workers = WorkerPool(cfg, workload, info, pool, training)
         workers.start(machines)
         (_, first), = workers.live.values()
         _drive(pool, workers, 1)

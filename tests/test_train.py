@@ -16,8 +16,8 @@ import pytest
 import torch
 from procs import own_ray_workers
 
-from orchestrator.data import batch_indices, load_dataset, partition
-from orchestrator.models import build_model
+from orchestrator.data import batch_indices, digits, partition
+from orchestrator.models import mlp
 from orchestrator.optimizer import build_optimizer
 from orchestrator.run import train
 
@@ -72,18 +72,17 @@ def test_parameter_server_step_matches_a_local_reference(ray_session, make_confi
     summary = train(cfg)
     got = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=True)
 
-    data = load_dataset(cfg.data, cfg.seed)
-    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    x_train, y_train = digits("train").tensors
+    shards = partition(y_train.numpy(), cfg.workers, cfg.data, cfg.seed, 10)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = mlp((1, 8, 8), 10)
     optimizer = build_optimizer(cfg.optim, list(model.parameters()))
     for step in range(1, cfg.steps + 1):
         grads = []
         for rank, shard in enumerate(shards):
             idx = shard[batch_indices(len(shard), cfg.data.batch_size, step, cfg.seed, rank)]
             model.zero_grad()
-            torch.nn.functional.cross_entropy(model(torch.from_numpy(data.x_train[idx])),
-                                              torch.from_numpy(data.y_train[idx])).backward()
+            torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
             grads.append([p.grad.clone() for p in model.parameters()])
         for i, p in enumerate(model.parameters()):
             p.grad = sum(g[i] for g in grads) / len(grads)
