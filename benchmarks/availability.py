@@ -10,8 +10,9 @@ Two parts, both written into benchmarks/availability.md between `<!-- generated 
    reclaimed `--joins` times, and each replacement is timed from the request to the driver
    seeing its worker ready: the Ray node (`Cluster.add_node`, on the pool's helper thread),
    the worker process (its creation time), the worker's bootstrap and imports (the actor
-   class unpickles orchestrator.workers: torch), the data shipped to its node (ray.get of
-   the training arrays, timed inside the actor), the model build, and the answer;
+   class unpickles orchestrator.workers: torch), the training split loaded on its node (the
+   worker calls the data factory, timed inside the actor), the shard and model build, and
+   the answer;
 2. for each (q, d) and seed, a real `squall train cloud=simulated cloud.preempt_prob=q
    cloud.replace_delay_steps=d workers=4 model=mlp` run: live workers per step after the
    first `--warmup` steps against the planner's E[y] = n * mean(slot_availability(q, steps,
@@ -65,20 +66,27 @@ def time_joins(joins: int) -> list[dict]:
 
     from cloud.simulated import SimulatedPool
     from orchestrator.config import job_spec, load_config
-    from orchestrator.data import load_dataset, partition
-    from orchestrator.models import build_model
     from orchestrator.parameter_server import ParameterServer
     from orchestrator.workers import Worker, WorkerPool
+    from orchestrator.workload import data_info, resolve_workload
 
     class TimedWorker(Worker):
-        """The real worker, with the data refs fetched (and timed) inside __init__."""
+        """The real worker, with the loading of its training split timed inside __init__."""
 
-        def __init__(self, rank, x_ref, y_ref, *args, **kwargs):
+        def __init__(self, rank, workload, *args, **kwargs):
             self.t_enter = time.time()
             self.t_proc = process_created()
-            x, y = ray.get([x_ref[0], y_ref[0]])
-            self.t_data = time.time()
-            super().__init__(rank, x, y, *args, **kwargs)
+            self.t_data = None
+            load = workload.dataset
+
+            def dataset(split: str):  # the worker's own call of the data factory
+                loaded = load(split)
+                if split == "train" and self.t_data is None:
+                    self.t_data = time.time()
+                return loaded
+
+            workload.dataset = dataset
+            super().__init__(rank, workload, *args, **kwargs)
             self.t_built = time.time()
 
         def times(self) -> dict:
@@ -87,18 +95,17 @@ def time_joins(joins: int) -> list[dict]:
 
     cfg = load_config(["cloud=simulated", "workers=1", "model=mlp", "cloud.replace_delay_s=0",
                        "log.progress=false"])
-    data = load_dataset(cfg.data, cfg.seed)
-    shards = partition(data.y_train, 1, cfg.data, cfg.seed, data.num_classes)
-    training = ParameterServer(cfg, build_model(cfg.model, data.input_shape, data.num_classes))
+    workload = resolve_workload(cfg)
+    info = data_info(workload.dataset("test"))
+    training = ParameterServer(cfg, workload.model(info))
     training.actor_class = ray.remote(TimedWorker)
     pool = SimulatedPool(cfg.cloud, job_spec(cfg))
     rows = []
     try:
         machines = pool.start(1)
-        workers = WorkerPool(cfg, data, shards, pool, training)
-        workers.args = ([workers.args[0]], [workers.args[1]])  # refs, fetched by the actor
+        workers = WorkerPool(cfg, workload, info, pool, training)  # workers load their data
         workers.start(machines)
-        data_mb = (data.x_train.nbytes + data.y_train.nbytes) / 2**20
+        data_mb = sum(t.nbytes for t in workload.dataset("train").tensors) / 2**20
         for step in range(1, joins + 1):
             (_, machine), = workers.live.values()
             workers.live.clear()
@@ -161,9 +168,9 @@ def join_table(rows: list[dict], imports_s: float) -> str:
         ("node up -> worker process created", med["node"], med["proc"]),
         ("process -> actor `__init__` (Ray worker bootstrap, class unpickled: imports)",
          med["proc"], med["enter"]),
-        (f"training data shipped to the node (ray.get of {med['data_mb']:.2f} MiB)",
+        (f"training split loaded on the node (the data factory: {med['data_mb']:.2f} MiB)",
          med["enter"], med["data"]),
-        ("shard copy and model build", med["data"], med["built"]),
+        ("shard, batches and model build", med["data"], med["built"]),
         ("`ready()` answer seen by the driver (admit polls)", med["built"], med["ready"]),
     ]
     lines = ["| phase | seconds (median) | share |", "| --- | ---: | ---: |"]

@@ -44,10 +44,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from benchmarks.md_parts import write_part  # noqa: E402
 from cloud import make_pool  # noqa: E402
 from orchestrator.config import job_spec, load_config  # noqa: E402
-from orchestrator.data import load_dataset, partition  # noqa: E402
-from orchestrator.models import build_model  # noqa: E402
 from orchestrator.parameter_server import ParameterServer  # noqa: E402
 from orchestrator.workers import GradientResult, Worker, WorkerPool  # noqa: E402
+from orchestrator.workload import data_info, resolve_workload  # noqa: E402
 
 MD = Path(__file__).with_suffix(".md")
 TITLE = "squall: per-step overhead breakdown"
@@ -61,6 +60,7 @@ class TimedWorker(Worker):
         t0 = time.perf_counter()
         self.load(state)
         t1 = time.perf_counter()
+        self.grad.zero_()
         loss = self.backward(step)
         t2 = time.perf_counter()
         result = self.pack(loss, step)
@@ -72,17 +72,17 @@ def measure(model_name: str, workers: int, steps: int, tmp: str) -> dict[str, fl
     """Median seconds per step of each phase."""
     cfg = load_config([*MODELS[model_name], f"workers={workers}", f"run.dir={tmp}",
                        "log.progress=false"])
-    data = load_dataset(cfg.data, cfg.seed)
-    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    workload = resolve_workload(cfg)
+    info = data_info(workload.dataset("test"))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = workload.model(info)
     ps = ParameterServer(cfg, model)  # the real step's state, optimizer and aggregation
     ps.actor_class = ray.remote(TimedWorker)
     state, grad, n_params = ps.flat, ps.grad, ps.n_params
     optimizer, aggregation = ps.optimizer, ps.aggregation
     pool = make_pool(cfg.cloud, job_spec(cfg))
     pool.start(cfg.workers)
-    pool_workers = WorkerPool(cfg, data, shards, pool, ps)
+    pool_workers = WorkerPool(cfg, workload, info, pool, ps)
     pool_workers.start(list(pool.alive.values()))
     actors = [actor for actor, _ in pool_workers.live.values()]
 

@@ -35,11 +35,12 @@ import ray
 import torch
 
 from orchestrator.config import Config, load_config
-from orchestrator.data import batch_indices, load_dataset, partition
-from orchestrator.models import build_model, float_buffers
+from orchestrator.data import batch_indices, shard_of
+from orchestrator.models import float_buffers
 from orchestrator.optimizer import build_optimizer
 from orchestrator.parameter_server import Aggregation
-from orchestrator.run import evaluate, train
+from orchestrator.run import train
+from orchestrator.workload import DataInfo, data_info, resolve_workload
 from strategies.attacks import alie_z, flip_labels
 from strategies.bitpack import pack_signs, unpack_signs
 
@@ -178,18 +179,23 @@ def replica(cfg: Config) -> dict:
     ever lost: each step, every rank's gradient on its batch (as `Worker.gradient`), then the
     driver's `Aggregation` and optimizer step (as the loop in `train`)."""
     torch.set_num_threads(1)  # as each worker actor (worker.num_cpus=1)
-    data = load_dataset(cfg.data, cfg.seed)
-    shards = partition(data.y_train, cfg.workers, cfg.data, cfg.seed, data.num_classes)
+    assert cfg.worker.grad_accum == 1, "replica: one micro-batch per step only"
+    workload = resolve_workload(cfg)
+    test_set, train_set = workload.dataset("test"), workload.dataset("train")
+    info = data_info(test_set)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = workload.model(info)
     assert not float_buffers(model), "replica: models with buffers are not replicated"
     params = list(model.parameters())
     optimizer = build_optimizer(cfg.optim, params)
     aggregation = Aggregation(cfg)
-    x = [torch.from_numpy(data.x_train[s]) for s in shards]
-    y = [torch.from_numpy(data.y_train[s]) for s in shards]
+    x_train, y_train = train_set.tensors
+    shards = [torch.from_numpy(shard_of(train_set, rank, cfg.workers, cfg.data, cfg.seed))
+              for rank in range(cfg.workers)]
+    x = [x_train[s] for s in shards]
+    y = [y_train[s] for s in shards]
     if cfg.byzantine.attack == "label_flip":
-        y = [flip_labels(t, data.num_classes) if aggregation.is_byzantine(r) else t
+        y = [flip_labels(t, info.num_classes) if r in aggregation.byzantine else t
              for r, t in enumerate(y)]
     n_params, skipped = sum(p.numel() for p in params), 0
     for step in range(1, cfg.steps + 1):
@@ -198,7 +204,7 @@ def replica(cfg: Config) -> dict:
             idx = torch.from_numpy(batch_indices(len(y[rank]), cfg.data.batch_size, step,
                                                  cfg.seed, rank))
             model.zero_grad(set_to_none=False)
-            torch.nn.functional.cross_entropy(model(x[rank][idx]), y[rank][idx]).backward()
+            workload.loss(model, (x[rank][idx], y[rank][idx])).backward()
             grad = torch.cat([p.grad.reshape(-1) for p in params])
             if cfg.strategy.noise:
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
@@ -213,7 +219,7 @@ def replica(cfg: Config) -> dict:
         for p, g in zip(params, update.split([p.numel() for p in params]), strict=True):
             p.grad.copy_(g.view_as(p))
         optimizer.step()
-    return {"test_acc": evaluate(model, data, cfg.eval.batch_size), "skipped_steps": skipped,
+    return {**workload.evaluate(model, test_set, cfg.eval.batch_size), "skipped_steps": skipped,
             "rejected_updates": aggregation.rejected, "preemptions": 0, "error": "",
             "w0": float(params[0].detach().reshape(-1)[0])}
 
@@ -221,7 +227,7 @@ def replica(cfg: Config) -> dict:
 def header(grid: Grid, cmd: str, done: int, elapsed_s: float, in_process: bool) -> list[str]:
     cfg = load_config(BASE)
     torch.manual_seed(SEED)  # as train() does before building the model
-    model = build_model(cfg.model, (1, 8, 8), 10)
+    model = resolve_workload(cfg).model(DataInfo((1, 8, 8), 10))
     w0_init = float(next(iter(model.state_dict().values())).reshape(-1)[0])
     total = len(grid.cells)
     status = (f"{total} training runs" if done == total else

@@ -4,11 +4,11 @@
                                       [--rounds 2] [--preempt-steps 150] [--preempt-rounds 1]
                                       [--remove-at 10 25] [--replace-delay 2] [--quick]
 
-Both sides train the same model (build_model), on the same data (load_dataset, the same shards
-and the same per-step batches: batch_indices), with the same SGD settings, one CPU and one torch
-thread per worker, from the same Ray version. They run alternately in one process (squall, then
-TorchTrainer, then the other way round), because this machine is shared and noisy: read the
-ratios, not the absolute times.
+Both sides train the same model (the workload's model target), on the same data (its data
+target, the same shards: shard_of, and the same per-step batches: batch_indices), with the
+same SGD settings, one CPU and one torch thread per worker, from the same Ray version. They
+run alternately in one process (squall, then TorchTrainer, then the other way round), because
+this machine is shared and noisy: read the ratios, not the absolute times.
 
 - throughput: one local Ray session; steady-state samples/s over the steps after --warmup, and
   the time from the call (train() / TorchTrainer.fit()) to the end of the first step.
@@ -55,22 +55,23 @@ MODELS = {"resnet20": ["model=resnet20", "data=fake"], "cnn": ["model=cnn", "dat
 def ray_train_loop(config: dict) -> None:
     """One TorchTrainer worker: the same model, data shard, batches and SGD as a squall worker.
     Rank 0 appends 'step time' to config['log'] after every optimizer step."""
-    import torch.nn.functional as F
     from ray import train as rt
     from ray.train.torch import prepare_model
 
-    from orchestrator.data import batch_indices, load_dataset, partition
-    from orchestrator.models import build_model
+    from orchestrator.data import batch_indices, shard_of
+    from orchestrator.workload import data_info, resolve_workload
 
     torch.set_num_threads(1)
     cfg = load_config(config["overrides"])
     ctx = rt.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    data = load_dataset(cfg.data, cfg.seed)
-    shard = partition(data.y_train, world, cfg.data, cfg.seed, data.num_classes)[rank]
-    x, y = torch.from_numpy(data.x_train[shard]), torch.from_numpy(data.y_train[shard])
+    workload = resolve_workload(cfg)
+    train_set = workload.dataset("train")
+    info = data_info(workload.dataset("test"))  # as squall's driver: from the test split
+    shard = torch.from_numpy(shard_of(train_set, rank, world, cfg.data, cfg.seed))
+    x, y = (t[shard] for t in train_set.tensors)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = workload.model(info)
     optimizer = build_optimizer(cfg.optim, list(model.parameters()))
     start = 1
     if (checkpoint := rt.get_checkpoint()) is not None:
@@ -85,7 +86,7 @@ def ray_train_loop(config: dict) -> None:
     for step in range(start, cfg.steps + 1):
         idx = torch.from_numpy(batch_indices(len(y), cfg.data.batch_size, step, cfg.seed, rank))
         optimizer.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        workload.loss(model, (x[idx], y[idx])).backward()
         optimizer.step()
         if log:
             log.write(f"{step} {time.time()}\n")

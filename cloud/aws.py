@@ -104,6 +104,7 @@ class Instance:
     key: str  # the Ray resource that names the instance's node
     subnet: str | None = None
     joined: bool = False  # its Ray node is in the cluster
+    gpus: float = 0.0  # the GPUs its Ray node declares, once it joined
     node: Any = None  # the local stand-in Ray node (cloud.local_nodes)
     watcher: Any = None  # the Watcher actor on it
 
@@ -414,7 +415,7 @@ class AwsPool(Pool):
         self._draining: list[Machine] = []
         self._running = False  # after start(): a failed replacement is retried, not fatal
         self._failures = 0
-        self._node_keys: set[str] | None = None  # resources of the live Ray nodes, per poll
+        self._node_keys: dict[str, float] | None = None  # live nodes: resource -> GPUs
 
     def start(self, n: int) -> list[Machine]:
         if self.cloud.local_nodes and ray.is_initialized():
@@ -527,10 +528,16 @@ class AwsPool(Pool):
         if instance is None or instance.joined:
             return True
         if self._node_keys is None:
-            self._node_keys = {key for node in ray.nodes() if node.get("Alive")
-                               for key in node.get("Resources", {})}
+            self._node_keys = {key: node["Resources"].get("GPU", 0.0) for node in ray.nodes()
+                               if node.get("Alive") for key in node.get("Resources", {})}
         instance.joined = instance.key in self._node_keys
+        instance.gpus = self._node_keys.get(instance.key, 0.0)
         return instance.joined
+
+    def machine_gpus(self, machine: Machine) -> float | None:
+        """What the instance's Ray node declares (its type's GPUs, found by Ray on boot)."""
+        instance: Instance | None = machine.node
+        return instance.gpus if instance is not None and instance.joined else None
 
     def _drop_unjoined(self) -> None:
         """Terminate the replacements that did not join within cloud.join_timeout_s of their

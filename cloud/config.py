@@ -86,6 +86,8 @@ class SimulatedCloudConfig(CloudConfig):
     notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
     on_demand_workers: int = opt(0, "workers placed on on-demand machines, never reclaimed",
                                  ge=0)
+    node_gpus: int = opt(0, "GPUs each simulated node declares to Ray (resources only: to "
+                         "try GPU placement on a machine without GPUs)", ge=0)
     replace_delay_steps: int | None = opt(
         -1, "steps a reclaimed worker's slot stays empty: its replacement takes part from step "
         "reclaim + d + 1, as the planner's model says; it starts at once and waits for that "

@@ -114,6 +114,11 @@ class Pool:
     def placement(self, machine: Machine) -> dict:
         return {}
 
+    def machine_gpus(self, machine: Machine) -> float | None:
+        """The GPUs of the machine's node, None where the pool cannot tell (a worker then
+        takes a share of the cluster's GPUs)."""
+        return None
+
     def price(self, machine: Machine, now: float) -> float:
         """$/h of a machine; the local machine is free."""
         return 0.0

@@ -98,7 +98,7 @@ class SimulatedPool(Pool):
     def _provision(self, machine: Machine) -> None:
         self._adding[machine.id] = self._node_starter.submit(
             self.cluster.add_node, num_cpus=max(1, round(self.job.worker_num_cpus)),
-            resources={WORKER_RESOURCE: 1}, wait=False)
+            num_gpus=self.cloud.node_gpus, resources={WORKER_RESOURCE: 1}, wait=False)
 
     def _ready(self, machine: Machine) -> bool:
         adding = self._adding.get(machine.id)
@@ -124,6 +124,9 @@ class SimulatedPool(Pool):
         if machine.node is not None:
             self.cluster.remove_node(machine.node, allow_graceful=True)
             machine.node = None
+
+    def machine_gpus(self, machine: Machine) -> float:
+        return float(self.cloud.node_gpus)
 
     def placement(self, machine: Machine) -> dict:
         return {"resources": {WORKER_RESOURCE: 1},

@@ -14,6 +14,7 @@ weights_only=True accepts the data; load_latest() skips anything else with a war
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ENDPOINT_ENV = "SQUALL_S3_ENDPOINT_URL"
+DEFAULT_PART_MB = 64  # S3: larger checkpoints go up in multipart uploads of parts this size
+WRITER = "WRITER"  # S3: the object that names the driver writing a location
 
 _NAME_RE = re.compile(r"^ckpt-(\d{9,})\.(pt|json)$")
 _TMP_MARK = ".tmp-"  # temporary files are ".{final name}.tmp-{random}"; never match _NAME_RE
@@ -180,12 +183,15 @@ class _LocalBackend:
 
 class _S3Backend:
     def __init__(self, uri: str, bucket: str, prefix: str, endpoint_url: str | None,
-                 attempts: int = 5, connect_timeout: float = 10) -> None:
+                 attempts: int = 5, connect_timeout: float = 10,
+                 part_mb: int = DEFAULT_PART_MB) -> None:
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError
 
         self.label, self.bucket, self.prefix = uri, bucket, prefix
+        self.part_bytes = part_mb * 2**20
+        self.writer, self.writer_etag = uuid.uuid4().hex, None
         cfg = Config(retries={"max_attempts": attempts, "mode": "standard"},
                      connect_timeout=connect_timeout)
         # Own session: credentials resolved now, not cached in boto3's shared default session.
@@ -253,7 +259,68 @@ class _S3Backend:
             raise self._error(e, "get_object") from e
 
     def write(self, name: str, data: bytes) -> None:
-        self._call(self.s3.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
+        """One object with an S3-side SHA-256 checksum (S3 refuses bytes that do not match
+        it); above part_bytes a multipart upload with a checksum per part, so that no object
+        is limited to put_object's 5 GiB and a failed part is not the whole state again."""
+        self.claim()  # stops here if another driver took this location over
+        key = self._key(name)
+        if len(data) <= self.part_bytes:
+            self._call(self.s3.put_object, Bucket=self.bucket, Key=key, Body=data,
+                       ChecksumAlgorithm="SHA256")
+            return
+        upload = self._call(self.s3.create_multipart_upload, Bucket=self.bucket, Key=key,
+                            ChecksumAlgorithm="SHA256")["UploadId"]
+        try:
+            parts = [self._part(key, upload, number, data[start:start + self.part_bytes])
+                     for number, start in enumerate(range(0, len(data), self.part_bytes), 1)]
+            self._call(self.s3.complete_multipart_upload, Bucket=self.bucket, Key=key,
+                       UploadId=upload, MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(Exception):  # no parts left behind, billed
+                self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            raise
+
+    def _part(self, key: str, upload: str, number: int, chunk: bytes) -> dict:
+        reply = self._call(self.s3.upload_part, Bucket=self.bucket, Key=key, UploadId=upload,
+                           PartNumber=number, Body=chunk, ChecksumAlgorithm="SHA256")
+        return {"PartNumber": number, "ETag": reply["ETag"],
+                "ChecksumSHA256": reply["ChecksumSHA256"]}
+
+    def claim(self) -> None:
+        """Hold this location as its one writer: the first write takes it over (a resumed
+        run takes over from its dead predecessor), every later one checks, with a
+        conditional write on the WRITER object, that nobody took it over since. Two drivers
+        on one location: the older one stops at its next checkpoint with a one-line error
+        instead of pruning or overwriting the other's checkpoints."""
+        from botocore.exceptions import ClientError
+
+        body = json.dumps({"writer": self.writer, "at": time.time()}).encode()
+        key = self._key(WRITER)
+        if self.writer_etag is None:  # take over: whoever held it last
+            head = self._head(key)
+            condition = {"IfMatch": head} if head else {"IfNoneMatch": "*"}
+        else:
+            condition = {"IfMatch": self.writer_etag}
+        try:
+            reply = self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise CheckpointError(
+                    f"checkpoint.dir={self.label}: another driver took this checkpoint "
+                    "location over (two runs writing one location?); this one stops "
+                    "writing to it") from None
+            raise self._error(e, "put_object") from e
+        self.writer_etag = reply["ETag"]
+
+    def _head(self, key: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.head_object(Bucket=self.bucket, Key=key)["ETag"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error(e, "head_object") from e
 
     def delete(self, name: str) -> None:
         self._call(self.s3.delete_object, Bucket=self.bucket, Key=self._key(name))
@@ -360,7 +427,8 @@ def _torch_load(data: bytes) -> dict:
 class CheckpointStore:
     """Checkpoints under a local directory or s3://bucket/prefix, keeping the newest `keep`."""
 
-    def __init__(self, uri: str, keep: int = 3, endpoint_url: str | None = None) -> None:
+    def __init__(self, uri: str, keep: int = 3, endpoint_url: str | None = None,
+                 part_mb: int = DEFAULT_PART_MB) -> None:
         if type(keep) is not int or keep < 1:
             raise CheckpointError(f"checkpoint.keep={keep!r}: must be an integer >= 1")
         scheme, where, prefix = parse_uri(uri)
@@ -368,7 +436,7 @@ class CheckpointStore:
         self._backend: _Backend
         if scheme == "s3":
             endpoint = endpoint_url if endpoint_url is not None else os.environ.get(ENDPOINT_ENV)
-            self._backend = _S3Backend(uri, where, prefix, endpoint or None)
+            self._backend = _S3Backend(uri, where, prefix, endpoint or None, part_mb=part_mb)
         else:
             self._backend = _LocalBackend(uri, where)
 

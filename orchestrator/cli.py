@@ -24,6 +24,7 @@ commands:
 
 examples:
   squall train
+  squall train model.target=mymodule:make_model data.target=mymodule:make_data
   squall train workers=8 steps=500 optim.lr=0.1
   squall config model=mlp data.batch_size=64"""
 

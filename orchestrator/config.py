@@ -104,6 +104,8 @@ class CheckpointConfig:
     every_s: float = opt(0.0, "checkpoint when this many seconds passed since the last (0: off)",
                          ge=0)
     keep: int = opt(3, "checkpoints to keep", ge=1)
+    part_mb: int = opt(64, "s3://: a checkpoint larger than this goes up as a multipart "
+                       "upload in parts of this size (MiB), each with a SHA-256 checksum", ge=5)
     replicas: str = opt("all", "gossip: keep every live replica or only their average",
                         choices=["all", "average"])
 
@@ -573,6 +575,8 @@ def help_text(command: str = "train") -> str:
     for group in FAMILIES:
         lines += _family_help(group)
     lines += ["", "Examples:", f"  squall {command} workers=8 steps=500",
+              f"  squall {command} model.target=mymodule:make_model "
+              "data.target=mymodule:make_data   # your own (README: Train your own model)",
               f"  squall {command} strategy=mean data.partition=classes_per_worker "
               "data.classes_per_worker=2",
               f"  squall {command} strategy=gossip strategy.topology=ring "

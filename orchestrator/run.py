@@ -269,7 +269,7 @@ def run_training(cfg: Config, run_dir: Path, given: dict[str, Any]) -> dict:
 
     # ---- resume from the newest valid checkpoint of this run, if there is one
     store = CheckpointStore(cfg.checkpoint.dir or str(run_dir / "checkpoints"),
-                            keep=cfg.checkpoint.keep)
+                            keep=cfg.checkpoint.keep, part_mb=cfg.checkpoint.part_mb)
     progress = resume(store, cfg, training, run_dir)
     if (done := finished_summary(cfg, run_dir, progress)) is not None:
         return done

@@ -140,14 +140,20 @@ class Worker(Replica):
 RemoteWorker = ray.remote(Worker)
 
 
-def worker_device(cfg: Config) -> tuple[str, float]:
-    """(device, GPUs per worker) from worker.device and the cluster's GPUs."""
-    gpus = ray.cluster_resources().get("GPU", 0)
+def worker_device(cfg: Config, machine_gpus: float | None) -> tuple[str, float]:
+    """(device, GPUs) of a worker from worker.device and the GPUs of its machine (one
+    worker per machine: it takes one GPU); where the pool cannot tell a machine's GPUs
+    (None: a local or static cluster), a share of the cluster's GPUs."""
+    if machine_gpus is None:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        where, share = "the Ray cluster has", min(1.0, gpus / cfg.workers)
+    else:
+        gpus, where, share = machine_gpus, "its machine has", min(1.0, machine_gpus)
     if cfg.worker.device == "cuda" and gpus == 0:
-        raise ConfigError("worker.device=cuda: the Ray cluster has no GPU; use auto or cpu")
+        raise ConfigError(f"worker.device=cuda: {where} no GPU; use auto or cpu")
     if cfg.worker.device == "cpu" or gpus == 0:
         return "cpu", 0.0
-    return "cuda", min(1.0, gpus / cfg.workers)
+    return "cuda", share
 
 
 class WorkerPool:
@@ -166,7 +172,6 @@ class WorkerPool:
         # The TrainingStep (orchestrator/step.py): its actor class, and what a (re)starting
         # worker of a rank gets.
         self.step = step
-        self.device, self.gpus = worker_device(cfg)
         self.args = (ray.put(workload), cfg, info)  # each worker loads its own shard
         self.setup_errors: list[str] = []  # workload errors of replacements (they are dropped)
         self.live: dict[int, tuple[ray.actor.ActorHandle, Machine]] = {}
@@ -206,10 +211,11 @@ class WorkerPool:
             rank for rank, _, _ in self.starting.values()}
         for rank in sorted(set(range(self.cfg.workers)) - taken)[:len(self.idle)]:
             machine = self.idle.pop(0)
+            device, gpus = worker_device(self.cfg, self.pool.machine_gpus(machine))
             actor = self.step.actor_class.options(
-                num_cpus=self.cfg.worker.num_cpus, num_gpus=self.gpus,
+                num_cpus=self.cfg.worker.num_cpus, num_gpus=gpus,
                 **self.pool.placement(machine)).remote(
-                rank, *self.args, self.device, **self.step.actor_kwargs(rank, self))
+                rank, *self.args, device, **self.step.actor_kwargs(rank, self))
             self.starting[actor.ready.remote()] = (rank, actor, machine)
 
     def admit(self, step: int | None = None) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from procs import own_ray_workers
+from workloads import calls
 
 from orchestrator.data import batch_indices, digits, partition
 from orchestrator.models import mlp
@@ -91,10 +92,12 @@ def test_parameter_server_step_matches_a_local_reference(ray_session, make_confi
         assert torch.allclose(got[name], value, atol=1e-6), name
 
 
-def test_killed_worker_drops_out_and_is_replaced(ray_session, make_config):
+def test_killed_worker_drops_out_and_is_replaced(ray_session, make_config, tmp_path):
     """SIGKILL one worker process mid-run: the step completes with the workers that answer,
-    and a replacement joins without restarting the job."""
-    cfg = make_config("steps=400", "run.name=kill")
+    and a replacement joins without restarting the job, loading its own shard."""
+    log = tmp_path / "calls.txt"
+    cfg = make_config("steps=400", "run.name=kill",
+                      "data.target=tests.workloads:recording_digits", f"data.args.log={log}")
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(train(cfg)))
     thread.start()
@@ -112,6 +115,9 @@ def test_killed_worker_drops_out_and_is_replaced(ray_session, make_config):
     assert live[0] == 4 and 3 in live and live[-1] == 4
     assert result["preemptions"] == 1 and result["joins"] == 1 and result["lost_steps"] == 0
     assert result["test_acc"] >= 0.9
+    # every worker, the replacement too, loaded its own shard in its own process
+    loaders = [pid for split, pid in calls(log) if split == "train"]
+    assert len(set(loaders)) == 5 and pids[-1] in loaders[:4] and loaders[4] not in pids
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
