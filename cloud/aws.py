@@ -35,6 +35,7 @@ import os
 import random
 import shlex
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -159,8 +160,9 @@ class Ec2:
         return pairs or [(None, "")]  # no default VPC subnets: EC2 picks
 
     def launch(self, tags: dict[str, str], user_data: str, choices: list[tuple[str, str | None]],
-               cloud: AwsCloudConfig, rounds: int) -> dict:
-        """One spot instance of the first (type, subnet) that has capacity; the instance dict."""
+               cloud: AwsCloudConfig, rounds: int, groups: list[str] = ()) -> dict:
+        """One spot instance of the first (type, subnet) that has capacity; the instance dict.
+        groups: its security groups (default: the VPC's default group)."""
         market: dict[str, Any] = {"SpotInstanceType": "one-time",
                                   "InstanceInterruptionBehavior": "terminate"}
         if cloud.bid:
@@ -173,14 +175,15 @@ class Ec2:
             "TagSpecifications": [{"ResourceType": "instance", "Tags": [
                 {"Key": k, "Value": v} for k, v in tags.items()]}],
         }
-        if cloud.security_groups:
-            request["SecurityGroupIds"] = list(cloud.security_groups)
+        if cloud.instance_profile:  # the instances' own role (e.g. to read the Ray token)
+            key = "Arn" if cloud.instance_profile.startswith("arn:") else "Name"
+            request["IamInstanceProfile"] = {key: cloud.instance_profile}
         last = ""
         for round_ in range(rounds):
             if round_:
                 time.sleep(cloud.retry_backoff_s * 2 ** (round_ - 1))
             for instance_type, subnet in choices:
-                where = {"SubnetId": subnet} if subnet else {}
+                where = network(subnet, list(groups), cloud.public_ip)
                 try:
                     return self._run_instances(cloud, InstanceType=instance_type, **where,
                                                **request)
@@ -263,6 +266,63 @@ class Ec2:
             found.update({d["InstanceId"]: d["State"]["Name"] for page in pages
                           for r in page["Reservations"] for d in r["Instances"]})
         return found
+
+    def vpc(self, subnet: str | None) -> str:
+        """The VPC of a subnet (None: the default VPC, where EC2 then launches)."""
+        if subnet:
+            found = self._call("describe_subnets", SubnetIds=[subnet])["Subnets"]
+            return found[0]["VpcId"]
+        vpcs = self._call("describe_vpcs", Filters=[{"Name": "isDefault",
+                                                     "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise AwsError("cloud.create_security_group=true: no default VPC; give "
+                           "cloud.subnets")
+        return vpcs[0]["VpcId"]
+
+    def create_cluster_group(self, job: str, vpc: str, head_ip: str, ssh_cidr: str) -> str:
+        """A security group, tagged with the job, that admits only its own members, the Ray
+        head (head_ip) and SSH from ssh_cidr; its id."""
+        try:
+            group = self.client.create_security_group(
+                GroupName=f"squall-{job}-{uuid.uuid4().hex[:8]}", VpcId=vpc,
+                Description=f"squall {job}: the cluster's members and its head only",
+                TagSpecifications=[{"ResourceType": "security-group",
+                                    "Tags": [{"Key": JOB_TAG, "Value": job}]}])["GroupId"]
+            rules = [{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group}]}]
+            if head_ip:
+                rules.append({"IpProtocol": "-1", "IpRanges": [
+                    {"CidrIp": f"{head_ip}/32", "Description": "the Ray head"}]})
+            if ssh_cidr:
+                rules.append({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                              "IpRanges": [{"CidrIp": ssh_cidr, "Description": "SSH"}]})
+            self.client.authorize_security_group_ingress(GroupId=group, IpPermissions=rules)
+        except ClientError as e:
+            raise AwsError(f"cloud.create_security_group=true: {_describe(e)}") from None
+        except (NoCredentialsError, BotoCoreError) as e:
+            raise AwsError(f"cloud=aws: create_security_group: {e}") from None
+        return group
+
+    def delete_job_groups(self, job: str, attempts: int = 6, wait_s: float = 5.0
+                          ) -> tuple[list[str], dict[str, str]]:
+        """Delete the security groups tagged with the job; one still used by an instance
+        that is shutting down is tried again (attempts, wait_s apart). Returns (deleted,
+        {id: why} of those left)."""
+        groups = [g["GroupId"] for page in self._pages("describe_security_groups", Filters=[
+            {"Name": f"tag:{JOB_TAG}", "Values": [job]}]) for g in page["SecurityGroups"]]
+        deleted, left = [], {}
+        for group in groups:
+            for attempt in range(attempts):
+                try:
+                    self.client.delete_security_group(GroupId=group)
+                    deleted.append(group)
+                    left.pop(group, None)
+                    break
+                except ClientError as e:
+                    left[group] = _code(e)
+                    if _code(e) != "DependencyViolation":
+                        break
+                    time.sleep(wait_s * (attempt < attempts - 1))
+        return deleted, left
 
     def terminate_job(self, job: str, known: list[str] = (), verify_s: float = 0.0
                       ) -> tuple[list[str], dict[str, str]]:
@@ -359,17 +419,46 @@ class SpotPrices:
         return min(found) if found else None
 
 
-def user_data(setup: list[str], head: str, key: str) -> str:
-    """An instance's boot script: the setup lines, then join the head with its resource and
-    stay in the cluster (--block) until Ray ends on it; then, or when a setup line fails, the
-    instance shuts down, and being launched with InstanceInitiatedShutdownBehavior=terminate
-    it is terminated: no instance outlives its head."""
+def network(subnet: str | None, groups: list[str], public_ip: bool) -> dict:
+    """run_instances' placement: the subnet and security groups, and (public_ip=False) a
+    network interface without a public address."""
+    if public_ip:
+        where: dict[str, Any] = {"SubnetId": subnet} if subnet else {}
+        if groups:
+            where["SecurityGroupIds"] = groups
+        return where
+    nic: dict[str, Any] = {"DeviceIndex": 0, "AssociatePublicIpAddress": False}
+    if subnet:
+        nic["SubnetId"] = subnet
+    if groups:
+        nic["Groups"] = groups
+    return {"NetworkInterfaces": [nic]}
+
+
+# Reads the Ray token from SSM Parameter Store with the instance's own role (boto3 is there:
+# the image has squall); prints nothing else, so that the shell captures the token alone.
+TOKEN_READER = ("import boto3, sys; print(boto3.client('ssm', region_name=sys.argv[2])"
+                ".get_parameter(Name=sys.argv[1], WithDecryption=True)['Parameter']['Value'])")
+
+
+def user_data(setup: list[str], head: str, key: str, token_parameter: str = "",
+              region: str = "") -> str:
+    """An instance's boot script: the setup lines, then (token_parameter) Ray's token
+    authentication with the token read from SSM by the instance's role, then join the head
+    with its resource and stay in the cluster (--block) until Ray ends on it; then, or when a
+    setup line fails, the instance shuts down, and being launched with
+    InstanceInitiatedShutdownBehavior=terminate it is terminated: no instance outlives its
+    head. The token itself is never in the user data."""
     resources = json.dumps({key: 1})
+    auth = ["export RAY_AUTH_MODE=token",
+            f"RAY_AUTH_TOKEN=\"$(python3 -c {shlex.quote(TOKEN_READER)} "
+            f"{shlex.quote(token_parameter)} {shlex.quote(region)})\"",
+            "export RAY_AUTH_TOKEN"] if token_parameter else []
     return "\n".join(["#!/bin/bash", "# squall worker node: joins the Ray head; the driver then",
                       "# places this node's worker and its interruption watcher on it",
                       "# when Ray stops here (the head is gone) or setup fails: terminate",
                       "trap 'shutdown -h now' EXIT",
-                      "set -e", *setup,
+                      "set -e", *setup, *auth,
                       f"ray start --block --address={shlex.quote(head)} "
                       f"--resources={shlex.quote(resources)}",
                       "shutdown -h now"]) + "\n"
@@ -416,6 +505,7 @@ class AwsPool(Pool):
         self._running = False  # after start(): a failed replacement is retried, not fatal
         self._failures = 0
         self._node_keys: dict[str, float] | None = None  # live nodes: resource -> GPUs
+        self.groups: list[str] = list(cloud.security_groups)  # the instances' groups
 
     def start(self, n: int) -> list[Machine]:
         if self.cloud.local_nodes and ray.is_initialized():
@@ -462,8 +552,10 @@ class AwsPool(Pool):
         tags = {JOB_TAG: self.job.run_name, NODE_TAG: key,
                 "Name": f"squall-{self.job.run_name}-{machine.id}"}
         rounds = 1 if self._running else c.launch_rounds
-        script = user_data(self.setup, self.head, key)
-        info = self.ec2.launch(tags, script, self.choices, c, rounds)
+        if c.create_security_group and len(self.groups) == len(c.security_groups):
+            self._create_group()  # at the first launch: the head's address is known by now
+        script = user_data(self.setup, self.head, key, c.auth_token_parameter, self.ec2.region)
+        info = self.ec2.launch(tags, script, self.choices, c, rounds, self.groups)
         instance = Instance(info["InstanceId"], info["InstanceType"],
                             info.get("Placement", {}).get("AvailabilityZone", ""), key,
                             info.get("SubnetId"))
@@ -571,6 +663,8 @@ class AwsPool(Pool):
                           "; ".join(f"{i} ({why})" for i, why in sorted(left.items())),
                           self.job.run_name)
             self.instances = {i: v for i, v in self.instances.items() if i in left}
+            if self.cloud.create_security_group:
+                self._delete_groups()
         except AwsError as e:
             log.error("%s; instances of run.name=%s may still run: `squall cloud cleanup "
                       "run.name=%s`", e, self.job.run_name, self.job.run_name)
@@ -578,6 +672,27 @@ class AwsPool(Pool):
             super().shutdown()
             if self.cluster is not None:
                 self.cluster.shutdown()
+
+    def _create_group(self) -> None:
+        """The job's own security group: its members, the head and SSH from cloud.ssh_cidr."""
+        host = self.head.rpartition(":")[0].strip("[]")
+        try:
+            head_ip = socket.gethostbyname(host) if host else ""
+        except OSError:
+            raise ConfigError(f"cloud.head_address={self.head}: cannot resolve {host}") from None
+        vpc = self.ec2.vpc(self.choices[0][1] if self.choices else None)
+        self.groups.append(self.ec2.create_cluster_group(self.job.run_name, vpc, head_ip,
+                                                         self.cloud.ssh_cidr))
+
+    def _delete_groups(self) -> None:
+        """The job's security group goes once its instances are gone (EC2 refuses while a
+        terminating instance still uses it: tried again for a while)."""
+        _, left = self.ec2.delete_job_groups(self.job.run_name)
+        if left:
+            log.error("cloud=aws: security group(s) %s of run.name=%s left (%s); `squall "
+                      "cloud cleanup run.name=%s` deletes them", " ".join(left),
+                      self.job.run_name, ", ".join(sorted(set(left.values()))),
+                      self.job.run_name)
 
     # ---- notices
     def poll(self, step: int) -> PollResult:
@@ -643,11 +758,12 @@ class AwsPool(Pool):
 # --------------------------------------------------------------------------- squall cloud
 def cleanup(cloud: AwsCloudConfig, run_name: str) -> list[str]:
     """Terminate the instances tagged squall:job=<run_name> (what a crashed driver left
-    running); returns their ids."""
+    running) and delete the job's security group; returns the instances' ids."""
     if not run_name:
         raise ConfigError("squall cloud cleanup needs run.name=NAME (the squall:job tag)")
     ec2 = Ec2(cloud)
     gone, left = ec2.terminate_job(run_name, verify_s=min(5.0, cloud.api_backoff_s))
+    ec2.delete_job_groups(run_name)  # the security group squall made for the job, if any
     if left:
         raise AwsError(f"cloud=aws: could not terminate {len(left)} instance(s) tagged "
                        f"{JOB_TAG}={run_name}: " + "; ".join(

@@ -79,9 +79,12 @@ class SimulatedCloudConfig(CloudConfig):
 
     preempt_prob: float = opt(0.0, "chance each spot worker is reclaimed in a step (simulated)",
                               ge=0, lt=1)
+    reclaims_per_hour: float = opt(0.0, "wall-clock preemption: each spot worker is reclaimed "
+                                   "at this rate per hour of pool time (wall time x "
+                                   "cloud.time_scale), a Poisson process (simulated)", ge=0)
     trace: str = opt("", "spot price history CSV (EC2 layout); workers live while price <= bid")
     bid: float = opt(0.0, "bid in $/h against cloud.trace (0: the on-demand price)", ge=0)
-    time_scale: float = opt(1.0, "trace seconds per wall-clock second", gt=0)
+    time_scale: float = opt(1.0, "pool (trace) seconds per wall-clock second", gt=0)
     instance_type: str = opt("", "trace rows to use (default: the first type in the file)")
     notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
     on_demand_workers: int = opt(0, "workers placed on on-demand machines, never reclaimed",
@@ -96,13 +99,16 @@ class SimulatedCloudConfig(CloudConfig):
         ge=-1)
 
     def check(self, workers: int) -> None:
-        if self.trace and self.preempt_prob:
-            raise ConfigError("cloud.trace and cloud.preempt_prob are two preemption models; "
-                              "set one of them")
-        if self.replace_delay_steps is not None and self.replace_delay_steps >= 0 and \
-                self.trace:
+        models = [k for k in ("preempt_prob", "reclaims_per_hour", "trace") if getattr(self, k)]
+        if len(models) > 1:
+            raise ConfigError(f"cloud.{models[0]} and cloud.{models[1]} are two preemption "
+                              "models; set one of them")
+        if self.replace_delay_steps is not None and self.replace_delay_steps >= 0 and (
+                self.trace or self.reclaims_per_hour):
+            clock = "cloud.trace" if self.trace else "cloud.reclaims_per_hour"
             raise ConfigError("cloud.replace_delay_steps counts steps after a per-step reclaim "
-                              "(cloud.preempt_prob); with cloud.trace use cloud.replace_delay_s")
+                              f"(cloud.preempt_prob); with {clock} use cloud.replace_delay_s "
+                              "(wall clock)")
         if self.on_demand_workers > workers:
             raise ConfigError(f"cloud.on_demand_workers={self.on_demand_workers}: must be <= "
                               f"workers={workers}")
@@ -121,6 +127,18 @@ class AwsCloudConfig(CloudConfig):
                              "default VPC's)")
     security_groups: list[str] = opt([], "security group ids of the instances (aws; default: "
                                      "the VPC's default group)")
+    create_security_group: bool = opt(False, "give the instances a security group of their "
+                                      "own that admits only each other, the Ray head and SSH "
+                                      "from cloud.ssh_cidr; deleted at the end (aws)")
+    ssh_cidr: str = opt("", "CIDR allowed to SSH into the instances through that group, e.g. "
+                        "your IP as 203.0.113.7/32 (aws; default: nobody)")
+    public_ip: bool = opt(True, "give the instances public IP addresses (aws; false: private "
+                          "only, for subnets with a NAT or VPC endpoints)")
+    instance_profile: str = opt("", "IAM instance profile (name or ARN) of the instances: their "
+                                "own role, e.g. to read cloud.auth_token_parameter (aws)")
+    auth_token_parameter: str = opt("", "SSM parameter (SecureString) holding the Ray cluster's "
+                                    "token: instances read it with their role and join with "
+                                    "RAY_AUTH_MODE=token (aws)")
     ami: str = opt("", "image with Python, Ray and squall installed (aws)")
     setup: list[str] = secret(opt([], "shell lines the instances run before `ray start` (aws; "
                                   "stored redacted; secrets: cloud.setup_file or $SQUALL_SETUP)"))
@@ -152,6 +170,11 @@ class AwsCloudConfig(CloudConfig):
         if not self.instance_types:
             raise ConfigError("cloud=aws needs cloud.instance_types, e.g. "
                               "[g5.xlarge,g4dn.xlarge]")
+        if self.auth_token_parameter and not self.instance_profile:
+            raise ConfigError("cloud.auth_token_parameter needs cloud.instance_profile: the "
+                              "instances read the token with their own role")
+        if self.ssh_cidr and not self.create_security_group:
+            raise ConfigError("cloud.ssh_cidr needs cloud.create_security_group=true")
         if not re.match(r"^https?://[^/]", self.imds_url):
             raise ConfigError(f"cloud.imds_url={self.imds_url}: expected http://host[:port]")
         super().check(workers)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -58,6 +59,7 @@ class SimulatedPool(Pool):
         # thread, beside the training loop, the way a cloud boots machines while a job runs.
         self._node_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-node")
         self._adding: dict[int, Future] = {}  # machine id -> its add_node call
+        self._polled_at: float | None = None  # cloud.reclaims_per_hour: the last poll
         self._step = 0  # the step of the last poll: replacements asked for now count from it
         self._due_steps: dict[str, list[int]] = {}  # market -> ready steps of its requests
 
@@ -168,7 +170,13 @@ class SimulatedPool(Pool):
             # a worker takes part from its machine's ready step: drawn from then on
             working = sorted((m for m in spot if m.worker_pid is not None and (
                 m.ready_step is None or m.ready_step <= step)), key=lambda m: m.id)
-            return [m for m in working if rng.random() < self.cloud.preempt_prob]
+            q = self.cloud.preempt_prob
+            if self.cloud.reclaims_per_hour:  # the rate over the wall time since the last poll
+                elapsed = now - (self._polled_at if self._polled_at is not None else now)
+                q = reclaim_probability(self.cloud.reclaims_per_hour,
+                                        elapsed * self.cloud.time_scale)
+            self._polled_at = now
+            return [m for m in working if rng.random() < q]
         t = self._trace_time(now)
         if self.trace.price_at(t) > self.bid:
             return spot
@@ -219,3 +227,9 @@ class SimulatedPool(Pool):
         if market == "on_demand" or self.trace is None:
             return True
         return self.trace.price_at(self._trace_time(now)) <= self.bid
+
+
+def reclaim_probability(per_hour: float, seconds: float) -> float:
+    """The chance that a machine reclaimed at `per_hour` (a Poisson process) goes within
+    `seconds` of pool time: 1 - exp(-rate t)."""
+    return -math.expm1(-per_hour * seconds / 3600.0)

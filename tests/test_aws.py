@@ -200,6 +200,31 @@ def test_the_pool_needs_an_image_a_run_name_and_a_region(aws, monkeypatch, tmp_p
         Ec2(load_config(["cloud=aws"]).cloud)
 
 
+def test_token_auth_reads_the_token_with_the_instance_role(aws, tmp_path):
+    """The user data joins with RAY_AUTH_MODE=token and a token it reads from SSM with the
+    instance's role: run its auth lines in bash against moto; the token is not in the user
+    data. Without an instance profile the option is a one-line error."""
+    token = uuid.uuid4().hex
+    boto3.client("ssm", endpoint_url=aws).put_parameter(
+        Name="/squall/ray-token", Value=token, Type="SecureString")
+    script = user_data(["source /opt/venv/bin/activate"], "10.0.0.5:6379", "squall_node_abc",
+                       "/squall/ray-token", "us-east-1")
+    lines = script.splitlines()
+    assert token not in script and lines[lines.index("set -e") + 2] == "export RAY_AUTH_MODE=token"
+    assert lines.index("export RAY_AUTH_TOKEN") < lines.index(next(
+        line for line in lines if line.startswith("ray start")))
+    auth = "\n".join(line for line in lines if "RAY_AUTH" in line)
+    env = {**os.environ, "AWS_ENDPOINT_URL": aws,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-c", f"set -e\n{auth}\necho \"$RAY_AUTH_MODE $RAY_AUTH_TOKEN\""],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"token {token}"
+    with pytest.raises(ConfigError, match="cloud.auth_token_parameter needs "
+                       "cloud.instance_profile"):
+        load_config(["cloud=aws", "cloud.auth_token_parameter=/squall/ray-token"])
+
+
 # --------------------------------------------------------------------------- provisioning
 def test_launch_makes_a_tagged_imdsv2_spot_instance_that_joins_the_head(aws):
     cloud = cloud_config(aws, "cloud.bid=0.7", "cloud.setup=['source /opt/venv/bin/activate']")
@@ -212,6 +237,7 @@ def test_launch_makes_a_tagged_imdsv2_spot_instance_that_joins_the_head(aws):
     assert found["InstanceType"] == "g5.xlarge" and found["InstanceLifecycle"] == "spot"
     assert {t["Key"]: t["Value"] for t in found["Tags"]}["squall:node"] == "squall_node_abc"
     assert found["MetadataOptions"]["HttpTokens"] == "required"  # IMDSv1 off on the instance
+    assert found.get("PublicIpAddress")  # cloud.public_ip=true, the default
     client = ec2_client(aws)
     sent = base64.b64decode(client.describe_instance_attribute(
         InstanceId=info["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
@@ -227,6 +253,38 @@ def test_launch_makes_a_tagged_imdsv2_spot_instance_that_joins_the_head(aws):
     assert client.describe_instance_attribute(
         InstanceId=info["InstanceId"], Attribute="instanceInitiatedShutdownBehavior")[
         "InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+
+
+def test_a_cluster_of_its_own_private_ips_and_an_instance_role(aws):
+    """cloud.create_security_group: a group that admits only its members, the head and SSH
+    from cloud.ssh_cidr; cloud.public_ip=false: no public address; cloud.instance_profile:
+    the instances' role. The group is deleted with the job."""
+    profile = f"squall-worker-{uuid.uuid4().hex[:6]}"
+    boto3.client("iam", endpoint_url=aws).create_instance_profile(InstanceProfileName=profile)
+    cloud = cloud_config(aws, "cloud.create_security_group=true",
+                         "cloud.ssh_cidr=203.0.113.7/32", "cloud.public_ip=false",
+                         f"cloud.instance_profile={profile}")
+    ec2 = Ec2(cloud)
+    (subnet, _), *_ = ec2.subnets([])
+    group = ec2.create_cluster_group("sec", ec2.vpc(subnet), "10.0.0.5", cloud.ssh_cidr)
+    rules = ec2_client(aws).describe_security_groups(GroupIds=[group])["SecurityGroups"][0][
+        "IpPermissions"]
+    admitted = sorted((r["IpProtocol"], r.get("FromPort"), tuple(
+        [g["GroupId"] for g in r.get("UserIdGroupPairs", [])] +
+        [c["CidrIp"] for c in r.get("IpRanges", [])])) for r in rules)
+    assert admitted == sorted([("-1", None, (group, "10.0.0.5/32")),
+                               ("tcp", 22, ("203.0.113.7/32",))]) or admitted == sorted([
+        ("-1", None, (group,)), ("-1", None, ("10.0.0.5/32",)),
+        ("tcp", 22, ("203.0.113.7/32",))])  # (one rule or two for the protocol "all")
+    info = ec2.launch({"squall:job": "sec"}, "#!/bin/bash\n", [("g5.xlarge", subnet)], cloud,
+                      rounds=1, groups=[group])
+    found = instances(aws, "sec")[info["InstanceId"]]
+    nic, = found["NetworkInterfaces"]  # (the groups of an instance launched with one)
+    assert [g["GroupId"] for g in nic["Groups"]] == [group]
+    assert found["IamInstanceProfile"]["Arn"].endswith(profile)
+    assert not found.get("PublicIpAddress")
+    ec2.terminate_job("sec")
+    assert ec2.delete_job_groups("sec") == ([group], {})
 
 
 def test_capacity_errors_move_on_to_the_next_type(proxy):
@@ -566,7 +624,7 @@ def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up
                 "workers=2", "steps=1000000", "model=mlp", "log.progress=false", "eval.every=0",
                 f"run.dir={tmp_path}", f"run.name={job}", f"checkpoint.dir=s3://spot-ckpts/{job}",
                 f"cloud.setup=['export INLINE_TOKEN={setup['inline']}']",
-                f"cloud.setup_file={setup_file}"]
+                f"cloud.setup_file={setup_file}", "cloud.create_security_group=true"]
         with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
             proc = subprocess.Popen(args, stdout=out, stderr=err, env=env,
                                     start_new_session=True)  # its Ray nodes: one group
@@ -597,6 +655,12 @@ def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up
     started = instances(moto, job)
     assert len(started) == 3 and running(moto, job) == []  # 2 + 1 replacement, all gone
     assert started[first[0]]["State"]["Name"] == "terminated"
+    # the instances had a security group of the job's own, deleted with it
+    groups = started[first[0]]["SecurityGroups"] or started[first[0]]["NetworkInterfaces"][0][
+        "Groups"]
+    assert [g["GroupName"] for g in groups][0].startswith(f"squall-{job}-")
+    assert not ec2_client(moto).describe_security_groups(Filters=[
+        {"Name": "tag:squall:job", "Values": [job]}])["SecurityGroups"]
     assert "interruption notice" in (tmp_path / "err").read_text()
     store = CheckpointStore(f"s3://spot-ckpts/{job}", endpoint_url=moto)
     assert store.load_latest().step == summary["steps_done"]  # the Ctrl-C checkpoint
@@ -611,7 +675,8 @@ def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up
     secrets = [secret.encode(), *(s.encode() for s in setup.values())]
     s3 = boto3.client("s3", endpoint_url=moto)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="spot-ckpts")["Contents"]]
-    assert keys and all(key.startswith(f"{job}/ckpt-") for key in keys)
+    assert keys and all(key.startswith(f"{job}/ckpt-") or key == f"{job}/WRITER"
+                        for key in keys)
     for key in keys:
         data = s3.get_object(Bucket="spot-ckpts", Key=key)["Body"].read()
         assert not [s for s in secrets if s in data], key
@@ -638,7 +703,8 @@ def test_the_cluster_launcher_file_passes_rays_schema_with_spot_workers():
                         for t in spot)
     # squall installed, Ray and torch pinned, more file descriptors, no public dashboard
     setup = " ".join(cluster["setup_commands"])
-    assert '"ray[default]==' in setup and '"torch==' in setup and "-e ~/squall" in setup
+    assert '"ray[default]==' in setup and '"torch==' in setup and '"torchvision==' in setup
+    assert "-e ~/squall" in setup
     starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
     assert all("ulimit -n 65536" in c for c in starts if "ray start" in c)
     assert "0.0.0.0" not in path.read_text()

@@ -4,6 +4,7 @@ where preemption removes nodes (cloud=simulated)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -52,6 +53,12 @@ def test_preemption_draws_depend_only_on_seed_and_step():
     (["cloud=simulated", "cloud.preempt_prob=1.5"], "cloud.preempt_prob=1.5: must be < 1"),
     (["cloud=simulated", "cloud.trace=x.csv", "cloud.preempt_prob=0.1"],
      "two preemption models"),
+    (["cloud=simulated", "cloud.preempt_prob=0.1", "cloud.reclaims_per_hour=2"],
+     "cloud.preempt_prob and cloud.reclaims_per_hour are two preemption models"),
+    (["cloud=simulated", "cloud.reclaims_per_hour=-1"],
+     "cloud.reclaims_per_hour=-1.0: must be >= 0"),
+    (["cloud=simulated", "cloud.reclaims_per_hour=2", "cloud.replace_delay_steps=0"],
+     "with cloud.reclaims_per_hour use cloud.replace_delay_s"),
     (["cloud=simulated", "workers=4", "cloud.on_demand_workers=5"], "must be <= workers=4"),
     (["cloud=simulated", "workers=4", "cloud.max_nodes=2"], "must be >= workers=4"),
 ])
@@ -180,6 +187,35 @@ def test_replace_delay_steps_is_checked_with_the_preemption_model():
         load_config(["cloud=simulated", "cloud.replace_delay_steps=-2"])
     with pytest.raises(ConfigError, match="with cloud.trace use cloud.replace_delay_s"):
         load_config(["cloud=simulated", "cloud.trace=x.csv", "cloud.replace_delay_steps=0"])
+
+
+# ------------------------------------------------------------------ one clock: the wall clock
+def test_reclaim_probability_is_the_poisson_chance_of_a_reclaim_within_the_interval():
+    from cloud.simulated import reclaim_probability
+
+    assert reclaim_probability(0, 100) == 0 and reclaim_probability(5, 0) == 0
+    assert reclaim_probability(3600, 1) == pytest.approx(1 - math.exp(-1), rel=1e-12)
+    # two intervals survived in a row are one interval twice as long
+    assert (1 - reclaim_probability(7, 30)) ** 2 == pytest.approx(1 - reclaim_probability(7, 60))
+
+
+@pytest.mark.parametrize("time_scale", [1.0, 4.0])
+def test_reclaims_per_hour_draws_at_the_rate_over_pool_time(time_scale):
+    """In-process: 20 working spot machines polled every 0.5 s of wall time for 2000 polls at
+    90 reclaims per hour of pool time; the count reclaimed is the rate's, within 4 sigma, and
+    does not depend on how often the loop polls (steps are not the clock)."""
+    from cloud.pool import Machine
+    from cloud.simulated import SimulatedPool
+
+    cfg = load_config(["cloud=simulated", "cloud.reclaims_per_hour=90",
+                       f"cloud.time_scale={time_scale}", "workers=20"])
+    pool = SimulatedPool(cfg.cloud, job_spec(cfg))
+    pool.alive = {i: Machine(id=i, market="spot", joined_at=0.0, worker_pid=1) for i in range(20)}
+    polls, gap = 2000, 0.5
+    taken = sum(len(pool._doomed(step, step * gap)) for step in range(polls + 1))
+    q = 1 - math.exp(-90 * gap * time_scale / 3600)
+    expected, sigma = 20 * polls * q, math.sqrt(20 * polls * q * (1 - q))
+    assert abs(taken - expected) < 4 * sigma, (taken, expected)
 
 
 def _bare_worker_pool(alive: dict):
