@@ -60,8 +60,9 @@ def verdict(measured: float, expected: float) -> tuple[float, bool]:
 
 
 # --------------------------------------------------------------------------- join timing
-def time_joins(joins: int) -> list[dict]:
-    """Timestamps (time.time(), seconds from the request) of `joins` replacements."""
+def time_joins(joins: int, warm: bool = False) -> list[dict]:
+    """Timestamps (time.time(), seconds from the request) of `joins` replacements; `warm`:
+    with cloud.warm_nodes=1, each reclaim made once the standby node and actor are up."""
     import ray
 
     from cloud.simulated import SimulatedPool
@@ -74,18 +75,19 @@ def time_joins(joins: int) -> list[dict]:
         """The real worker, with the loading of its training split timed inside __init__."""
 
         def __init__(self, rank, workload, *args, **kwargs):
-            self.t_enter = time.time()
+            self.t_enter = time.time()  # a standby's: when assign() sets it up
             self.t_proc = process_created()
             self.t_data = None
-            load = workload.dataset
+            if rank is not None:
+                load = workload.dataset
 
-            def dataset(split: str):  # the worker's own call of the data factory
-                loaded = load(split)
-                if split == "train" and self.t_data is None:
-                    self.t_data = time.time()
-                return loaded
+                def dataset(split: str):  # the worker's own call of the data factory
+                    loaded = load(split)
+                    if split == "train" and self.t_data is None:
+                        self.t_data = time.time()
+                    return loaded
 
-            workload.dataset = dataset
+                workload.dataset = dataset
             super().__init__(rank, workload, *args, **kwargs)
             self.t_built = time.time()
 
@@ -94,7 +96,7 @@ def time_joins(joins: int) -> list[dict]:
                     "built": self.t_built}
 
     cfg = load_config(["cloud=simulated", "workers=1", "model=mlp", "cloud.replace_delay_s=0",
-                       "log.progress=false"])
+                       "log.progress=false", f"cloud.warm_nodes={int(warm)}"])
     workload = resolve_workload(cfg)
     info = data_info(workload.dataset("test"))
     training = ParameterServer(cfg, workload.model(info))
@@ -107,6 +109,8 @@ def time_joins(joins: int) -> list[dict]:
         workers.start(machines)
         data_mb = sum(t.nbytes for t in workload.dataset("train").tensors) / 2**20
         for step in range(1, joins + 1):
+            while warm and not standby_ready(workers):
+                time.sleep(0.05)
             (_, machine), = workers.live.values()
             workers.live.clear()
             t_req = time.time()
@@ -132,14 +136,25 @@ def time_joins(joins: int) -> list[dict]:
             t_ready = time.time()
             (actor, _), = workers.live.values()
             inner = ray.get(actor.times.remote())
+            proc = max(inner["proc"], t_node)  # a standby's process: before the request
             rows.append({"launch": t_launch - t_req, "node": t_node - t_req,
-                         "proc": inner["proc"] - t_req, "enter": inner["enter"] - t_req,
-                         "data": inner["data"] - t_req, "built": inner["built"] - t_req,
+                         "proc": proc - t_req, "enter": inner["enter"] - t_req,
+                         "data": (inner["data"] or inner["enter"]) - t_req,  # a standby's:
+                         "built": inner["built"] - t_req,  # loaded before the request
                          "ready": t_ready - t_req, "data_mb": data_mb})
         workers.stop()
     finally:
         pool.shutdown()
     return rows
+
+
+def standby_ready(workers) -> bool:
+    """Whether the pool's standby node has its standby actor up (admit() starts it)."""
+    import ray
+
+    workers.admit()
+    return bool(workers.standby) and all(
+        ray.get(a.ready.remote())[1] == "" for a in workers.standby.values())
 
 
 def process_created() -> float:
@@ -160,16 +175,21 @@ def import_seconds() -> float:
     return float(out.stdout.split()[-1])
 
 
-def join_table(rows: list[dict], imports_s: float) -> str:
+def join_table(rows: list[dict], imports_s: float, warm: bool = False) -> str:
     med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
     phases = [
         ("request -> machine launched (next poll)", 0.0, med["launch"]),
-        ("Ray node up (`Cluster.add_node` on the helper thread)", med["launch"], med["node"]),
-        ("node up -> worker process created", med["node"], med["proc"]),
-        ("process -> actor `__init__` (Ray worker bootstrap, class unpickled: imports)",
-         med["proc"], med["enter"]),
-        (f"training split loaded on the node (the data factory: {med['data_mb']:.2f} MiB)",
-         med["enter"], med["data"]),
+        ("Ray node up (`Cluster.add_node` on the helper thread)" if not warm else
+         "the standby node handed over (up before the request)", med["launch"], med["node"]),
+        ("node up -> worker process created" if not warm else
+         "worker process (the standby actor's, up before the request)", med["node"],
+         med["proc"]),
+        ("process -> actor `__init__` (Ray worker bootstrap, class unpickled: imports)"
+         if not warm else "the standby actor's `assign()` call reaches it", med["proc"],
+         med["enter"]),
+        (f"training split loaded on the node (the data factory: {med['data_mb']:.2f} MiB)"
+         + (" (by the standby, before the request)" if warm else ""), med["enter"],
+         med["data"]),
         ("shard, batches and model build", med["data"], med["built"]),
         ("`ready()` answer seen by the driver (admit polls)", med["built"], med["ready"]),
     ]
@@ -184,12 +204,13 @@ def join_table(rows: list[dict], imports_s: float) -> str:
 
 
 # --------------------------------------------------------------------------- the grid
-def run_cell(q: float, d: int, seed: int, steps: int, out: Path) -> dict:
+def run_cell(q: float, d: int, seed: int, steps: int, out: Path, warm_nodes: int = 0) -> dict:
     name = f"q{q:g}-d{d}-s{seed}"
     cmd = [sys.executable, "-m", "orchestrator", "train", "cloud=simulated",
            f"cloud.preempt_prob={q:g}", f"cloud.replace_delay_steps={d}", "workers=4",
            "model=mlp", f"steps={steps}", f"seed={seed}", f"run.dir={out}", f"run.name={name}",
-           "log.progress=false", "eval.every=0", "checkpoint.every_steps=0"]
+           "log.progress=false", "eval.every=0", "checkpoint.every_steps=0",
+           f"cloud.warm_nodes={warm_nodes}"]
     t = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / name / "summary.json").read_text())
@@ -244,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--joins", type=int, default=3, help="replacements timed (0: skip)")
+    ap.add_argument("--warm-nodes", type=int, default=0, help="cloud.warm_nodes of the grid")
     ap.add_argument("--out", default="/tmp/squall-availability")
     args = ap.parse_args(argv)
     qs = [float(x) for x in args.q.split(",") if x]
@@ -253,17 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     parts = [f"Command: `{command.strip()}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}  ",
              f"Machine: {machine()}", ""]
     if args.joins:
-        rows = time_joins(args.joins)
-        parts += [f"### Where a join's time goes ({args.joins} replacements, idle pool, "
-                  "workers=1, model=mlp)", "", join_table(rows, import_seconds()), ""]
-        print("\n".join(parts), flush=True)
+        imports_s = import_seconds()
+        for warm in (False, True):
+            rows = time_joins(args.joins, warm)
+            title = "cloud.warm_nodes=1: a standby node and actor" if warm else "no standby"
+            parts += [f"### Where a join's time goes: {title} ({args.joins} replacements, "
+                      "idle pool, workers=1, model=mlp)", "", join_table(rows, imports_s, warm),
+                      ""]
+            print("\n".join(parts), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells: dict = {}
     for q in qs:
         for d in ds:
             for seed in seeds:
-                r = run_cell(q, d, seed, args.steps, out)
+                r = run_cell(q, d, seed, args.steps, out, args.warm_nodes)
                 cells.setdefault((q, d), []).append(r)
                 print(f"q={q:g} d={d} seed={seed}: live "
                       f"{np.mean(r['live'][args.warmup:]):.3f} "
@@ -271,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"in {r['seconds']:.0f} s", flush=True)
     if cells:
         parts += [f"### Live workers vs the planner ({args.steps} steps, the first "
-                  f"{args.warmup} skipped as warm-up, workers=4, model=mlp, seeds "
+                  f"{args.warmup} skipped as warm-up, workers=4, model=mlp, "
+                  f"cloud.warm_nodes={args.warm_nodes}, seeds "
                   f"{', '.join(map(str, seeds))}; verdict: |median/E[y] - 1| <= "
                   f"{TOLERANCE:.0%})", "", grid_table(cells, args.steps, args.warmup, 4)]
     write_generated("\n".join(parts))

@@ -114,6 +114,15 @@ class Pool:
     def placement(self, machine: Machine) -> dict:
         return {}
 
+    def standby_nodes(self) -> dict[str, tuple[dict, float | None]]:
+        """Nodes kept up ahead of requests (cloud.warm_nodes), by key: the placement of an
+        actor on each, and its GPUs. None here."""
+        return {}
+
+    def standby_key(self, machine: Machine) -> str | None:
+        """The key in standby_nodes() of the node this machine got, if it was a standby."""
+        return None
+
     def machine_gpus(self, machine: Machine) -> float | None:
         """The GPUs of the machine's node, None where the pool cannot tell (a worker then
         takes a share of the cluster's GPUs)."""

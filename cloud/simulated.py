@@ -17,6 +17,12 @@ Preemption follows cloud.preempt_prob (each spot machine independently in each s
 volatile-instances model) or a price trace against a bid (a machine lives while price <= bid;
 trace time = cloud.time_scale x wall time). With cloud.notice_s the machine gets a notice that
 long before its reclaim.
+
+cloud.warm_nodes=k keeps k Ray nodes started ahead of any request (a warm standby, billed at the
+spot price while it waits, never reclaimed while waiting): a replacement takes the oldest one
+instead of booting a node, and another is started in its place. On each standby node the
+WorkerPool keeps a standby actor whose process has started and imported everything; the
+replacement's worker is that actor, which then only loads its shard and builds its model.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import math
 import os
 import signal
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
@@ -59,6 +66,7 @@ class SimulatedPool(Pool):
         # thread, beside the training loop, the way a cloud boots machines while a job runs.
         self._node_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squall-node")
         self._adding: dict[int, Future] = {}  # machine id -> its add_node call
+        self._warm: deque[Future] = deque()  # cloud.warm_nodes: standby add_node calls
         self._polled_at: float | None = None  # cloud.reclaims_per_hour: the last poll
         self._step = 0  # the step of the last poll: replacements asked for now count from it
         self._due_steps: dict[str, list[int]] = {}  # market -> ready steps of its requests
@@ -82,6 +90,7 @@ class SimulatedPool(Pool):
         machines = super().start(n)
         for machine in machines:  # the first machines are waited for
             self._node_of(machine)
+        self._keep_warm()
         return machines
 
     def _connect(self) -> None:
@@ -97,10 +106,20 @@ class SimulatedPool(Pool):
         ray.init(address=self.cluster.address, logging_level=logging.WARNING,
                  log_to_driver=False, runtime_env=self.job.ray.runtime_env())
 
-    def _provision(self, machine: Machine) -> None:
-        self._adding[machine.id] = self._node_starter.submit(
+    def _add_node(self) -> Future:
+        return self._node_starter.submit(
             self.cluster.add_node, num_cpus=max(1, round(self.job.worker_num_cpus)),
             num_gpus=self.cloud.node_gpus, resources={WORKER_RESOURCE: 1}, wait=False)
+
+    def _provision(self, machine: Machine) -> None:
+        """The machine's node: a warm standby when one is kept (it may still be booting),
+        else a new one."""
+        self._adding[machine.id] = self._warm.popleft() if self._warm else self._add_node()
+
+    def _keep_warm(self) -> None:
+        """Start standby nodes until cloud.warm_nodes are kept."""
+        while len(self._warm) < self.cloud.warm_nodes:
+            self._warm.append(self._add_node())
 
     def _ready(self, machine: Machine) -> bool:
         adding = self._adding.get(machine.id)
@@ -131,9 +150,15 @@ class SimulatedPool(Pool):
         return float(self.cloud.node_gpus)
 
     def placement(self, machine: Machine) -> dict:
-        return {"resources": {WORKER_RESOURCE: 1},
-                "scheduling_strategy": NodeAffinitySchedulingStrategy(machine.node.node_id,
-                                                                      soft=False)}
+        return placement_on(machine.node.node_id)
+
+    def standby_nodes(self) -> dict[str, tuple[dict, float]]:
+        up = [f.result() for f in self._warm if f.done() and f.exception() is None]
+        return {node.node_id: (placement_on(node.node_id), float(self.cloud.node_gpus))
+                for node in up}
+
+    def standby_key(self, machine: Machine) -> str | None:
+        return machine.node.node_id if machine.node is not None else None
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -145,6 +170,7 @@ class SimulatedPool(Pool):
     def poll(self, step: int) -> PollResult:
         self._step = step
         result = super().poll(step)
+        self._keep_warm()  # in place of those the replacements took
         now = time.monotonic()
         for machine in self.alive.values():  # replacements whose step has come
             if machine.ready_step is not None and machine.ready_step <= step and \
@@ -196,9 +222,19 @@ class SimulatedPool(Pool):
     def price(self, machine: Machine, now: float) -> float:
         if machine.market == "on_demand":
             return self.cloud.on_demand_price
+        return self._spot_price(now)
+
+    def _spot_price(self, now: float) -> float:
         if self.trace is not None:
             return self.trace.price_at(self._trace_time(now))
         return self.cloud.spot_price
+
+    def _accrue(self, now: float) -> None:
+        """Machines, and the standby nodes at the spot price."""
+        if self._warm:
+            hours = (now - self._accrued_at) / 3600
+            self.cost_usd += len(self._warm) * self._spot_price(now) * hours
+        super()._accrue(now)
 
     def on_demand_price(self) -> float:
         return self.cloud.on_demand_price
@@ -227,6 +263,12 @@ class SimulatedPool(Pool):
         if market == "on_demand" or self.trace is None:
             return True
         return self.trace.price_at(self._trace_time(now)) <= self.bid
+
+
+def placement_on(node_id: str) -> dict:
+    """Actor options that put the actor on that node, and only there."""
+    return {"resources": {WORKER_RESOURCE: 1},
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
 
 
 def reclaim_probability(per_hour: float, seconds: float) -> float:

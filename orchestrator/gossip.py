@@ -56,11 +56,11 @@ if TYPE_CHECKING:
 class GossipWorker(Replica):
     """One replica: its shard, its model as a flat vector, and its consensus state."""
 
-    def __init__(self, rank: int, workload: Workload, cfg: Config, info: DataInfo,
+    def __init__(self, rank: int | None, workload: Workload, cfg: Config, info: DataInfo,
                  device: str, byzantine: bool = False,
                  start_state: np.ndarray | None = None) -> None:
         super().__init__(rank, workload, cfg, info, device, byzantine)
-        if self.error:
+        if rank is None or self.error:
             return
         self.params = list(self.model.parameters())
         self.x = torch.from_numpy(flatten(self.params)).to(self.device)

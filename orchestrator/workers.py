@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from cloud.pool import Machine, Pool
 from orchestrator.config import Config, ConfigError
@@ -46,16 +47,24 @@ class Replica:
     kill the actor: `ready()` reports it, and the pool turns it into a one-line error.
     """
 
-    def __init__(self, rank: int, workload: Workload, cfg: Config, info: DataInfo,
+    def __init__(self, rank: int | None, workload: Workload, cfg: Config, info: DataInfo,
                  device: str, byzantine: bool = False) -> None:
+        self.error = ""
+        if rank is None:  # a standby (WorkerPool.keep_standby): set up later by assign()
+            self._train_set = None
+            with contextlib.suppress(Exception):  # a failing factory fails again in assign()
+                self._train_set = workload.dataset("train")  # the same for every rank
+            return
         torch.set_num_threads(max(1, int(cfg.worker.num_cpus)))
         self.rank, self.cfg, self.device = rank, cfg, torch.device(device)
-        self.workload, self.error = workload, ""
+        self.workload = workload
         self.flip = byzantine and cfg.byzantine.attack == "label_flip"  # the data-side attack
         self.num_classes = info.num_classes
         self.autocast = cfg.worker.precision == "bf16"
         try:
-            train_set = workload.dataset("train")
+            train_set = self.__dict__.pop("_train_set", None)
+            if train_set is None:
+                train_set = workload.dataset("train")
             shard = shard_of(train_set, rank, cfg.workers, cfg.data, cfg.seed)
             self.batches = StepBatches(train_set, shard, cfg.data, cfg.seed, rank,
                                        cfg.worker.grad_accum, self.device.type == "cuda")
@@ -67,6 +76,12 @@ class Replica:
     def ready(self) -> tuple[int, str]:
         """(process id, the workload's error or '')."""
         return os.getpid(), self.error
+
+    def assign(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
+        """A standby becomes the worker of a rank: the setup (data, model) its class skipped
+        runs now, in a process whose imports are done. Answers like ready()."""
+        type(self).__init__(self, *args, **kwargs)
+        return self.ready()
 
     def backward(self, step: int) -> torch.Tensor:
         """Forward and backward on this step's micro-batches (their mean loss): the gradient
@@ -98,10 +113,10 @@ class Replica:
 class Worker(Replica):
     """A parameter-server worker: the gradient of its mini-batch at the driver's parameters."""
 
-    def __init__(self, rank: int, workload: Workload, cfg: Config, info: DataInfo,
+    def __init__(self, rank: int | None, workload: Workload, cfg: Config, info: DataInfo,
                  device: str, byzantine: bool = False) -> None:
         super().__init__(rank, workload, cfg, info, device, byzantine)
-        if self.error:
+        if rank is None or self.error:
             return
         self.params = list(self.model.parameters())
         self.n_params = sum(p.numel() for p in self.params)
@@ -138,6 +153,7 @@ class Worker(Replica):
 
 
 RemoteWorker = ray.remote(Worker)
+
 
 
 def worker_device(cfg: Config, machine_gpus: float | None) -> tuple[str, float]:
@@ -178,6 +194,7 @@ class WorkerPool:
         self.starting: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, Machine]] = {}
         self.idle: list[Machine] = []  # machines without a worker (no vacant rank yet)
         self.booted: dict[int, tuple[ray.actor.ActorHandle, Machine]] = {}  # ready, not due
+        self.standby: dict[str, ray.actor.ActorHandle] = {}  # the pool's standby node -> actor
         self.ready_at: dict[int, float] = {}  # machine id -> when its worker was ready
         # one entry per replacement that joined: (latency_s, late_steps, late_s); the late
         # figures are None for a machine without a ready step
@@ -212,16 +229,33 @@ class WorkerPool:
         for rank in sorted(set(range(self.cfg.workers)) - taken)[:len(self.idle)]:
             machine = self.idle.pop(0)
             device, gpus = worker_device(self.cfg, self.pool.machine_gpus(machine))
+            args = (rank, *self.args, device)
+            kwargs = self.step.actor_kwargs(rank, self)
+            actor = self.standby.pop(self.pool.standby_key(machine), None)
+            if actor is not None:  # its process is up and has imported everything
+                self.starting[actor.assign.remote(*args, **kwargs)] = (rank, actor, machine)
+                continue
             actor = self.step.actor_class.options(
                 num_cpus=self.cfg.worker.num_cpus, num_gpus=gpus,
-                **self.pool.placement(machine)).remote(
-                rank, *self.args, device, **self.step.actor_kwargs(rank, self))
+                **self.pool.placement(machine)).remote(*args, **kwargs)
             self.starting[actor.ready.remote()] = (rank, actor, machine)
+
+    def keep_standby(self) -> None:
+        """A standby actor (rank None: imports done, training split loaded) on each standby
+        node the pool keeps (cloud.warm_nodes): the replacement that gets the node only makes
+        its shard and model."""
+        for key, (placement, machine_gpus) in self.pool.standby_nodes().items():
+            if key not in self.standby:
+                device, gpus = worker_device(self.cfg, machine_gpus)
+                self.standby[key] = self.step.actor_class.options(
+                    num_cpus=self.cfg.worker.num_cpus, num_gpus=gpus,
+                    **placement).remote(None, *self.args, device)
 
     def admit(self, step: int | None = None) -> int:
         """Workers that finished starting join; returns how many did. With `step` (the step
         about to run), a worker whose machine has a ready step waits until `step` reaches it;
         without, every ready worker joins (the first workers, cloud=local)."""
+        self.keep_standby()
         self.fill()
         now = time.monotonic()
         if self.starting:
@@ -230,7 +264,8 @@ class WorkerPool:
                 rank, actor, machine = self.starting.pop(ref)
                 try:
                     machine.worker_pid, error = ray.get(ref)
-                except RayActorError:  # its machine went away while it started
+                except (RayActorError, RayTaskError):  # its machine went away while it
+                    ray.kill(actor, no_restart=True)  # started, or its setup raised
                     self.pool.lost(machine)
                     continue
                 if error:  # e.g. its node could not fetch the data: the machine goes back
@@ -307,11 +342,12 @@ class WorkerPool:
         this Ray session (gossip workers hold handles to each other: left to Ray, they
         outlived their run by seconds, and the next run's workers waited for their CPUs)."""
         actors = [a for a, _ in self.live.values()] + [a for _, a, _ in self.starting.values()]
-        for actor in actors + [a for a, _ in self.booted.values()]:
+        for actor in actors + [a for a, _ in self.booted.values()] + list(self.standby.values()):
             ray.kill(actor, no_restart=True)
         self.live.clear()
         self.starting.clear()
         self.booted.clear()
+        self.standby.clear()
 
     def evaluate(self, state: np.ndarray, batch_size: int) -> dict[str, float]:
         """eval.on=worker: the metrics of `state` computed by the live worker of the lowest

@@ -178,6 +178,71 @@ def test_a_booting_replacement_is_billed_but_does_not_hold_the_loop(make_config)
         pool.shutdown()
 
 
+def test_a_warm_standby_becomes_the_replacement_node_and_worker(make_config):
+    """cloud.warm_nodes=1: a Ray node waits beside the worker's, billed at the spot price, with
+    a standby actor on it (process started, imports done). A replacement takes that very node
+    in the poll that launches it and that very actor, which then loads its shard and computes
+    the same gradient as a freshly built worker; another standby node is started."""
+    import time
+
+    import numpy as np
+    import ray
+    import torch
+
+    from cloud.simulated import WORKER_RESOURCE, SimulatedPool
+    from orchestrator.run import make_step
+    from orchestrator.workers import Worker, WorkerPool
+    from orchestrator.workload import DataInfo, resolve_workload
+
+    cfg = make_config("cloud=simulated", "workers=1", "model=mlp", "cloud.replace_delay_s=0",
+                      "cloud.warm_nodes=1", "cloud.spot_price=3600")  # $1 a second
+    workload, info = resolve_workload(cfg), DataInfo((1, 8, 8), 10)
+    training = make_step(cfg, workload.model(info))
+    pool = SimulatedPool(cfg.cloud, job_spec(cfg))
+
+    def worker_nodes() -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"] and WORKER_RESOURCE in
+                n["Resources"]}
+
+    try:
+        (first,) = pool.start(1)
+        workers = WorkerPool(cfg, workload, info, pool, training)
+        workers.start([first])
+        (standby_future,) = pool._warm
+        standby = standby_future.result(timeout=60)
+        assert worker_nodes() == {first.node.node_id, standby.node_id}
+        c0, t0 = pool.costs()[0], time.monotonic()
+        time.sleep(0.5)
+        c1, t1 = pool.costs()[0], time.monotonic()
+        assert (c1 - c0) / (t1 - t0) == pytest.approx(2.0, rel=0.05)  # machine + standby
+        _drive(pool, workers, 1)
+        standby_pid, error = ray.get(workers.standby[standby.node_id].ready.remote())
+        assert error == ""
+        workers.live.clear()  # the step-1 reclaim, as WorkerPool.call does it
+        pool.reclaim([first])
+        (machine,) = pool.poll(2).joined  # at once: the standby node was up
+        assert machine.node.node_id == standby.node_id
+        workers.add(machine)
+        deadline = time.monotonic() + 60
+        while not workers.live and time.monotonic() < deadline:
+            workers.admit(2)
+            time.sleep(0.02)
+        assert [m for _, m in workers.live.values()] == [machine]
+        assert machine.worker_pid == standby_pid  # the standby actor became the worker
+        state = training.flat.numpy()
+        (result,), lost = workers.gradients(ray.put(state), 2, [])
+        threads = torch.get_num_threads()
+        fresh = Worker(0, workload, cfg, info, "cpu").gradient(state, 2)
+        torch.set_num_threads(threads)  # the in-process worker set this process's
+        assert lost == 0 and np.array_equal(result.grad, fresh.grad)
+        (next_standby,) = pool._warm
+        assert next_standby is not standby_future
+        assert worker_nodes() == {standby.node_id, next_standby.result(timeout=60).node_id}
+        workers.stop()
+    finally:
+        pool.shutdown()
+
+
 # --------------------------------------------------------------------------- one clock: steps
 def test_replace_delay_steps_is_checked_with_the_preemption_model():
     cfg = load_config(["cloud=simulated", "cloud.preempt_prob=0.1", "cloud.replace_delay_steps=5"])
