@@ -97,6 +97,10 @@ class AwsError(ConfigError):
     """An AWS call that failed for good; one line for the terminal (no credentials in it)."""
 
 
+class NoSpotCapacity(AwsError):
+    """No (type, subnet) choice had spot capacity in any round."""
+
+
 @dataclass
 class Instance:
     id: str
@@ -167,36 +171,51 @@ class Ec2:
                                   "InstanceInterruptionBehavior": "terminate"}
         if cloud.bid:
             market["MaxPrice"] = f"{cloud.bid:g}"
-        request: dict[str, Any] = {
-            "ImageId": cloud.ami, "MinCount": 1, "MaxCount": 1, "UserData": user_data,
-            "InstanceMarketOptions": {"MarketType": "spot", "SpotOptions": market},
-            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2
-            "InstanceInitiatedShutdownBehavior": "terminate",
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": [
-                {"Key": k, "Value": v} for k, v in tags.items()]}],
-        }
-        if cloud.instance_profile:  # the instances' own role (e.g. to read the Ray token)
-            key = "Arn" if cloud.instance_profile.startswith("arn:") else "Name"
-            request["IamInstanceProfile"] = {key: cloud.instance_profile}
+        request = instance_request(tags, user_data, cloud)
+        request["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": market}
         last = ""
         for round_ in range(rounds):
             if round_:
                 time.sleep(cloud.retry_backoff_s * 2 ** (round_ - 1))
-            for instance_type, subnet in choices:
-                where = network(subnet, list(groups), cloud.public_ip)
-                try:
-                    return self._run_instances(cloud, InstanceType=instance_type, **where,
-                                               **request)
-                except ClientError as e:
-                    if _code(e) not in CAPACITY_ERRORS | TRANSIENT_ERRORS:
-                        raise AwsError(f"cloud=aws: run_instances {instance_type}: "
-                                       f"{_describe(e)}") from None
-                    last = f"{instance_type} in {subnet or 'any subnet'}: {_code(e)}"
-                    log.info("no spot capacity: %s", last)
+            info, last = self._first_with_capacity(request, choices, cloud, groups, "spot")
+            if info is not None:
+                return info
         types = ", ".join(dict.fromkeys(t for t, _ in choices))
-        raise AwsError(f"cloud=aws: no spot capacity for {types} in {len(choices)} type/subnet "
-                       f"choices after cloud.launch_rounds={rounds} (last: {last}); try more "
-                       "cloud.instance_types or cloud.subnets, or a higher cloud.bid")
+        raise NoSpotCapacity(
+            f"cloud=aws: no spot capacity for {types} in {len(choices)} type/subnet choices "
+            f"after cloud.launch_rounds={rounds} (last: {last}); try more cloud.instance_types "
+            "or cloud.subnets, a higher cloud.bid, or cloud.fallback=on_demand")
+
+    def launch_on_demand(self, tags: dict[str, str], user_data: str,
+                         choices: list[tuple[str, str | None]], cloud: AwsCloudConfig,
+                         groups: list[str] = ()) -> dict:
+        """cloud.fallback=on_demand: one on-demand instance of the first (type, subnet) that
+        has capacity, one pass over the choices."""
+        request = instance_request(tags, user_data, cloud)
+        info, last = self._first_with_capacity(request, choices, cloud, groups, "on-demand")
+        if info is None:
+            raise AwsError(f"cloud=aws: no spot and no on-demand capacity in {len(choices)} "
+                           f"type/subnet choices (last: {last})")
+        return info
+
+    def _first_with_capacity(self, request: dict, choices: list[tuple[str, str | None]],
+                             cloud: AwsCloudConfig, groups: list[str], what: str
+                             ) -> tuple[dict | None, str]:
+        """(the instance dict, '') of the first choice that launched, or (None, the last
+        capacity error); any other error raises."""
+        last = ""
+        for instance_type, subnet in choices:
+            where = network(subnet, list(groups), cloud.public_ip)
+            try:
+                return self._run_instances(cloud, InstanceType=instance_type, **where,
+                                           **request), ""
+            except ClientError as e:
+                if _code(e) not in CAPACITY_ERRORS | TRANSIENT_ERRORS:
+                    raise AwsError(f"cloud=aws: run_instances {instance_type}: "
+                                   f"{_describe(e)}") from None
+                last = f"{instance_type} in {subnet or 'any subnet'}: {_code(e)}"
+                log.info("no %s capacity: %s", what, last)
+        return None, last
 
     def _run_instances(self, cloud: AwsCloudConfig, **request: Any) -> dict:
         """One logical launch: run_instances, retried after a transient error (up to
@@ -419,6 +438,21 @@ class SpotPrices:
         return min(found) if found else None
 
 
+def instance_request(tags: dict[str, str], user_data: str, cloud: AwsCloudConfig) -> dict:
+    """run_instances' arguments shared by spot and on-demand launches."""
+    request: dict[str, Any] = {
+        "ImageId": cloud.ami, "MinCount": 1, "MaxCount": 1, "UserData": user_data,
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": [
+            {"Key": k, "Value": v} for k, v in tags.items()]}],
+    }
+    if cloud.instance_profile:  # the instances' own role (e.g. to read the Ray token)
+        key = "Arn" if cloud.instance_profile.startswith("arn:") else "Name"
+        request["IamInstanceProfile"] = {key: cloud.instance_profile}
+    return request
+
+
 def network(subnet: str | None, groups: list[str], public_ip: bool) -> dict:
     """run_instances' placement: the subnet and security groups, and (public_ip=False) a
     network interface without a public address."""
@@ -555,13 +589,21 @@ class AwsPool(Pool):
         if c.create_security_group and len(self.groups) == len(c.security_groups):
             self._create_group()  # at the first launch: the head's address is known by now
         script = user_data(self.setup, self.head, key, c.auth_token_parameter, self.ec2.region)
-        info = self.ec2.launch(tags, script, self.choices, c, rounds, self.groups)
+        try:
+            info = self.ec2.launch(tags, script, self.choices, c, rounds, self.groups)
+            machine.market = "spot"  # also for a lost on-demand machine's replacement
+        except NoSpotCapacity as e:
+            if c.fallback != "on_demand":
+                raise
+            log.warning("%s; launching on demand (cloud.fallback=on_demand)", e)
+            info = self.ec2.launch_on_demand(tags, script, self.choices, c, self.groups)
+            machine.market = "on_demand"  # billed at the on-demand price, never reclaimed
         instance = Instance(info["InstanceId"], info["InstanceType"],
                             info.get("Placement", {}).get("AvailabilityZone", ""), key,
                             info.get("SubnetId"))
         self.instances[instance.id] = machine.node = instance
-        log.info("machine %d: spot instance %s (%s, %s)", machine.id, instance.id,
-                 instance.instance_type, instance.zone)
+        log.info("machine %d: %s instance %s (%s, %s)", machine.id, machine.market,
+                 instance.id, instance.instance_type, instance.zone)
         if c.local_nodes:
             instance.node = self.cluster.add_node(
                 num_cpus=max(1, round(self.job.worker_num_cpus)), resources={key: 1},
@@ -745,6 +787,8 @@ class AwsPool(Pool):
 
     def price(self, machine: Machine, now: float) -> float:
         instance: Instance | None = machine.node
+        if machine.market == "on_demand":
+            return self.cloud.on_demand_price
         if instance is None:
             return self.cloud.spot_price
         at = time.time() - (time.monotonic() - now)

@@ -156,6 +156,10 @@ class AwsCloudConfig(CloudConfig):
                              "(aws)", gt=0, le=60)
     rebalance: str = opt("drain", "on a rebalance recommendation: drain the worker and replace "
                          "the instance, or ignore it (aws)", choices=["drain", "ignore"])
+    fallback: str = opt("none", "when no spot capacity is found: none (report it; a "
+                        "replacement is asked for again later) or on_demand (launch that "
+                        "machine on demand, billed at cloud.on_demand_price) (aws)",
+                        choices=["none", "on_demand"])
     launch_rounds: int = opt(3, "rounds over all types and subnets before a launch fails (aws)",
                              ge=1, le=20)
     retry_backoff_s: float = opt(5.0, "wait after a failed round, doubling each round (aws)",

@@ -94,7 +94,8 @@ class Ec2Proxy:
 
     def answer(self, form: dict) -> tuple[int, bytes] | None:
         if form.get("Action") == "RunInstances":
-            for key in (form.get("InstanceType"), "*"):
+            spot = form.get("InstanceMarketOptions.MarketType") == "spot"
+            for key in (form.get("InstanceType"), "*", "spot" if spot else "on-demand"):
                 code, left = self.fail.get(key, ("", 0))
                 if left:
                     self.fail[key] = (code, left - 1)
@@ -311,7 +312,8 @@ def test_capacity_errors_are_retried_in_rounds_then_reported_once(proxy, code):
     assert str(e.value) == (
         f"cloud=aws: no spot capacity for g5.xlarge, g4dn.xlarge in 2 type/subnet choices after "
         f"cloud.launch_rounds=2 (last: g4dn.xlarge in any subnet: {code}); try more "
-        "cloud.instance_types or cloud.subnets, or a higher cloud.bid")
+        "cloud.instance_types or cloud.subnets, a higher cloud.bid, or "
+        "cloud.fallback=on_demand")
     assert len(proxy.launches()) == 4 + 4
 
 
@@ -501,6 +503,45 @@ def test_a_replacement_without_capacity_is_asked_for_again_later(proxy, caplog):
     assert market == "spot" and ready_at > time.monotonic() + 1
     assert "no spot capacity for g5.xlarge, g4dn.xlarge" in caplog.text
     assert "asking again in 2 s" in caplog.text
+
+
+def test_without_spot_capacity_the_fallback_launches_on_demand(proxy, caplog):
+    """cloud.fallback=on_demand: when no (type, subnet) has spot capacity, the machine is
+    launched on demand (no spot market options in the request), billed at the on-demand
+    price; a later replacement tries spot first again. Without the option the launch fails
+    with the one-line capacity error."""
+    import ray
+
+    args = ["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}", f"cloud.ami={AMI}",
+            "cloud.launch_rounds=1", "cloud.head_address=10.0.0.5:6379", "workers=1",
+            "cloud.on_demand_price=3.5"]
+    proxy.fail["spot"] = ("InsufficientInstanceCapacity", -1)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    pool = _pool(load_config([*args, "run.name=no-fallback"]))
+    try:
+        with pytest.raises(AwsError, match="no spot capacity for g5.xlarge, g4dn.xlarge"):
+            pool.start(1)
+    finally:
+        pool.shutdown()
+    assert running(proxy.url, "no-fallback") == []
+    pool = _pool(load_config([*args, "run.name=fallback", "cloud.fallback=on_demand"]))
+    try:
+        [machine] = pool.start(1)
+        assert machine.market == "on_demand" and pool.price(machine, time.monotonic()) == 3.5
+        runs = [c for c in proxy.calls if c.get("Action") == "RunInstances"]
+        assert [c.get("InstanceMarketOptions.MarketType") for c in runs[-3:]] == [
+            "spot", "spot", None]  # every spot choice, then on demand
+        assert running(proxy.url, "fallback") == [machine.node.id]
+        assert "launching on demand (cloud.fallback=on_demand)" in caplog.text
+        del proxy.fail["spot"]  # capacity is back: a replacement is spot again
+        pool._running = True
+        pool.reclaim([machine])
+        [spot] = pool._launch(["on_demand"])
+        assert spot.market == "spot" and pool.price(spot, time.monotonic()) != 3.5
+    finally:
+        pool.shutdown()
+        ray.shutdown()
+    assert running(proxy.url, "fallback") == []
 
 
 # --------------------------------------------------------------------------- prices
