@@ -100,7 +100,8 @@ class LossConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = opt("", "local path or s3://bucket/prefix (default: <run dir>/checkpoints)")
-    every_steps: int = opt(100, "checkpoint every N steps (0: off)", ge=0)
+    every_steps: int = opt(100, "checkpoint every N steps (0: only at the end and on a stop)",
+                           ge=0)
     every_s: float = opt(0.0, "checkpoint when this many seconds passed since the last (0: off)",
                          ge=0)
     keep: int = opt(3, "checkpoints to keep", ge=1)
@@ -144,7 +145,8 @@ class WorkerConfig:
 
 @dataclass
 class LogConfig:
-    progress: bool = opt(True, "show a progress bar on stderr")
+    progress: bool = opt(True, "show a progress bar on stderr (evaluation lines print "
+                          "either way)")
     tensorboard: bool = opt(False, "also write TensorBoard events to <run dir>/tensorboard "
                             "(needs the tensorboard package)")
 
