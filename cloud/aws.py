@@ -9,8 +9,10 @@ after the instance ({"squall_node_<key>": 1}): its worker asks for part of that 
 lands on that instance and nowhere else. The other part goes to a Watcher actor (cloud/imds.py)
 that polls the instance metadata service (IMDSv2) and returns when a spot interruption notice or
 a rebalance recommendation arrives; poll() hands that machine to the job in PollResult.noticed
-(the job drains its worker), asks for a replacement, and terminates the drained instance at the
-next poll. Every instance is tagged squall:job=<run.name>; shutdown() and `squall cloud cleanup
+(the job drains its worker), moves that instance's (type, subnet) to the end of the launch
+order, asks for a replacement, and terminates the drained instance at the next poll. With
+cloud.fallback=on_demand a machine that finds no spot capacity is launched on demand.
+Every instance is tagged squall:job=<run.name>; shutdown() and `squall cloud cleanup
 run.name=...` find the job's instances by that tag, terminate them (one by one when EC2 fails the
 batch for an id it does not know) and verify that they are going. Launches retry transient EC2
 errors with one ClientToken per logical launch; a replacement that has not joined Ray after
@@ -685,11 +687,16 @@ class AwsPool(Pool):
             log.warning("machine %d: instance %s (%s, %s) did not join the Ray cluster within "
                         "cloud.join_timeout_s=%g; terminating it and asking for another",
                         machine.id, instance.id, instance.instance_type, instance.zone, timeout)
-            tried = [c for c in self.choices if c[0] == instance.instance_type and
-                     c[1] in (instance.subnet, None)]
-            self.choices = [c for c in self.choices if c not in tried] + tried
+            self._try_last(instance)
             self._booting.remove(machine)
             self.reclaim([machine])
+
+    def _try_last(self, instance: Instance) -> None:
+        """The instance's (type, subnet) goes to the end of the launch order: it failed to
+        join, or EC2 is taking capacity back there (a notice)."""
+        pool = [c for c in self.choices if c[0] == instance.instance_type and
+                c[1] in (instance.subnet, None)]
+        self.choices = [c for c in self.choices if c not in pool] + pool
 
     def shutdown(self) -> None:
         """Terminate every instance of the job (those it launched and those the squall:job
@@ -757,6 +764,7 @@ class AwsPool(Pool):
                         machine.node.id, notice["kind"], notice["time"])
             result.noticed.append(machine)
             self._draining.append(machine)
+            self._try_last(machine.node)  # the replacement goes to another pool if it can
             self._request(machine.market)  # the replacement is asked for at the notice
         return result
 

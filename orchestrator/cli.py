@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.preflight import preflight
 
             preflight(cfg)  # the paths the run writes: before Ray, creating nothing
-        for note in repeated_overrides(overrides):
-            print(f"squall: note: {note}", file=sys.stderr)
+        from orchestrator.supervise import supervise, supervised_child
+
+        for note in [] if supervised_child() else repeated_overrides(overrides):
+            print(f"squall: note: {note}", file=sys.stderr)  # (the supervisor's said it)
         if command == "config":
             print(to_yaml(cfg), end="")
             return 0
+        if cfg.run.restarts and not supervised_child():
+            return supervise(cfg, overrides)
         from orchestrator.checkpoint import CheckpointError
         from orchestrator.run import train  # imports Ray and torch: only when training
 

@@ -115,6 +115,9 @@ class CheckpointConfig:
 class RunConfig:
     name: str = opt("", "run name; the run directory is <run.dir>/<run.name> (default: timestamp)")
     dir: str = opt("runs", "parent directory of run directories")
+    restarts: int = opt(0, "relaunch the driver up to N times when it dies (a crash, SIGKILL, "
+                        "out of memory; not a user error or a stop signal): each relaunch "
+                        "resumes the run from its newest checkpoint", ge=0)
 
 
 @dataclass

@@ -696,6 +696,12 @@ def test_job_on_spot_instances_drains_a_noticed_worker_replaces_it_and_cleans_up
     started = instances(moto, job)
     assert len(started) == 3 and running(moto, job) == []  # 2 + 1 replacement, all gone
     assert started[first[0]]["State"]["Name"] == "terminated"
+    [replacement] = set(started) - set(first)  # launched in another (type, subnet) pool
+
+    def pool(i: dict) -> tuple[str, str]:
+        return i["InstanceType"], i["SubnetId"]
+
+    assert pool(started[replacement]) != pool(started[first[0]])
     # the instances had a security group of the job's own, deleted with it
     groups = started[first[0]]["SecurityGroups"] or started[first[0]]["NetworkInterfaces"][0][
         "Groups"]

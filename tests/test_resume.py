@@ -209,3 +209,50 @@ def test_steps_redone_add_up_over_crashes_between_the_same_checkpoints(tmp_path,
     assert log.open_metrics(10) == 35
     log._metrics.close()
     assert log.open_metrics(25) == 35  # nothing past the checkpoint: nothing more redone
+
+
+def test_a_supervised_driver_killed_is_relaunched_and_resumes_then_stops_on_sigterm(tmp_path):
+    """run.restarts=2: SIGKILL the driver (its whole process group, as a crashed machine
+    would) and the supervisor relaunches it on the same run, which resumes from its newest
+    checkpoint; a SIGTERM to the supervisor then stops the job as it would stop one driver
+    (exit 143, a summary, no relaunch)."""
+    run_dir = tmp_path / "supervised"
+    args = [*SQUALL, *[a for a in COMMON if not a.startswith("steps=")], "steps=100000",
+            f"run.dir={tmp_path}", "run.name=supervised", "run.restarts=2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    def driver() -> int:  # the supervisor's child: the driver, leader of its own group
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        return int(children[0])
+
+    def wait_for(step: int) -> None:
+        deadline = time.time() + 180  # a guard against a hang, not a speed test
+        while time.time() < deadline and proc.poll() is None and last_step(run_dir) < step:
+            time.sleep(0.05)
+        assert last_step(run_dir) >= step, proc.poll()
+
+    try:
+        wait_for(12)
+        first = driver()
+        os.killpg(first, signal.SIGKILL)
+        killed_at = last_step(run_dir)
+        wait_for(killed_at + 10)  # the relaunched driver trains past the kill
+        assert driver() != first
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr
+    assert stderr.count("relaunching it") == 1, stderr
+    assert "(1 of run.restarts=2): run supervised resumes from its newest checkpoint" in stderr
+    assert "squall: resuming run" in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] and summary["signal"] == "SIGTERM"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= killed_at + 10
+    # the steps since the newest checkpoint (every 5): one killed while writing the
+    # checkpoint of the step it had just logged falls back to the one before
+    since = killed_at % 5
+    assert summary["lost_steps"] in ({since} if since else {0, 5})
