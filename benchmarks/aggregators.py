@@ -1,12 +1,18 @@
 """Time squall's aggregation rules against ByzFL on identical float32 inputs.
 
     .venv/bin/python -m benchmarks.aggregators            # full run, writes aggregators.md
-    .venv/bin/python -m benchmarks.aggregators --quick    # tiny smoke run
+    .venv/bin/python -m benchmarks.aggregators --quick    # tiny smoke run, prints only
 
 ByzFL (`pip install byzfl`, benchmark-only) accepts torch tensors and NumPy arrays and
 switches backend on the type; both paths are timed, on the same values. Both libraries get
 the same thread budget: torch.set_num_threads for torch and threadpoolctl for the BLAS /
 OpenMP pools NumPy and SciPy use.
+
+The whole measurement (every table) runs `--rounds` times, one round after the other. The
+tables show the median over rounds, the speed-up and ratio cells also every round's value,
+and the verdicts on the targets (TRIMMED_MIN, BULYAN_MAX, DISTANCE_MIN below) are computed
+from those numbers. Only the part of benchmarks/aggregators.md between `<!-- generated -->`
+and `<!-- end generated -->` is rewritten; the hand-written reading notes after it are kept.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -53,87 +60,15 @@ TAU, ITERS = 1.0, 3  # centered clipping
 BUCKET = 2
 RULE_FUNCTIONS = {"median": median, "trimmed_mean": trimmed_mean, "bulyan": bulyan, "krum": krum,
                   "geometric_median": geometric_median}
-NOTES = """\
-## Notes
-
-- Threads: 1 unless `--threads` says otherwise. On a shared 2-core machine a 2-thread OpenMP
-  region stalls for a scheduler slice (~8 ms) whenever another process holds a core, which
-  swamps millisecond timings. Single cells can be off by ~1.5x between runs (compare `mean`,
-  where both libraries call the same torch.mean).
-- Order: the implementations of a case take turns, and each timed call follows an untimed
-  call of the same implementation. Timed right after another implementation instead
-  (`--cross`, the order of earlier versions of this file), a millisecond call runs in the
-  state the other one left: after ByzFL's NumPy Krum (scipy cdist, hundreds of MB of
-  temporaries) even squall's small torch calls and plain Python run ~40% slower for a while
-  (not a cache effect: reading a 64 MB buffer in between does not remove it, and it
-  outlasts a 200 ms sleep), and squall's Krum at n = 16, d = 1e5 takes 1.3 ms instead of
-  0.35; ByzFL's own times swing up to 3x in that order. The ratios of a `--cross` run are
-  in the last note.
-- median, trimmed_mean and Bulyan's coordinate phase need a few order statistics per column,
-  not a sort. On CPU torch.sort along dim 0 costs ~300 ns per column (torch.topk and
-  torch.kthvalue along dim 0 as much: 50-60 ms at n = 32, d = 1e5), so squall uses Parberry's
-  pairwise sorting network pruned to the comparators the wanted ranks depend on (98 min/max
-  values per column for the trimmed mean at n = 16, 294 at n = 32; 88 and 260 for the
-  median). The trimmed mean is then sum(clamp(x, lo, hi)) - f lo - f hi with lo, hi the
-  values of ranks f and n-1-f (every term lies in [lo, hi]: no cancellation). On CUDA squall
-  uses torch.sort.
-- Fused kernels (the table above): in eager torch that network is 30-60 calls, each a pass
-  over a chunk of columns through L2/L3 (~0.15 ns per value), close to a full sort in
-  passes, while NumPy 2's np.sort sorts each column of 16-32 floats in SIMD registers: eager,
-  the trimmed mean was only 1.2-2.3x faster than ByzFL's NumPy path. torch.compile turns the
-  network and the arithmetic after it into one loop over the columns that keeps a column's n
-  values in vector registers and reads G once. torch's fusion limit (64 nodes) is raised for
-  these compiles: with it, the trimmed mean at n = 32 became three loops storing ~30
-  intermediate rows (1.6 ms at d = 1e5, 34 ms at d = 1e6, against 0.9 and 11 ms as one
-  loop). Compiling is per (rule, n, f), on a helper thread while the eager version serves;
-  the eager rules run the same per-column arithmetic in the same order, so both give the
-  same bits (rel. diff 0). tests/test_kernels.py checks the kernels against the slow
-  references and the eager rules.
-- trimmed_mean vs ByzFL's NumPy path (target: 3x): met, 4.7-6.7x at d = 1e5 and 6.0-9.0x at
-  d = 1e6 over the three runs of this version (NumPy's time at d = 1e6 swings with the
-  machine's memory traffic).
-- Krum, Multi-Krum, Bulyan, NNM, geometric median, centered clipping: one Gram matrix, on CPU
-  from `strategies/distances.c` for float32 (torch's matmul otherwise). torch has no
-  symmetric product and its G @ G.T computes every dot product twice; the C kernel computes
-  the upper triangle in 4 x 4 tiles of rows whose 16 dot products stay in vector registers
-  over 1024-column chunks that stay in L2, prefetches the next chunk during the first pass
-  over a chunk (otherwise each 4 KiB page of each row stalls the hardware prefetcher: 0.45
-  vs 0.35 ms at n = 16, d = 1e5 with cold caches), and sums each lane over at most 64 products
-  in float32, then in float64. Alone and warm on one core: 0.22 vs 0.62 ms for torch's GEMM
-  at n = 16, d = 1e5, 0.27 vs 1.20 ms at 17 rows (the geometric median adds the origin as a
-  row, and MKL is slow at 17 and 33), 0.9 vs 2.3 ms at n = 32, 4.5 vs 8.4 and 12.4 vs 27 ms
-  at d = 1e6. MKL's GEMM ran at ~70% of what this core does, not ~85% as an earlier version
-  of this note assumed. The kernel subtracts a centre row in registers at no cost, so the
-  rules start centred on row 0: rows with a common component much larger than their spread
-  (the "offset rows" line) take one pass instead of a raw and a centred one; a second pass
-  is left for a row 0 far from the bulk. Geometric median and centered clipping iterate on
-  n weights over the Gram matrix (the Weiszfeld loop in C too: ~1 us an iteration), so
-  their cost does not grow with the number of iterations, while ByzFL reads G again at
-  every iteration.
-- Geometric median: ByzFL's GeometricMedian has no tolerance (a fixed T, starting from 0); it
-  gets T = the iterations squall needs to reach tol 1e-6 at nu 1e-6 on the same input. These
-  isotropic inputs need only 3-4; inputs that need more widen the gap.
-- Bulyan vs Multi-Krum (target: 2x): met, over the three runs 1.7-1.8x (n = 16) and 1.4x
-  (n = 32) at d = 1e5, 1.0-1.2x at d = 1e6. Bulyan is Multi-Krum's Gram matrix, theta =
-  n - 2f Krum rounds on the distance matrix (in C: each row's neighbours sorted once, ~1 us
-  a round, against ~20 us of torch calls), then per column the selected values within
-  beta - 1 ranks of their median (ranks 1-8 of 10 at n = 16, 5-12 of 18 at n = 32) and the
-  mean of the beta closest to the median (pairs Y[j], Y[j+beta] of that band keep their
-  closer value), all in one fused kernel that gathers the theta selected rows itself. With
-  Multi-Krum 2-3x faster than before, that coordinate phase (0.4 ms at n = 16, d = 1e5) is
-  most of the gap.
-- Distance rules at d = 1e5 (target: 3x against both ByzFL paths): met. Over the three runs
-  of this version: the lowest ratios, all against ByzFL's torch path at n = 32, are
-  Krum 4.7-4.9x, Multi-Krum 4.3-5.3x, Krum on offset rows 4.1-5.0x, the geometric median
-  5.6-5.8x (at n = 16 it is 4.6-5.4x against the NumPy path); at n = 16 Krum and Multi-Krum
-  run 9.5-20x faster. In the `--cross` order (one run) all cells but one stay at 3.0x or
-  more (the lowest: Multi-Krum at n = 32, 3.0x); the geometric median at n = 16 gets 3.2x
-  against the torch path but 2.8x against NumPy, its 0.7-0.9 ms then taking 1.7 ms. The
-  previous version (torch's GEMM, a second pass for offset rows, Bulyan's rounds in torch)
-  reached 2.0-2.3x for Krum and Multi-Krum at n = 32, 1.0-1.9x on offset rows and 1.8-2.6x
-  for the geometric median, in the `--cross` order.
-"""
 OFFSET = 10.0  # common component added to every row for the "offset rows" case
+TRIMMED_MIN = 3.0  # trimmed_mean >= 3x ByzFL's NumPy path at every measured n, d
+BULYAN_MAX = 2.0  # Bulyan's time <= 2x Multi-Krum's (squall's own) at every measured n, d
+DISTANCE_MIN, DISTANCE_D = 3.0, 10**5  # these rules >= 3x both ByzFL paths at d = 1e5
+DISTANCE_RULES = ("krum", "multi_krum", "krum, offset rows", "geomed")
+START, END = "<!-- generated -->", "<!-- end generated -->"
+TITLE = "# Aggregation rules: squall vs ByzFL"
+NOTES_STUB = ("## Reading notes\n\n(Hand-written and dated; `python -m benchmarks.aggregators` "
+              "rewrites only the part between the markers above.)\n")
 
 
 @dataclass
@@ -223,29 +158,75 @@ def timed(fns: list[Callable[[], object]], reps: int) -> list[tuple[float, objec
     ]
 
 
-def rel_diff(ours: torch.Tensor, theirs: object) -> str:
-    if isinstance(theirs, Exception):
-        return ""
+def rel_diff(ours: torch.Tensor, theirs: object) -> float | None:
+    """max |ours - theirs| / max |theirs|; None where there is nothing to compare."""
+    if theirs is None or isinstance(theirs, Exception):
+        return None
     theirs = torch.as_tensor(np.asarray(theirs) if not torch.is_tensor(theirs) else theirs)
     if theirs.shape != ours.shape:
-        return ""
+        return None
     scale = theirs.abs().max().clamp_min(1e-30)
-    return f"{((ours - theirs.to(ours.dtype)).abs().max() / scale).item():.0e}"
+    return ((ours - theirs.to(ours.dtype)).abs().max() / scale).item()
 
 
-def fmt(ms: float) -> str:
-    return "error" if math.isnan(ms) else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+# ----------------------------------------------------------------------- one round's numbers
 
 
-def ratio(a: float, b: float) -> str:
-    return "" if math.isnan(a) or math.isnan(b) else f"{a / b:.1f}x"
+@dataclass
+class CaseTime:
+    """One row of the main table in one round; NaN ms where ByzFL lacks the rule or raised."""
+
+    rule: str
+    n: int
+    d: int
+    squall_ms: float
+    torch_ms: float
+    numpy_ms: float
+    diff: float | None
+    note: str
+    in_byzfl: bool
 
 
-def fused_vs_eager(n: int, d: int, f: int, G: torch.Tensor, reps: int) -> list[str]:
-    """Rows of the compiled-kernel table: the order-statistic rules and two Gram-matrix rules
-    compiled and eager (the eager one runs with SQUALL_COMPILE=0), and the seconds the first
-    compile took."""
-    rows = []
+@dataclass
+class BulyanTime:
+    n: int
+    d: int
+    f: int
+    bulyan_ms: float
+    multi_krum_ms: float
+
+
+@dataclass
+class FusedTime:
+    rule: str
+    n: int
+    d: int
+    eager_ms: float
+    fused_ms: float
+    compile_s: float
+    diff: float
+
+
+@dataclass
+class Round:
+    """Everything one pass over all sizes measures, in the order it was measured."""
+
+    cases: list[CaseTime] = field(default_factory=list)
+    bulyan: list[BulyanTime] = field(default_factory=list)
+    fused: list[FusedTime] = field(default_factory=list)
+
+
+def speedup(slow_ms: float, fast_ms: float) -> float:
+    """slow / fast; NaN when either is missing."""
+    return math.nan if math.isnan(slow_ms) or math.isnan(fast_ms) else slow_ms / fast_ms
+
+
+def fused_vs_eager(n: int, d: int, f: int, G: torch.Tensor, reps: int) -> list[FusedTime]:
+    """The compiled-kernel table: the order-statistic rules and two Gram-matrix rules compiled
+    and eager (the eager one runs with SQUALL_COMPILE=0), and the seconds the first compile
+    took (near 0 once this process has compiled that shape, as in every round after the
+    first)."""
+    out = []
     for rule in ("median", "trimmed_mean", "bulyan", "krum", "geometric_median"):
         fn = partial(RULE_FUNCTIONS[rule], G, f)
         start = time.perf_counter()
@@ -262,54 +243,230 @@ def fused_vs_eager(n: int, d: int, f: int, G: torch.Tensor, reps: int) -> list[s
 
         (fused_ms, fused), (eager_ms, eager_out) = timed([fn, eager], reps)
         diff = ((fused - eager_out).abs().max() / eager_out.abs().max()).item()
-        rows.append(
-            f"| {rule} | {n} | {d:.0e} | {fmt(eager_ms)} | {fmt(fused_ms)} | "
-            f"{ratio(eager_ms, fused_ms)} | {compile_s:.1f} | {diff:.0e} |"
-        )
-        print(rows[-1], flush=True)
-    return rows
+        out.append(FusedTime(rule, n, d, eager_ms, fused_ms, compile_s, diff))
+        print(f"  fused {rule} n={n} d={d:.0e}: eager {fmt(eager_ms)} ms, fused "
+              f"{fmt(fused_ms)} ms, compile {compile_s:.1f} s", flush=True)
+    return out
 
 
-def run(
-    sizes: list[tuple[int, int]], reps: int
-) -> tuple[list[list[str]], list[str], list[str]]:
-    rows, bulyan_rows, fused_rows = [], [], []
+def measure_case(case: Case, n: int, d: int, G: torch.Tensor, reps: int) -> CaseTime:
+    """squall and (where it has the rule) ByzFL's torch and NumPy paths on one input."""
+    X = G + case.offset if case.offset else G
+    A = X.numpy()  # same memory, ByzFL's NumPy path
+    fns = [partial(case.squall, X)]
+    if case.byzfl is not None:  # a fresh ByzFL aggregator per call, on each input type
+        fns += [lambda c=case, X=X: c.byzfl()(X), lambda c=case, A=A: c.byzfl()(A)]
+    (ours_ms, ours), *theirs = timed(fns, reps)
+    (t_ms, t_out), (n_ms, _) = theirs or [(math.nan, None)] * 2
+    compare = case.byzfl is not None and "bucketing" not in case.rule
+    diff = rel_diff(ours, t_out) if compare else None
+    return CaseTime(case.rule, n, d, ours_ms, t_ms, n_ms, diff, case.note, case.byzfl is not None)
+
+
+def progress_line(t: CaseTime) -> str:
+    theirs = (f"byzfl torch {fmt(t.torch_ms)} ms, numpy {fmt(t.numpy_ms)} ms" if t.in_byzfl
+              else "not in ByzFL")
+    return f"  {t.rule} n={t.n} d={d_label(t.d)}: squall {fmt(t.squall_ms)} ms, {theirs}"
+
+
+def run_round(sizes: list[tuple[int, int]], reps: int) -> Round:
+    out = Round()
     for n, d in sizes:
         f = (n - 3) // 4  # the largest f every rule (Bulyan: n >= 4f+3) accepts
         G = torch.randn(n, d, generator=torch.Generator().manual_seed(n * d))
-        fused_rows += fused_vs_eager(n, d, f, G, reps)
+        out.fused += fused_vs_eager(n, d, f, G, reps)
         for case in cases(n, f, G):
-            X = G + case.offset if case.offset else G
-            A = X.numpy()  # same memory, ByzFL's NumPy path
-            fns = [partial(case.squall, X)]
-            if case.byzfl is not None:  # a fresh ByzFL aggregator per call, on each input type
-                fns += [lambda c=case, X=X: c.byzfl()(X), lambda c=case, A=A: c.byzfl()(A)]
-            (ours_ms, ours), *theirs = timed(fns, reps)
-            (t_ms, t_out), (n_ms, n_out) = theirs or [(math.nan, None)] * 2
-            agree = rel_diff(ours, t_out) if case.byzfl and "bucketing" not in case.rule else ""
-            rows.append(
-                [
-                    case.rule,
-                    str(n),
-                    f"{d:.0e}",
-                    fmt(ours_ms),
-                    fmt(t_ms) if case.byzfl else "n/a",
-                    fmt(n_ms) if case.byzfl else "n/a",
-                    ratio(t_ms, ours_ms),
-                    ratio(n_ms, ours_ms),
-                    agree,
-                    case.note,
-                ]
-            )
-            print(" | ".join(rows[-1]), flush=True)
+            t = measure_case(case, n, d, G, reps)
+            out.cases.append(t)
+            print(progress_line(t), flush=True)
         (bulyan_ms, _), (krum_ms, _) = timed(
             [partial(bulyan, G, f), partial(multi_krum, G, f)], reps
         )
-        bulyan_rows.append(
-            f"| {n} | {d:.0e} | {f} | {fmt(bulyan_ms)} | {fmt(krum_ms)} | "
-            f"{bulyan_ms / krum_ms:.1f}x |"
-        )
-    return rows, bulyan_rows, fused_rows
+        out.bulyan.append(BulyanTime(n, d, f, bulyan_ms, krum_ms))
+    return out
+
+
+# ------------------------------------------------------------------- over rounds: cells
+
+
+def median_of(values: list[float]) -> float:
+    """Median of the values that are numbers; NaN if none is."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return statistics.median(numbers) if numbers else math.nan
+
+
+def fmt(ms: float) -> str:
+    return "error" if math.isnan(ms) else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+
+
+def ms_cell(values: list[float]) -> str:
+    return fmt(median_of(values))
+
+
+def ratio_cell(ratios: list[float]) -> str:
+    """`6.4x (5.9, 6.4, 7.1)`: the median over rounds, then each round's value."""
+    if all(math.isnan(r) for r in ratios):
+        return ""
+    rounds = ", ".join("error" if math.isnan(r) else f"{r:.1f}" for r in ratios)
+    median = f"{median_of(ratios):.1f}x"
+    return median if len(ratios) == 1 else f"{median} ({rounds})"
+
+
+def diff_cell(diffs: list[float | None]) -> str:
+    """The largest relative difference over rounds."""
+    numbers = [x for x in diffs if x is not None]
+    return f"{max(numbers):.0e}" if numbers else ""
+
+
+def d_label(d: int) -> str:
+    return f"{d:.0e}"
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
+def case_rows(rounds: list[Round]) -> list[list[str]]:
+    rows = []
+    for per_round in zip(*(r.cases for r in rounds)):
+        t = per_round[0]
+        byzfl = t.in_byzfl
+        rows.append([
+            t.rule, str(t.n), d_label(t.d),
+            ms_cell([x.squall_ms for x in per_round]),
+            ms_cell([x.torch_ms for x in per_round]) if byzfl else "n/a",
+            ms_cell([x.numpy_ms for x in per_round]) if byzfl else "n/a",
+            ratio_cell([speedup(x.torch_ms, x.squall_ms) for x in per_round]),
+            ratio_cell([speedup(x.numpy_ms, x.squall_ms) for x in per_round]),
+            diff_cell([x.diff for x in per_round]),
+            t.note,
+        ])
+    return rows
+
+
+def bulyan_rows(rounds: list[Round]) -> list[list[str]]:
+    rows = []
+    for per_round in zip(*(r.bulyan for r in rounds)):
+        t = per_round[0]
+        rows.append([
+            str(t.n), d_label(t.d), str(t.f),
+            ms_cell([x.bulyan_ms for x in per_round]),
+            ms_cell([x.multi_krum_ms for x in per_round]),
+            ratio_cell([speedup(x.bulyan_ms, x.multi_krum_ms) for x in per_round]),
+        ])
+    return rows
+
+
+def fused_rows(rounds: list[Round]) -> list[list[str]]:
+    rows = []
+    for per_round in zip(*(r.fused for r in rounds)):
+        t = per_round[0]
+        rows.append([
+            t.rule, str(t.n), d_label(t.d),
+            ms_cell([x.eager_ms for x in per_round]),
+            ms_cell([x.fused_ms for x in per_round]),
+            ratio_cell([speedup(x.eager_ms, x.fused_ms) for x in per_round]),
+            f"{t.compile_s:.1f}",
+            diff_cell([x.diff for x in per_round]),
+        ])
+    return rows
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+@dataclass
+class Target:
+    """A target on a set of cells, each with its value in every round: every cell's median
+    over rounds must be at least (or, with at_least False, at most) `limit`."""
+
+    name: str
+    definition: str
+    limit: float
+    at_least: bool
+    cells: dict[str, list[float]]
+
+    def holds(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        return value >= self.limit if self.at_least else value <= self.limit
+
+    def worst(self) -> str:
+        """The label of the cell that decides: the lowest median (the highest for at most)."""
+
+        def badness(label: str) -> float:
+            value = median_of(self.cells[label])
+            return math.inf if math.isnan(value) else -value if self.at_least else value
+
+        return max(self.cells, key=badness)
+
+    def rounds_held(self) -> int:
+        count = len(next(iter(self.cells.values())))
+        return sum(all(self.holds(v[i]) for v in self.cells.values()) for i in range(count))
+
+
+def series(
+    rows_per_round: list[list], keep: Callable[[object], bool],
+    label: Callable[[object], str], value: Callable[[object], float],
+) -> dict[str, list[float]]:
+    """label -> value in every round, for the rows `keep` selects (rounds list the same
+    rows in the same order)."""
+    return {
+        label(per_round[0]): [value(row) for row in per_round]
+        for per_round in zip(*rows_per_round)
+        if keep(per_round[0])
+    }
+
+
+def where(row: CaseTime | BulyanTime) -> str:
+    return f"n = {row.n}, d = {d_label(row.d)}"
+
+
+def targets(rounds: list[Round]) -> list[Target]:
+    cases_ = [r.cases for r in rounds]
+    trimmed = series(cases_, lambda t: t.rule == "trimmed_mean", where,
+                     lambda t: speedup(t.numpy_ms, t.squall_ms))
+    bulyan_ = series([r.bulyan for r in rounds], lambda t: True, where,
+                     lambda t: speedup(t.bulyan_ms, t.multi_krum_ms))
+    distance: dict[str, list[float]] = {}
+    for path in ("torch", "numpy"):
+        distance |= series(
+            cases_, lambda t: t.rule in DISTANCE_RULES and t.d == DISTANCE_D,
+            lambda t, p=path: f"{t.rule} (n = {t.n}, vs {p})",
+            lambda t, p=path: speedup(getattr(t, f"{p}_ms"), t.squall_ms))
+    return [
+        Target("trimmed_mean vs ByzFL's NumPy path",
+               f"speed-up vs numpy (byzfl numpy ms / squall ms) >= {TRIMMED_MIN:g}x at every "
+               "measured n, d", TRIMMED_MIN, True, trimmed),
+        Target("Bulyan vs Multi-Krum (squall's own)",
+               f"Bulyan's time at most {BULYAN_MAX:g}x Multi-Krum's: the ratio bulyan ms / "
+               f"multi_krum ms of the Bulyan vs Multi-Krum table <= {BULYAN_MAX:g}x at every "
+               "measured n, d", BULYAN_MAX, False, bulyan_),
+        Target(f"distance rules at d = {d_label(DISTANCE_D)} vs both ByzFL paths",
+               f"speed-up >= {DISTANCE_MIN:g}x for krum, multi_krum, krum on offset rows and "
+               "geomed, against ByzFL's torch and NumPy paths; the lowest cell decides",
+               DISTANCE_MIN, True, distance),
+    ]
+
+
+def verdict_row(target: Target) -> list[str]:
+    if not target.cells:
+        return [target.name, target.definition, "not measured in this run", "", "", ""]
+    worst = target.worst()
+    rounds = len(target.cells[worst])
+    passed = target.holds(median_of(target.cells[worst]))
+    every = "; ".join(f"{label}: {ratio_cell([median_of(v)]) or 'error'}"
+                      for label, v in target.cells.items())
+    return [
+        target.name, target.definition, "**PASS**" if passed else "**FAIL**",
+        f"{worst}: {ratio_cell(target.cells[worst])}",
+        f"{target.rounds_held()} of {rounds}", every,
+    ]
+
+
+# ------------------------------------------------------------------------------ markdown
 
 
 def cpu_model() -> str:
@@ -322,79 +479,104 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(
-    rows: list[list[str]], bulyan_rows: list[str], fused_rows: list[str], threads: int, reps: int
-) -> str:
+def header_lines(threads: int, reps: int, rounds: int, elapsed_s: float) -> list[str]:
     command = shlex.join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])
-    head = [
-        "rule",
-        "n",
-        "d",
-        "squall ms",
-        "byzfl ms (torch)",
-        "byzfl ms (numpy)",
-        "speed-up vs torch",
-        "speed-up vs numpy",
-        "max rel. diff vs byzfl",
-        "note",
-    ]
-    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "\n".join(
-        [
-            "# Aggregation rules: squall vs ByzFL",
-            "",
-            f"Produced by `{command}` (from the repository root).",
-            "",
-            f"- machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()}; load average "
-            f"at the end {load}",
-            f"- torch {torch.__version__}, numpy {np.__version__}, "
-            f"byzfl {importlib.metadata.version('byzfl')}, Python {platform.python_version()}",
-            f"- threads: {threads} for both libraries (torch.set_num_threads and threadpoolctl)",
-            f"- inputs: float32 N(0, 1), f = (n-3)//4; median of {reps} runs after 1 warm-up;",
-            "  squall and ByzFL's two paths timed round-robin so that all see the same load,",
-            "  "
-            + (
-                "each timed call right after an untimed one of the same implementation"
-                if PAIRED
-                else "each timed call right after the other implementations' (--cross)"
-            ),
-            "- byzfl (torch) gets the torch tensor, byzfl (numpy) the same memory as a NumPy",
-            "  array; speed-up = byzfl ms / squall ms; max rel. diff compares the outputs",
-            "  (ByzFL's Krum family uses n-f-1 neighbours and its geometric median starts from 0,",
-            "  so those may differ by definition)",
-            "",
-            *table,
-            "",
-            "## Bulyan vs Multi-Krum (squall)",
-            "",
-            f"Timed alternately (bulyan, multi_krum, bulyan, ...), median of {reps} each.",
-            "",
-            "| n | d | f | bulyan ms | multi_krum ms | ratio |",
-            "|---|---|---|---|---|---|",
-            *bulyan_rows,
-            "",
-            "## Compiled kernels vs eager torch (squall)",
-            "",
-            "On CPU, median, trimmed_mean and Bulyan's coordinate phase run as one compiled",
-            "kernel (`strategies/kernels.py`, torch.compile) once it is ready, and as eager",
-            "selection networks before that or with SQUALL_COMPILE=0. The distance rules (krum",
-            "and geometric_median here; also Multi-Krum, Bulyan, NNM, centered clipping) take",
-            "their Gram matrix from C (`strategies/distances.c`), eager from torch's matmul.",
-            f"Timed alternately, median of {reps}. compile s: from the first call until the",
-            "kernel is ready, with empty compile caches (what a fresh machine pays once per",
-            "(rule, n, f) for torch.compile, training going on eagerly meanwhile; once per",
-            "machine for distances.c, on the first call, included in the first row that uses",
-            "it). rel. diff: max |fused - eager| / max |eager|.",
-            "",
-            "| rule | n | d | eager ms | fused ms | speed-up | compile s | rel. diff |",
-            "|---|---|---|---|---|---|---|---|",
-            *fused_rows,
-            "",
-            NOTES,
-        ]
-    )
+    order = ("each timed call right after an untimed one of the same implementation" if PAIRED
+             else "each timed call right after the other implementations' (--cross)")
+    return [
+        f"Written {date} by `{command}` (from the repository root): {rounds} rounds in "
+        f"{elapsed_s / 60:.1f} min.",
+        "",
+        f"- machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()}; load average "
+        f"at the end {load}",
+        f"- torch {torch.__version__}, numpy {np.__version__}, "
+        f"byzfl {importlib.metadata.version('byzfl')}, Python {platform.python_version()}",
+        f"- threads: {threads} for both libraries (torch.set_num_threads and threadpoolctl)",
+        "- inputs: float32 N(0, 1), f = (n-3)//4, the same in every round; in a round each time",
+        f"  is the median of {reps} calls after 1 warm-up; squall and ByzFL's two paths timed",
+        f"  round-robin so that all see the same load, {order}",
+        f"- rounds: the whole measurement (every table) ran {rounds} times, one after the other;",
+        "  an ms cell is the median over rounds; a speed-up or ratio cell is the median over",
+        "  rounds of that round's ratio, then each round's value in order: `6.4x (5.9, 6.4, 7.1)`",
+        "- byzfl (torch) gets the torch tensor, byzfl (numpy) the same memory as a NumPy",
+        "  array; speed-up = byzfl ms / squall ms; max rel. diff compares the outputs (largest",
+        "  over rounds; ByzFL's Krum family uses n-f-1 neighbours and its geometric median",
+        "  starts from 0, so those may differ by definition)",
+    ]
+
+
+def verdict_lines(rounds: list[Round]) -> list[str]:
+    head = ["target", "definition", "verdict", "deciding cell: median (each round)",
+            "rounds in which it held", "every cell (median over rounds)"]
+    return [
+        "## Verdicts",
+        "",
+        "Computed by the script from the tables below: PASS when the deciding cell's median",
+        "over rounds meets the target; the rounds column counts the rounds in which every cell",
+        "of the target met it with that round's numbers alone.",
+        "",
+        *md_table(head, [verdict_row(t) for t in targets(rounds)]),
+    ]
+
+
+def table_lines(rounds: list[Round], reps: int) -> list[str]:
+    main_head = ["rule", "n", "d", "squall ms", "byzfl ms (torch)", "byzfl ms (numpy)",
+                 "speed-up vs torch", "speed-up vs numpy", "max rel. diff vs byzfl", "note"]
+    return [
+        "## squall vs ByzFL",
+        "",
+        *md_table(main_head, case_rows(rounds)),
+        "",
+        "## Bulyan vs Multi-Krum (squall)",
+        "",
+        f"Timed alternately (bulyan, multi_krum, bulyan, ...), median of {reps} each per round;",
+        "ratio = bulyan ms / multi_krum ms.",
+        "",
+        *md_table(["n", "d", "f", "bulyan ms", "multi_krum ms", "ratio"], bulyan_rows(rounds)),
+        "",
+        "## Compiled kernels vs eager torch (squall)",
+        "",
+        "On CPU, median, trimmed_mean and Bulyan's coordinate phase run as one compiled",
+        "kernel (`strategies/kernels.py`, torch.compile) once it is ready, and as eager",
+        "selection networks before that or with SQUALL_COMPILE=0. The distance rules (krum",
+        "and geometric_median here; also Multi-Krum, Bulyan, NNM, centered clipping) take",
+        "their Gram matrix from C (`strategies/distances.c`), eager from torch's matmul.",
+        f"Timed alternately, median of {reps} per round. compile s (first round only; later",
+        "rounds find the kernels compiled): from the first call until the kernel is ready,",
+        "with empty compile caches (what a fresh machine pays once per (rule, n, f) for",
+        "torch.compile, training going on eagerly meanwhile; once per machine for",
+        "distances.c, on the first call, included in the first row that uses it). rel. diff:",
+        "max |fused - eager| / max |eager|, largest over rounds.",
+        "",
+        *md_table(["rule", "n", "d", "eager ms", "fused ms", "speed-up", "compile s", "rel. diff"],
+                  fused_rows(rounds)),
+    ]
+
+
+def report(rounds: list[Round], threads: int, reps: int, elapsed_s: float) -> str:
+    """The generated part of the markdown file (between the markers)."""
+    return "\n".join([
+        *header_lines(threads, reps, len(rounds), elapsed_s),
+        "",
+        *verdict_lines(rounds),
+        "",
+        *table_lines(rounds, reps),
+    ])
+
+
+def write_generated(md: Path, text: str) -> None:
+    """Replace what lies between START and END in md, keeping everything before and after
+    (the title, the reading notes). A file without the markers is kept whole after them."""
+    old = md.read_text() if md.exists() else ""
+    start = old.find(START)
+    end = old.find(END, start + len(START)) if start >= 0 else -1
+    if start >= 0 and end >= 0:
+        before, after = old[:start], old[end + len(END):]
+    else:
+        before, after = f"{TITLE}\n\n", "\n\n" + (old.strip() + "\n" if old.strip() else NOTES_STUB)
+    md.write_text(f"{before}{START}\n{text.strip()}\n{END}{after}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -402,11 +584,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, prints only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the whole measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".md"))
     parser.add_argument(
         "--cross", action="store_true", help="time each call right after the other implementations'"
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.reps < 1:
+        parser.error("--rounds and --reps must be at least 1")
     global PAIRED
     PAIRED = not args.cross
     torch.set_num_threads(args.threads)
@@ -418,13 +603,18 @@ def main(argv: list[str] | None = None) -> None:
         sizes, reps = [(8, 1000), (11, 5000)], 2
     else:
         sizes, reps = [(n, d) for n in (16, 32) for d in (10**5, 10**6)], args.reps
+    start = time.perf_counter()
+    rounds = []
     with threadpool_limits(limits=args.threads), torch.no_grad():
-        rows, bulyan_rows, fused_rows = run(sizes, reps)
-    text = report(rows, bulyan_rows, fused_rows, args.threads, reps)
+        for i in range(args.rounds):
+            print(f"round {i + 1} of {args.rounds} ({(time.perf_counter() - start) / 60:.1f} min)",
+                  flush=True)
+            rounds.append(run_round(sizes, reps))
+    text = report(rounds, args.threads, reps, time.perf_counter() - start)
     if args.quick:
         print(text)
     else:
-        args.out.write_text(text)
+        write_generated(args.out, text)
         print(f"wrote {args.out}")
 
 
