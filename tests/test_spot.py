@@ -200,9 +200,16 @@ def test_a_warm_standby_becomes_the_replacement_node_and_worker(make_config):
     training = make_step(cfg, workload.model(info))
     pool = SimulatedPool(cfg.cloud, job_spec(cfg))
 
-    def worker_nodes() -> set[str]:
-        return {n["NodeID"] for n in ray.nodes() if n["Alive"] and WORKER_RESOURCE in
-                n["Resources"]}
+    def worker_nodes(wanted: set[str]) -> set[str]:
+        """The alive worker nodes, once they are `wanted` (a node registers after add_node
+        returns) or after 60 s."""
+        deadline = time.monotonic() + 60
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"] and WORKER_RESOURCE in
+                     n["Resources"]}
+            if alive == wanted or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.05)
 
     try:
         (first,) = pool.start(1)
@@ -210,7 +217,8 @@ def test_a_warm_standby_becomes_the_replacement_node_and_worker(make_config):
         workers.start([first])
         (standby_future,) = pool._warm
         standby = standby_future.result(timeout=60)
-        assert worker_nodes() == {first.node.node_id, standby.node_id}
+        wanted = {first.node.node_id, standby.node_id}
+        assert worker_nodes(wanted) == wanted
         c0, t0 = pool.costs()[0], time.monotonic()
         time.sleep(0.5)
         c1, t1 = pool.costs()[0], time.monotonic()
@@ -237,7 +245,8 @@ def test_a_warm_standby_becomes_the_replacement_node_and_worker(make_config):
         assert lost == 0 and np.array_equal(result.grad, fresh.grad)
         (next_standby,) = pool._warm
         assert next_standby is not standby_future
-        assert worker_nodes() == {standby.node_id, next_standby.result(timeout=60).node_id}
+        wanted = {standby.node_id, next_standby.result(timeout=60).node_id}
+        assert worker_nodes(wanted) == wanted
         workers.stop()
     finally:
         pool.shutdown()
@@ -291,8 +300,9 @@ def _bare_worker_pool(alive: dict):
 
     wp = WorkerPool.__new__(WorkerPool)
     wp.cfg = SimpleNamespace(workers=2)
-    wp.pool = SimpleNamespace(alive=alive, delay_steps=3)
+    wp.pool = SimpleNamespace(alive=alive, delay_steps=3, standby_nodes=dict)  # none kept
     wp.live, wp.starting, wp.idle, wp.booted, wp.ready_at, wp.join_log = {}, {}, [], {}, {}, []
+    wp.standby = {}
     return wp
 
 
