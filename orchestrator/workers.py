@@ -155,7 +155,6 @@ class Worker(Replica):
 RemoteWorker = ray.remote(Worker)
 
 
-
 def worker_device(cfg: Config, machine_gpus: float | None) -> tuple[str, float]:
     """(device, GPUs) of a worker from worker.device and the GPUs of its machine (one
     worker per machine: it takes one GPU); where the pool cannot tell a machine's GPUs
