@@ -16,6 +16,9 @@ over the steps after 5 warm-up steps):
 - driver: stacking the results, the aggregation rule, and the optimizer (gradient copy-in,
   step, BatchNorm buffers)
 - for scale, a no-op actor call round trip on the same workers (Ray's per-call floor here)
+- the real loop: the same job run by `squall train` itself (a subprocess; eval and checkpoints
+  at the end only), the median of the `step_s` it records in metrics.jsonl over the same
+  steps, so the phase breakdown can be checked against what a user's run takes
 
 With --cluster the workers run on their own 1-CPU nodes of a local multi-node Ray cluster
 (ray.cluster_utils.Cluster, as under cloud=simulated), so parameters and gradients cross
@@ -29,6 +32,8 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -44,6 +49,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from benchmarks.md_parts import write_part  # noqa: E402
 from cloud import make_pool  # noqa: E402
 from orchestrator.config import job_spec, load_config  # noqa: E402
+from orchestrator.metrics import read_metrics  # noqa: E402
 from orchestrator.parameter_server import ParameterServer  # noqa: E402
 from orchestrator.workers import GradientResult, Worker, WorkerPool  # noqa: E402
 from orchestrator.workload import data_info, resolve_workload  # noqa: E402
@@ -68,10 +74,26 @@ class TimedWorker(Worker):
         return result
 
 
+def job_args(model_name: str, workers: int, tmp: str) -> list[str]:
+    return [*MODELS[model_name], f"workers={workers}", f"run.dir={tmp}", "log.progress=false"]
+
+
+def real_loop_step_s(model_name: str, workers: int, steps: int, tmp: str,
+                     cluster: bool) -> float:
+    """Median step_s of `squall train` on the same job, over steps 6..steps (a fresh
+    process and Ray session; with `cluster`, workers on simulated 1-CPU nodes)."""
+    args = [*job_args(model_name, workers, tmp), f"steps={steps}", "eval.every=0",
+            "checkpoint.every_steps=0", f"run.name=real-{model_name}",
+            *(["cloud=simulated"] if cluster else [])]
+    subprocess.run([sys.executable, "-m", "orchestrator", "train", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+    rows = read_metrics(Path(tmp) / f"real-{model_name}")
+    return statistics.median(r["step_s"] for r in rows if r["step"] > 5)
+
+
 def measure(model_name: str, workers: int, steps: int, tmp: str) -> dict[str, float]:
-    """Median seconds per step of each phase."""
-    cfg = load_config([*MODELS[model_name], f"workers={workers}", f"run.dir={tmp}",
-                       "log.progress=false"])
+    """Median seconds per step of each phase; "batch": the per-worker batch size."""
+    cfg = load_config(job_args(model_name, workers, tmp))
     workload = resolve_workload(cfg)
     info = data_info(workload.dataset("test"))
     torch.manual_seed(cfg.seed)
@@ -118,7 +140,7 @@ def measure(model_name: str, workers: int, steps: int, tmp: str) -> dict[str, fl
                 times[key].append(value)
     for actor in actors:
         ray.kill(actor)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": cfg.data.batch_size, **{k: statistics.median(v) for k, v in times.items()}}
 
 
 ROWS = [  # (label, key, indent)
@@ -135,6 +157,7 @@ ROWS = [  # (label, key, indent)
     ("driver: optimizer (gradient in, SGD step, buffers)", "optimizer", ""),
     ("**whole step**", "step", ""),
     ("for scale: a no-op actor call round trip", "noop", ""),
+    ("the real loop (`squall train`): step_s as recorded", "real", ""),
 ]
 
 
@@ -162,12 +185,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for name in MODELS:
                 results[name] = measure(name, args.workers, steps, tmp)
-                print(name, {k: round(v * 1e3, 2) for k, v in results[name].items()},
-                      flush=True)
+                print(name, {k: round(v * 1e3, 2) for k, v in results[name].items()
+                             if k != "batch"}, flush=True)
     finally:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODELS:  # after the phase runs: their Ray session is gone
+            results[name]["real"] = real_loop_step_s(name, args.workers, steps, tmp,
+                                                     args.cluster)
 
     header = "| phase | " + " | ".join(f"{m} ms | {m} share" for m in MODELS) + " |"
     lines = [header, "|---" * (1 + 2 * len(MODELS)) + "|"]
@@ -175,7 +202,8 @@ def main() -> None:
         cells = []
         for m in MODELS:
             ms = results[m][key] * 1e3
-            share = "" if key == "noop" else f"{results[m][key] / results[m]['step']:.0%}"
+            share = "" if key in ("noop", "real") else \
+                f"{results[m][key] / results[m]['step']:.0%}"
             cells.append(f"{ms:.2f} | {share}")
         lines.append(f"| {indent}{label} | " + " | ".join(cells) + " |")
     key = "cluster" if args.cluster else "single"
@@ -190,10 +218,13 @@ def main() -> None:
         f"- machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"load average {os.getloadavg()[0]:.1f} at the end (this benchmark included), "
         f"torch {torch.__version__}, Ray {ray.__version__}",
-        f"- {args.workers} workers (1 CPU, 1 torch thread each), batch 32 per worker, "
+        f"- {args.workers} workers (1 CPU, 1 torch thread each), batch per worker: "
+        + ", ".join(f"{m} {results[m]['batch']}" for m in MODELS) + ", "
         f"strategy=mean, SGD momentum 0.9; medians over steps 6-{steps}; the worker rows are "
         "those of the slowest worker of each step; shares are of the median whole step, so "
-        "they need not add up to 100%", "",
+        "they need not add up to 100%; the real loop: `squall train` on the same job in a "
+        "process of its own" + (" (cloud=simulated: workers on their own nodes)"
+                                if args.cluster else "") + ", its recorded step_s", "",
         *lines])
     print(text)
     if not args.quick:
