@@ -544,6 +544,9 @@ def plan_table(plans: list[Plan], best: Plan | None, deadline: float | None) -> 
                          "on-demand $", "error", "meets", "runnable"], rows)
 
 
+AVAILABILITY_TOLERANCE = 0.05  # |live mean / E[y] - 1| the model is held to
+
+
 def check(best: Plan, plans: list[Plan], base: list[str], out_dir: Path,
           deadline: float | None, runs: int = 3) -> str:
     """Run the recommendation and up to two alternatives on cloud=simulated, each `runs` times
@@ -555,7 +558,7 @@ def check(best: Plan, plans: list[Plan], base: list[str], out_dir: Path,
     cheaper = [p for p in others if p.cost_usd < best.cost_usd][:1]  # missed the deadline
     dearer = [p for p in others if p.cost_usd >= best.cost_usd][:2 - len(cheaper)]
     seed0 = load_config(base).seed
-    rows, measured, offs = [], {}, []
+    rows, measured, offs, live_offs = [], {}, [], {}
     for plan in [best, *cheaper, *dearer]:
         summaries = []
         for r in range(runs):
@@ -578,23 +581,29 @@ def check(best: Plan, plans: list[Plan], base: list[str], out_dir: Path,
         measured[plan.label] = (cost, met == len(summaries))
         off = cost / plan.cost_usd - 1 if plan.cost_usd else math.inf
         offs.append(off)
+        live_offs[plan.label] = live / plan.e_y - 1 if plan.e_y else math.inf
         spread = (f" ({min(s['cost_usd'] for s in summaries):.5f}-"
                   f"{max(s['cost_usd'] for s in summaries):.5f})" if len(summaries) > 1 else "")
         rows.append([("* " if plan is best else "") + plan.label, str(plan.steps),
                      f"{plan.updates:.0f}", f"{updates:.0f}", f"{plan.cost_usd:.5f}",
                      f"{cost:.5f}{spread}", f"{off:+.0%}", f"{plan.time_s:.1f}", f"{wall:.1f}",
-                     f"{plan.e_y:.2f}", f"{live:.2f}", f"{preempted:.1f}",
-                     f"{met}/{len(summaries)}"])
+                     f"{plan.e_y:.2f}", f"{live:.2f}", f"{live_offs[plan.label]:+.0%}",
+                     f"{preempted:.1f}", f"{met}/{len(summaries)}"])
         if summaries[-1]["interrupted"]:
             break
     table = format_table(["plan", "steps", "E[updates]", "updates", "predicted $",
                           "measured $ (range)", "cost off", "predicted s", "measured s",
-                          "E[y]", "live mean", "preemptions", "met"], rows)
+                          "E[y]", "live mean", "live off", "preemptions", "met"], rows)
     within = all(abs(off) <= 0.2 for off in offs)
+    furthest = max(live_offs, key=lambda label: abs(live_offs[label]))
+    model_holds = abs(live_offs[furthest]) <= AVAILABILITY_TOLERANCE
     best_cost, best_meets = measured[best.label]
     cheapest = best_meets and all(cost >= best_cost for cost, ok in measured.values() if ok)
     return (f"{table}\n(measured: the mean of {runs} runs per plan, seeds {seed0}-"
             f"{seed0 + runs - 1})\n"
             f"measured cost within 20% of predicted: {'yes' if within else 'no'}\n"
             f"recommended plan is the cheapest run that meets the target: "
-            f"{'yes' if cheapest else 'no'}")
+            f"{'yes' if cheapest else 'no'}\n"
+            f"availability model: E[y] within {AVAILABILITY_TOLERANCE:.0%} of the measured live "
+            f"workers: {'yes' if model_holds else 'no'} (furthest: {furthest}, "
+            f"{live_offs[furthest]:+.0%})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -256,3 +257,9 @@ def test_slow_plan_check_runs_plans_on_the_simulated_pool(tmp_path, capsys):
         assert measured == pytest.approx(sum(costs) / 2, abs=1e-5) and measured > 0
     assert "measured cost within 20% of predicted:" in out
     assert "recommended plan is the cheapest run that meets the target:" in out
+    verdict = re.search(r"availability model: E\[y\] within 5% of the measured live workers: "
+                        r"(yes|no) \(furthest: (\S+), ([+-]\d+)%\)", out)
+    assert verdict, out
+    holds, furthest, off = verdict.groups()
+    assert abs(int(off)) <= 5 if holds == "yes" else abs(int(off)) >= 5  # (rounded to 1%)
+    assert f"| {furthest} " in out or f"| * {furthest} " in out  # a plan of the table
