@@ -89,9 +89,10 @@ class SimulatedCloudConfig(CloudConfig):
     notice_s: float = opt(0.0, "warning before each reclaim, in seconds (0: none)", ge=0)
     on_demand_workers: int = opt(0, "workers placed on on-demand machines, never reclaimed",
                                  ge=0)
-    warm_nodes: int = opt(0, "Ray nodes kept started ahead of requests (a warm standby, billed "
-                          "at the spot price): a replacement takes one instead of booting its "
-                          "node (0: each replacement boots its own)", ge=0)
+    warm_nodes: int = opt(0, "Ray nodes kept started ahead of requests, each with a standby "
+                          "worker (imports done, training split loaded), billed at the spot "
+                          "price: a replacement takes one instead of booting its node and "
+                          "worker (0: each replacement boots its own)", ge=0)
     node_gpus: int = opt(0, "GPUs each simulated node declares to Ray (resources only: to "
                          "try GPU placement on a machine without GPUs)", ge=0)
     replace_delay_steps: int | None = opt(
