@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from benchmarks.md_parts import write_generated
 from strategies import kernels
 from strategies import preaggregation as pre
 from strategies.rules.bulyan import bulyan
@@ -65,8 +66,7 @@ TRIMMED_MIN = 3.0  # trimmed_mean >= 3x ByzFL's NumPy path at every measured n, 
 BULYAN_MAX = 2.0  # Bulyan's time <= 2x Multi-Krum's (squall's own) at every measured n, d
 DISTANCE_MIN, DISTANCE_D = 3.0, 10**5  # these rules >= 3x both ByzFL paths at d = 1e5
 DISTANCE_RULES = ("krum", "multi_krum", "krum, offset rows", "geomed")
-START, END = "<!-- generated -->", "<!-- end generated -->"
-TITLE = "# Aggregation rules: squall vs ByzFL"
+TITLE = "Aggregation rules: squall vs ByzFL"
 NOTES_STUB = ("## Reading notes\n\n(Hand-written and dated; `python -m benchmarks.aggregators` "
               "rewrites only the part between the markers above.)\n")
 
@@ -566,19 +566,6 @@ def report(rounds: list[Round], threads: int, reps: int, elapsed_s: float) -> st
     ])
 
 
-def write_generated(md: Path, text: str) -> None:
-    """Replace what lies between START and END in md, keeping everything before and after
-    (the title, the reading notes). A file without the markers is kept whole after them."""
-    old = md.read_text() if md.exists() else ""
-    start = old.find(START)
-    end = old.find(END, start + len(START)) if start >= 0 else -1
-    if start >= 0 and end >= 0:
-        before, after = old[:start], old[end + len(END):]
-    else:
-        before, after = f"{TITLE}\n\n", "\n\n" + (old.strip() + "\n" if old.strip() else NOTES_STUB)
-    md.write_text(f"{before}{START}\n{text.strip()}\n{END}{after}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, prints only")
@@ -614,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         print(text)
     else:
-        write_generated(args.out, text)
+        write_generated(args.out, TITLE, text, NOTES_STUB)
         print(f"wrote {args.out}")
 
 

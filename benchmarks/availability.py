@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -36,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.md_parts import write_generated  # noqa: E402
 from orchestrator.planner import slot_availability  # noqa: E402
 
 MD = ROOT / "benchmarks" / "availability.md"
-START, END = "<!-- generated -->", "<!-- end generated -->"
 TOLERANCE = 0.05
+TITLE = "Availability: the simulated spot pool against the planner"
 NOTES = """## Reading notes
 
 (Kept across reruns: only the part between the markers is regenerated.)
@@ -240,16 +240,6 @@ def grid_table(cells: dict, steps: int, warmup: int, n: int) -> str:
 
 
 # --------------------------------------------------------------------------- the file
-def write_generated(text: str) -> None:
-    old = MD.read_text() if MD.exists() else (
-        f"# Availability: the simulated spot pool against the planner\n\n{START}\n{END}\n\n"
-        f"{NOTES}")
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    block = f"{START}\n{text}\n{END}"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old}\n{block}\n"
-    MD.write_text(new)
-
-
 def machine() -> str:
     import torch
 
@@ -301,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"cloud.warm_nodes={args.warm_nodes}, seeds "
                   f"{', '.join(map(str, seeds))}; verdict: |median/E[y] - 1| <= "
                   f"{TOLERANCE:.0%})", "", grid_table(cells, args.steps, args.warmup, 4)]
-    write_generated("\n".join(parts))
+    write_generated(MD, TITLE, "\n".join(parts), NOTES)
     print(f"wrote {MD}")
     return 0
 

@@ -74,7 +74,12 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from benchmarks.md_parts import write_part  # noqa: E402
+from benchmarks.md_parts import (  # noqa: E402
+    END_GENERATED,
+    GENERATED,
+    write_generated,
+    write_part,
+)
 from orchestrator.config import Config, load_config  # noqa: E402
 from orchestrator.data import StepBatches, shard_of  # noqa: E402
 from orchestrator.models import flat_grads, float_buffers, share_flat  # noqa: E402
@@ -85,7 +90,6 @@ from orchestrator.workload import Workload, data_info, resolve_workload  # noqa:
 ROOT = Path(__file__).resolve().parent.parent
 MD = Path(__file__).with_suffix(".md")
 TITLE = "squall: data-plane prototypes vs bare PyTorch DDP (issue 17)"
-GEN_START, GEN_END = "<!-- generated -->", "<!-- end generated -->"
 NOTES_STUB = ("## Reading notes\n\n(Hand-written, dated; `python -m benchmarks.dataplane` "
               "never rewrites this section.)\n")
 VARIANTS = {  # key -> label, in table order
@@ -342,14 +346,19 @@ def driver_steps(dag: Any, driver: DriverModel, first: int, n: int,
     return ends, losses
 
 
+def timed_driver_graph(actors: list[Any]) -> tuple[Any, float]:
+    """driver_graph(actors), and the ms its compile took."""
+    t0 = time.perf_counter()
+    dag = driver_graph(actors)
+    return dag, (time.perf_counter() - t0) * 1e3
+
+
 def child_cgraph(workers: int, steps: int) -> dict:
     start_ray(workers)
     try:
         actors, _ = start_graph_workers(workers)
         driver = DriverModel(workers)
-        t0 = time.perf_counter()
-        dag = driver_graph(actors)
-        compile_s = time.perf_counter() - t0
+        dag, compile_ms = timed_driver_graph(actors)
         phases: dict[str, list[float]] = {k: [] for k in (
             "driver: execute + get (round trip)", "worker: load + forward/backward (slowest)",
             "driver: stack, mean, SGD")}
@@ -358,7 +367,7 @@ def child_cgraph(workers: int, steps: int) -> dict:
     finally:
         ray.shutdown()
     cut = len(ends) // 5
-    return {"ends": ends, "losses": losses, "info": {"compile_ms": compile_s * 1e3},
+    return {"ends": ends, "losses": losses, "info": {"compile_ms": compile_ms},
             "phases": {k: median_ms(v[cut:]) for k, v in phases.items()}}
 
 
@@ -596,9 +605,7 @@ def child_cgraph_fault(workers: int, warmup: int) -> dict:
     try:
         actors, pids = start_graph_workers(workers)
         driver = DriverModel(workers)
-        t0 = time.perf_counter()
-        dag = driver_graph(actors)
-        compile_ms = (time.perf_counter() - t0) * 1e3
+        dag, compile_ms = timed_driver_graph(actors)
         driver_steps(dag, driver, 1, warmup)
         kill = kill_later(pids[VICTIM], KILL_AFTER_S, time.perf_counter)
         failure, step = cgraph_until_failure(dag, driver, warmup + 1)
@@ -892,16 +899,16 @@ def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float) -> 
         f"the last {LOSS_TAIL} steps (sanity: every variant trains the same job)"])
 
 
-def write_generated(blocks: dict[str, str]) -> None:
+def write_blocks(blocks: dict[str, str]) -> None:
     """Blocks `<!-- key -->...<!-- /key -->` (md_parts.write_part) inside the generated
-    part; a block not there yet is placed before GEN_END; the notes are kept."""
-    old = MD.read_text() if MD.exists() else f"# {TITLE}\n\n{NOTES_STUB}"
-    if GEN_START not in old:
-        title, _, rest = old.partition("\n")
-        old = f"{title}\n\n{GEN_START}\n{GEN_END}\n\n{rest.lstrip()}"
+    part; a block not there yet is placed before its end; the notes are kept."""
+    if not MD.exists() or GENERATED not in MD.read_text():
+        write_generated(MD, TITLE, "", NOTES_STUB)  # an empty generated part
+    old = MD.read_text()
     for key in blocks:
         if f"<!-- {key} -->" not in old:
-            old = old.replace(GEN_END, f"<!-- {key} -->\n<!-- /{key} -->\n\n{GEN_END}")
+            old = old.replace(END_GENERATED,
+                              f"<!-- {key} -->\n<!-- /{key} -->\n\n{END_GENERATED}")
     MD.write_text(old)
     for key, text in blocks.items():
         write_part(MD, TITLE, key, text)
@@ -946,7 +953,7 @@ def main() -> None:
     if s.quick:
         print(f"\n(--quick: {MD.name} not written)")
         return
-    write_generated(blocks)
+    write_blocks(blocks)
     print(f"wrote {MD}")
 
 

@@ -39,6 +39,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on l
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.md_parts import write_generated  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.metrics import read_metrics  # noqa: E402
 from orchestrator.run import train  # noqa: E402
@@ -46,8 +47,7 @@ from orchestrator.run import train  # noqa: E402
 DEFAULT_STEPS, DEFAULT_SEEDS, DEFAULT_SIZES = 300, "0,1,2", "8,16"
 MD = Path(__file__).with_suffix(".md")
 PNG = Path(__file__).with_suffix(".png")
-TITLE = "# Gossip: D-PSGD vs Moniqua vs CHOCO on non-iid digits"
-GEN_START, GEN_END = "<!-- generated -->", "<!-- end generated -->"
+TITLE = "Gossip: D-PSGD vs Moniqua vs CHOCO on non-iid digits"
 
 DPSGD, TWO_BITS, BROKEN = "D-PSGD (fp32)", "Moniqua 2 bits", "Moniqua 2 bits (before)"
 METHODS: dict[str, list[str]] = {  # squall's defaults unless stated
@@ -390,21 +390,6 @@ def report(groups: dict[int, dict[str, Cell]], steps: int) -> list[str]:
     return lines
 
 
-def write_generated(md: Path, text: str) -> None:
-    """Replace the block between GEN_START and GEN_END (a file without them gets the block
-    after its title line); everything else is kept. benchmarks/md_parts.write_part closes
-    its blocks with `<!-- /key -->`, so it cannot write this file's end marker."""
-    old = md.read_text() if md.exists() else f"{TITLE}\n"
-    block = f"{GEN_START}\n{text}\n{GEN_END}"
-    pattern = re.compile(re.escape(GEN_START) + ".*?" + re.escape(GEN_END), re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: block, old)
-    else:
-        title, _, rest = old.partition("\n")
-        new = f"{title}\n\n{block}\n\n{rest.lstrip()}"
-    md.write_text(new.rstrip("\n") + "\n")
-
-
 # --------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -459,7 +444,7 @@ def main() -> None:
               sep="\n")
         return
     plot(cells(runs), PNG)
-    write_generated(MD, text.rstrip("\n"))
+    write_generated(MD, TITLE, text)
     print(f"wrote {MD} and {PNG} ({elapsed / 60:.1f} min)")
 
 

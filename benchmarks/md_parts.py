@@ -14,3 +14,21 @@ def write_part(md: Path, title: str, key: str, text: str) -> None:
     pattern = re.compile(f"<!-- {key} -->.*?<!-- /{key} -->", re.S)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else f"{old}\n{block}\n"
     md.write_text(new)
+
+
+GENERATED, END_GENERATED = "<!-- generated -->", "<!-- end generated -->"
+
+
+def write_generated(md: Path, title: str, text: str, notes: str = "") -> None:
+    """Replace the part of md between GENERATED and END_GENERATED with `text`, keeping
+    everything outside it (the title, hand-written reading notes). A new file is the title,
+    the part and `notes`; a file without the markers gets the part after its first line."""
+    block = f"{GENERATED}\n{text.strip(chr(10))}\n{END_GENERATED}"
+    old = md.read_text() if md.exists() else f"# {title}\n\n{notes}"
+    pattern = re.compile(re.escape(GENERATED) + ".*?" + re.escape(END_GENERATED), re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old, count=1)
+    else:
+        first, _, rest = old.partition("\n")
+        new = f"{first}\n\n{block}\n\n{rest.lstrip()}"
+    md.write_text(new.rstrip("\n") + "\n")
