@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.dataplane                  # full run: 2 and 4 workers, 3 rounds
     .venv/bin/python -m benchmarks.dataplane --quick          # smoke run: prints, writes nothing
     .venv/bin/python -m benchmarks.dataplane --workers 2 --rounds 5 --steps 600
+    .venv/bin/python -m benchmarks.dataplane --shipped       # DDP vs squall's two planes only
 
 Every variant trains squall's default job (model=cnn on data=digits, batch 32 per worker,
 SGD lr 0.05 momentum 0.9, seed 0: `load_config(["workers=N"])`) with the same model
@@ -11,9 +12,12 @@ SGD lr 0.05 momentum 0.9, seed 0: `load_config(["workers=N"])`) with the same mo
 
 - ddp: bare PyTorch DistributedDataParallel over gloo, one plain process per rank (the
   reference);
-- squall: today's loop, `orchestrator.api.train` with eval and checkpoints off; its step times
-  are the `wall_s` deltas of the run directory's metrics.jsonl (the whole loop, logging
+- squall: the loop on the driver plane (worker.plane=driver, every step a round of Ray task
+  calls through the driver), `orchestrator.api.train` with eval and checkpoints off; its step
+  times are the `wall_s` deltas of the run directory's metrics.jsonl (the whole loop, logging
   included);
+- squall-collective: the same call on the collective plane squall ships for strategy=mean
+  (worker.plane=collective, orchestrator/collective.py: design (d) in the real loop);
 - cgraph: a Ray Compiled Graph of the parameter-server step, compiled once: the driver's flat
   parameters go to every worker actor over shared-memory channels (InputNode), the gradients
   come back (MultiOutputNode), and the driver runs squall's `Aggregation` (mean) and SGD;
@@ -36,6 +40,9 @@ mid-run and time, for the compiled graph, kill -> exception on the driver, teard
 over the survivors and their first step; for the collectives, kill -> the survivors' all-reduce
 failing, destroy_process_group + init_process_group over the survivors (new port, new world)
 without restarting actors, and their first steps.
+
+--shipped runs only ddp, squall and squall-collective (no membership runs) and writes the
+`shipped-*` blocks; a full run writes the `workers-*` blocks (prototypes and membership).
 
 Writes the part of benchmarks/dataplane.md between `<!-- generated -->` and
 `<!-- end generated -->` (one block per worker count, through benchmarks/md_parts.write_part);
@@ -94,11 +101,13 @@ NOTES_STUB = ("## Reading notes\n\n(Hand-written, dated; `python -m benchmarks.d
               "never rewrites this section.)\n")
 VARIANTS = {  # key -> label, in table order
     "ddp": "(a) bare PyTorch DDP, gloo (reference)",
-    "squall": "(b) squall today: Ray task calls through the driver",
+    "squall": "(b) squall, worker.plane=driver: Ray task calls through the driver",
     "cgraph": "(c) Ray Compiled Graph, mean + SGD on the driver",
     "cgraph-agg": "(c') Ray Compiled Graph, mean + SGD on an aggregator actor, 2 in flight",
     "collective": "(d) gloo all-reduce among the worker actors",
+    "squall-collective": "(e) squall as shipped: worker.plane=collective, the real loop",
 }
+SHIPPED = ("ddp", "squall", "squall-collective")  # --shipped: the planes squall ships
 TARGET = 0.9  # issue 17: >= 0.9x bare DDP's step rate
 LOSS_TAIL = 50  # final loss: mean over the last steps
 CHUNK = 50  # collective: steps per run() call
@@ -116,6 +125,8 @@ class Settings:
     rounds: int
     workers: tuple[int, ...]
     quick: bool
+    variants: tuple[str, ...] = tuple(VARIANTS)  # --shipped: SHIPPED
+    faults: bool = True  # the membership-change runs (not with --shipped)
 
 
 # =========================================================================== the job
@@ -255,14 +266,17 @@ def run_ddp(workers: int, s: Settings) -> dict:
 
 
 # =========================================================================== (b) squall
-def child_squall(workers: int, steps: int) -> dict:
-    """Today's loop end to end; step completion times from metrics.jsonl's wall_s."""
+def child_squall(workers: int, steps: int, plane: str) -> dict:
+    """squall's loop end to end on worker.plane=`plane`; step completion times from
+    metrics.jsonl's wall_s (the collective plane's calls of worker.steps_per_call steps
+    share their time evenly: the timed window is long, so only its edges are smoothed)."""
     from orchestrator.api import train
     from orchestrator.metrics import read_metrics
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="dataplane-") as tmp:
         summary = train([f"workers={workers}", f"steps={steps}", "eval.every=0",
+                         f"worker.plane={plane}",
                          "checkpoint.every_steps=0", "log.progress=false", f"run.dir={tmp}",
                          "run.name=squall"])
         rows = read_metrics(Path(summary["run_dir"]))
@@ -672,7 +686,8 @@ def child_collective_fault(workers: int, warmup: int, driver_store: bool) -> dic
 # =========================================================================== children
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict]] = {
     "ddp-rank": lambda a: child_ddp_rank(a.workers, a.rank, a.port, a.steps),
-    "squall": lambda a: child_squall(a.workers, a.steps),
+    "squall": lambda a: child_squall(a.workers, a.steps, "driver"),
+    "squall-collective": lambda a: child_squall(a.workers, a.steps, "collective"),
     "cgraph": lambda a: child_cgraph(a.workers, a.steps),
     "cgraph-agg": lambda a: child_cgraph_agg(a.workers, a.steps),
     "collective": lambda a: child_collective(a.workers, a.steps),
@@ -751,7 +766,7 @@ def measure(s: Settings) -> tuple[dict[int, dict[str, list[Round]]],
     membership-change runs; by worker count."""
     rounds: dict[int, dict[str, list[Round]]] = {}
     faults: dict[int, dict[str, list[dict]]] = {}
-    keys = list(VARIANTS)
+    keys = list(s.variants)
     for w in s.workers:
         rounds[w] = {k: [] for k in keys}
         for r in range(s.rounds):
@@ -760,8 +775,8 @@ def measure(s: Settings) -> tuple[dict[int, dict[str, list[Round]]],
                 rounds[w][kind].append(rnd)
                 log(f"workers={w} round {r + 1} {kind}: "
                     + (f"{rnd.ms:.2f} ms/step, loss {rnd.loss:.3f}" if rnd.ms else rnd.error))
-        faults[w] = {k: [] for k in FAULTS}
-        for r in range(s.rounds):
+        faults[w] = {k: [] for k in FAULTS} if s.faults else {}
+        for r in range(s.rounds if s.faults else 0):
             for kind in FAULTS:
                 faults[w][kind].append(run_variant(kind, w, s))
                 log(f"workers={w} round {r + 1} {kind}: {json.dumps(faults[w][kind][-1])}")
@@ -792,12 +807,14 @@ def verdict(ratio: float | None) -> str:
 def step_table(group: dict[str, list[Round]]) -> tuple[list[str], dict[str, float]]:
     """The main table, and the median ratio vs DDP of each variant."""
     lines = ["| variant | ms/step (median) | every round | step rate vs DDP (median) | "
-             "every round | vs squall today | >= 0.9x DDP? | final loss |",
+             "every round | vs (b) | >= 0.9x DDP? | final loss |",
              "|---|---|---|---|---|---|---|---|"]
     medians = {k: statistics.median([r.ms for r in v if r.ms]) for k, v in group.items()
                if any(r.ms for r in v)}
     found: dict[str, float] = {}
     for kind, label in VARIANTS.items():
+        if kind not in group:
+            continue
         rows = group[kind]
         ok = [r.ms for r in rows if r.ms]
         if not ok:
@@ -871,15 +888,18 @@ def group_block(w: int, group: dict[str, list[Round]], faults: dict[str, list[di
     meets = [k for k in found if k != "ddp" and found[k] >= TARGET]
     summary = (f"Fastest prototype: **{best}** at {found[best]:.2f}x DDP; meeting the "
                f">= {TARGET}x target: {', '.join(meets) or 'none'}." if best else "")
+    heading = f"## {w} workers" + (": squall as shipped" if not s.faults else "")
+    fault_part = [
+        f"### Membership change: rank {VICTIM} of {w} SIGKILLed {KILL_AFTER_S:g} s into "
+        "the run", "", f"Median over {s.rounds} rounds (every round in brackets); the "
+        "actors of the survivors are not restarted.", "", *fault_table(faults, w)
+    ] if s.faults else []
     return "\n".join([
-        f"## {w} workers", "",
+        heading, "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmd}`: steps {s.warmup + 1}-"
         f"{s.steps} of each run timed, {s.rounds} rounds per variant.",
         "", *steps, "", summary, "", "Where the time goes (per step, as measured inside):",
-        "", *phase_table(group), "",
-        f"### Membership change: rank {VICTIM} of {w} SIGKILLed {KILL_AFTER_S:g} s into "
-        "the run", "", f"Median over {s.rounds} rounds (every round in brackets); the "
-        "actors of the survivors are not restarted.", "", *fault_table(faults, w)])
+        "", *phase_table(group), *([""] + fault_part if fault_part else [])])
 
 
 def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float) -> str:
@@ -895,7 +915,7 @@ def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float) -> 
         "torch thread per process, one CPU per worker (Ray: num_cpus = workers)",
         "- ms/step: wall time of the timed steps / their number, per round (a fresh process "
         "each); ratio: the variant's step rate / DDP's in the same round (above 1: faster "
-        "than DDP); vs squall today: (b)'s median ms / the variant's; final loss: mean over "
+        "than DDP); vs (b): (b)'s median ms / the variant's; final loss: mean over "
         f"the last {LOSS_TAIL} steps (sanity: every variant trains the same job)"])
 
 
@@ -921,6 +941,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100, help="untimed steps at the start")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", default="2,4", help="comma-separated worker counts")
+    p.add_argument("--shipped", action="store_true",
+                   help="only DDP and squall's two planes, no membership runs; writes the "
+                        "shipped-<workers> blocks")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 workers, 1 round, 60 steps; prints, writes no markdown")
     p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
@@ -933,6 +956,9 @@ def settings(args: argparse.Namespace) -> Settings:
     if args.quick:
         return Settings(steps=60, warmup=20, rounds=1, workers=(2,), quick=True)
     workers = tuple(int(w) for w in args.workers.split(","))
+    if args.shipped:
+        return Settings(args.steps, args.warmup, args.rounds, workers, quick=False,
+                        variants=SHIPPED, faults=False)
     return Settings(args.steps, args.warmup, args.rounds, workers, quick=False)
 
 
@@ -946,8 +972,10 @@ def main() -> None:
     cmd = "python -m benchmarks.dataplane" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     load_before, t0 = os.getloadavg(), time.perf_counter()
     rounds, faults = measure(s)
-    blocks = {"header": header_block(cmd, load_before, time.perf_counter() - t0)}
-    blocks |= {f"workers-{w}": group_block(w, rounds[w], faults[w], s, cmd) for w in s.workers}
+    prefix = "workers" if s.faults else "shipped"
+    blocks = {f"{prefix}-header": header_block(cmd, load_before, time.perf_counter() - t0)}
+    blocks |= {f"{prefix}-{w}": group_block(w, rounds[w], faults[w], s, cmd)
+               for w in s.workers}
     text = "\n\n".join(blocks.values())
     print(text)
     if s.quick:

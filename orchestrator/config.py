@@ -144,6 +144,14 @@ class WorkerConfig:
                           "accumulation: their mean is the worker's gradient)", ge=1)
     precision: str = opt("fp32", "bf16: forward and loss under bfloat16 autocast (gradients "
                          "and parameters stay float32)", choices=["fp32", "bf16"])
+    plane: str = opt("auto", "how gradients meet: collective (the workers exchange them among "
+                     "themselves, gloo/NCCL, and step on their own: mean by all-reduce; median "
+                     "and trimmed_mean sharded by blocks of coordinates), driver (each step "
+                     "through the driver: every rule and attack), auto (collective for mean "
+                     "without Byzantine workers, else driver)",
+                     choices=["auto", "collective", "driver"])
+    steps_per_call: int = opt(8, "plane=collective: steps the workers run per call from the "
+                              "driver (fewer while a replacement is starting)", ge=1)
 
 
 @dataclass
@@ -453,6 +461,8 @@ def _check_combinations(cfg: Config) -> None:
     if byz.f >= cfg.workers:
         raise ConfigError(f"byzantine.f={byz.f}: must be < workers={cfg.workers}")
     cfg.cloud.check(cfg.workers)
+    if cfg.worker.plane == "collective" and (reason := _not_collective(cfg)):
+        raise ConfigError(f"worker.plane=collective: {reason}; use worker.plane=driver or auto")
     if isinstance(st, GossipConfig):
         if cfg.workers < 2:
             raise ConfigError(f"strategy={GOSSIP} with workers={cfg.workers}: gossip needs at "
@@ -474,6 +484,38 @@ def _check_combinations(cfg: Config) -> None:
     m = getattr(st, "m", 0)
     if m and m > cfg.workers - f:
         raise ConfigError(f"strategy.m={m}: must be <= workers - f = {cfg.workers - f}")
+
+
+# What the collective plane runs sharded by blocks of coordinates (orchestrator/collective.py):
+# the coordinate-wise rules, the row-wise pre-aggregation, and the attacks forged from the
+# honest values of each coordinate alone.
+SHARDED_RULES = ("mean", "median", "trimmed_mean")
+SHARDED_PRE = ("bucketing",)
+GLOBAL_ATTACKS = ("bulyan_coord",)  # needs a statistic over every coordinate
+
+
+def _not_collective(cfg: Config) -> str:
+    """Why the collective plane cannot run this job ('' when it can)."""
+    st, byz = cfg.strategy, cfg.byzantine
+    if isinstance(st, GossipConfig):
+        return "strategy=gossip has its own plane"
+    if st.name not in SHARDED_RULES:
+        return (f"strategy={st.name} runs on the driver (the collective plane runs "
+                f"{', '.join(SHARDED_RULES)})")
+    if unsharded := [p for p in st.pre if p not in SHARDED_PRE]:
+        return f"strategy.pre={unsharded[0]} runs on the driver plane"
+    if byz.f and byz.attack in GLOBAL_ATTACKS:
+        return f"byzantine.attack={byz.attack} runs on the driver plane"
+    return ""
+
+
+def uses_collective_plane(cfg: Config) -> bool:
+    """worker.plane resolved: collective, or with auto where the job is plain averaging
+    (a robust rule on the collective plane is asked for by name, worker.plane=collective)."""
+    st = cfg.strategy
+    plain_mean = not isinstance(st, GossipConfig) and st.name == "mean" and not (
+        cfg.byzantine.f or st.pre or st.noise)
+    return cfg.worker.plane == "collective" or (cfg.worker.plane == "auto" and plain_mean)
 
 
 def _check_run_name(name: str) -> None:

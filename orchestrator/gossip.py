@@ -35,7 +35,7 @@ import torch
 
 from orchestrator.config import Config
 from orchestrator.models import flatten, unflatten_into
-from orchestrator.step import StepOutcome
+from orchestrator.step import OneStepAtATime, StepOutcome
 from orchestrator.workers import Replica
 from orchestrator.workload import DataInfo, Workload
 from strategies.consensus import (
@@ -122,7 +122,7 @@ class GossipWorker(Replica):
 RemoteGossipWorker = ray.remote(GossipWorker)
 
 
-class GossipRound:
+class GossipRound(OneStepAtATime):
     """The gossip family's `TrainingStep`: one round per step over the live workers.
 
     cfg: the run's configuration; model: the driver's copy of the model (built like the
@@ -155,7 +155,7 @@ class GossipRound:
             return {"start_state": actor.state.remote()}
         return {"start_state": self.saved_average}
 
-    def run(self, step: int, workers: WorkerPool, reclaim: list[Machine]) -> StepOutcome:
+    def run_step(self, step: int, workers: WorkerPool, reclaim: list[Machine]) -> StepOutcome:
         """One round: messages, mixing, the next theta; metrics theta (Moniqua), wraps (so far)
         and, every strategy.consensus_every steps, consensus_dist (mean ||x_i - x_bar||); the
         bytes of the round (module docstring)."""

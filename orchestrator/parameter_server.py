@@ -10,6 +10,7 @@ to the configuration and keeps its state explicit for checkpoints.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from cloud.pool import Machine
 from orchestrator.config import Config
 from orchestrator.models import flat_grads, float_buffers, share_flat
 from orchestrator.optimizer import build_optimizer, clip_by_norm, lr_at
-from orchestrator.step import StepOutcome, TooFewWorkers
+from orchestrator.step import OneStepAtATime, StepOutcome, TooFewWorkers
 from orchestrator.workers import RemoteWorker, WorkerPool
 from strategies.attacks import AttackUndefined, byzantine_ranks
 from strategies.preaggregation import preaggregation_chain
@@ -72,8 +73,12 @@ class Aggregation:
         self.rejected = 0  # non-finite gradients kept away from the model
         self._warned_too_few = False
 
-    def __call__(self, grads: Tensor, ranks: list[int], step: int) -> Tensor | None:
-        """The update direction from one row per rank, or None when the step is skipped."""
+    def __call__(self, grads: Tensor, ranks: list[int], step: int,
+                 agree: Callable[[Tensor], Tensor] = lambda finite: finite) -> Tensor | None:
+        """The update direction from one row per rank, or None when the step is skipped.
+        `agree`: from the rows' finite flags to those every shard agrees on (the collective
+        plane runs this on a block of coordinates: a row is kept only if it is finite in
+        every block)."""
         gen = step_generator(self.seed, step)
         try:
             grads = self._inject_attack(grads, ranks, gen)
@@ -82,7 +87,7 @@ class Aggregation:
             reason = check_workers(self.rule, self.transform.rows(len(ranks)), self.f)
             self._too_few(step, reason or f"{len(ranks)} live workers: {undefined}")
             return None
-        finite = finite_rows(grads)
+        finite = agree(finite_rows(grads))
         rejected = int((~finite).sum())  # identified faulty: at most f - k of the rest lie
         self.rejected += rejected
         if rejected:
@@ -114,7 +119,7 @@ class Aggregation:
         return grads
 
 
-class ParameterServer:
+class ParameterServer(OneStepAtATime):
     """The `TrainingStep` of the parameter-server family: the driver owns model and optimizer."""
 
     actor_class = RemoteWorker
@@ -136,7 +141,7 @@ class ParameterServer:
     def actor_kwargs(self, rank: int, workers: WorkerPool | None) -> dict[str, Any]:
         return {"byzantine": rank in self.aggregation.byzantine}
 
-    def run(self, step: int, workers: WorkerPool, reclaim: list[Machine]) -> StepOutcome:
+    def run_step(self, step: int, workers: WorkerPool, reclaim: list[Machine]) -> StepOutcome:
         state_ref = ray.put(self.flat.numpy())  # published once, read by all (zero-copy)
         called = len(workers.live)  # each of them reads the parameters
         results, lost = workers.gradients(state_ref, step, reclaim=reclaim)
@@ -178,4 +183,4 @@ class ParameterServer:
 
     def summary(self) -> dict[str, Any]:
         return {"rejected_updates": self.aggregation.rejected,
-                "byzantine_ranks": sorted(self.aggregation.byzantine)}
+                "byzantine_ranks": sorted(self.aggregation.byzantine), "plane": "driver"}

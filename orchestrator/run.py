@@ -4,7 +4,10 @@ The frame owns time: it resumes from the newest checkpoint, turns the spot pool'
 into workers joining and leaving, writes one metrics record per step, evaluates and
 checkpoints on schedule, stops cleanly on Ctrl-C, and writes the summary. What one step
 does belongs to the strategy family (`orchestrator.step.TrainingStep`): the parameter server
-(orchestrator/parameter_server.py) or the gossip round (orchestrator/gossip.py).
+(orchestrator/parameter_server.py), the collective plane (orchestrator/collective.py) or the
+gossip round (orchestrator/gossip.py). A family may run several steps per call (the
+collective plane's workers step on their own): the frame polls the pool ahead for those
+steps and ends a call before the first step with an event, an evaluation or a checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ray
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from cloud import Pool, make_pool
+from cloud import PollResult, Pool, make_pool
 from orchestrator.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -34,7 +37,8 @@ from orchestrator.checkpoint import (
     capture_rng_state,
     restore_rng_state,
 )
-from orchestrator.config import Config, ConfigError, job_spec, to_dict
+from orchestrator.collective import CollectivePlane
+from orchestrator.config import Config, ConfigError, job_spec, to_dict, uses_collective_plane
 from orchestrator.gossip import GossipRound
 from orchestrator.metrics import RunLog, make_run_dir
 from orchestrator.models import model_vector
@@ -157,9 +161,12 @@ def evaluate(cfg: Config, workload: Workload, model: torch.nn.Module | None, tes
 
 
 def make_step(cfg: Config, model: torch.nn.Module) -> TrainingStep:
-    """The strategy family's step: decentralized gossip, or the parameter server."""
+    """The strategy family's step: decentralized gossip, the collective plane (the workers
+    all-reduce the mean among themselves) or the parameter server (every rule on the driver)."""
     if cfg.strategy.name == "gossip":
         return GossipRound(cfg, model)
+    if uses_collective_plane(cfg):
+        return CollectivePlane(cfg, model)
     return ParameterServer(cfg, model)
 
 
@@ -240,6 +247,69 @@ def due(every: int, step: int, last: int) -> bool:
     return bool(every and step % every == 0) or step == last
 
 
+def next_due(every: int, step: int) -> float:
+    """The first step >= `step` that is a multiple of `every` (0: never)."""
+    return -(-step // every) * every if every else math.inf
+
+
+def call_end(cfg: Config, training: TrainingStep, workers: WorkerPool, step: int) -> int:
+    """The last step of the call that starts at `step`: at most steps_per_call steps (2
+    while a replacement starts, so that it joins within 2 steps of being ready), ending at
+    the next evaluation or checkpoint step and at the last step."""
+    most = min(training.steps_per_call, 2) if workers.joining() else training.steps_per_call
+    return int(min(step + most - 1, cfg.steps, next_due(cfg.eval.every, step),
+                   next_due(cfg.checkpoint.every_steps, step)))
+
+
+class Pace:
+    """The running mean of step time; a call in which nobody answered still takes one."""
+
+    def __init__(self) -> None:
+        self.typical_s = 0.05
+
+    def after(self, outcomes: list[StepOutcome], t0: float) -> float:
+        """The wall time per step of the call that began at t0 (perf_counter)."""
+        step_s = (time.perf_counter() - t0) / len(outcomes)
+        if outcomes[-1].answered:
+            self.typical_s = 0.9 * self.typical_s + 0.1 * step_s
+        else:  # nobody answered: no update, and the step's time still passes
+            time.sleep(self.typical_s)
+        return step_s
+
+
+class EventClock:
+    """The pool's events step by step. A call of several steps needs them ahead: the steps
+    it may run are polled before it starts, and the first step with an event ends it (that
+    step's events are held for it)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.held: dict[int, PollResult] = {}
+        self.polled = 0  # the last step polled
+
+    def at(self, step: int) -> PollResult:
+        """The events of `step` (polled now unless polled ahead)."""
+        if step in self.held:
+            return self.held.pop(step)
+        if step <= self.polled:  # polled ahead without events (a call rerun after a loss)
+            return PollResult()
+        self.polled = step
+        return self.pool.poll(step)
+
+    def quiet_until(self, first: int, last: int) -> int:
+        """The last step in first..last before the next event (first: its events are in)."""
+        for step in range(first + 1, last + 1):
+            if step in self.held:
+                return step - 1
+            if step > self.polled:
+                self.polled = step
+                events = self.pool.poll(step)
+                if events.joined or events.noticed or events.reclaim_now:
+                    self.held[step] = events
+                    return step - 1
+        return last
+
+
 def train(cfg: Config, given: dict[str, Any] | None = None) -> dict:
     """Run (or resume) one training job and return its summary (also in summary.json).
     `given`: callables of the workload handed over directly (orchestrator.api). A run that
@@ -274,11 +344,17 @@ def run_training(cfg: Config, run_dir: Path, given: dict[str, Any]) -> dict:
     if (done := finished_summary(cfg, run_dir, progress)) is not None:
         return done
     pool = make_pool(cfg.cloud, job_spec(cfg))  # its own checks before the run dir
+    clock = EventClock(pool)
     log = RunLog(cfg, run_dir)
     progress.lost_steps = log.open_metrics(progress.step)  # in all resumes so far
 
     def checkpoint() -> None:
         save_checkpoint(store, cfg, progress, training, workers, t_start)
+
+    def record_step(step: int, outcome: StepOutcome, step_s: float, ended: float) -> dict:
+        """Count the step and return its line of metrics.jsonl."""
+        progress.count(step, outcome)
+        return step_record(step, outcome, progress, pool, cost0, (step_s, ended), t_start)
 
     # ---- the machines, the workers on them, and the steps
     interrupted, stop_signal, ray_address, error = False, "", "", ""
@@ -288,58 +364,51 @@ def run_training(cfg: Config, run_dir: Path, given: dict[str, Any]) -> dict:
     last_eval: dict[str, float] = {}  # the metrics of the last evaluation
     _received.clear()
     handlers = handle_stop_signals(_raise_stopped)  # they stop the run like Ctrl-C
+    pace = Pace()
     try:
         workers = start_workers(cfg, pool, workload, info, training)
         handle_stop_signals(_raise_stopped)  # again, in case Ray installed its own
         ray_address = ray.get_runtime_context().gcs_address
         last_save = time.monotonic()
-        typical_step_s = 0.05  # running mean of step time: how long an empty step waits
-        for step in range(progress.step + 1, cfg.steps + 1):
+        step = progress.step + 1
+        while step <= cfg.steps:
             t0 = time.perf_counter()
-            events = pool.poll(step)  # machines that joined, got a notice, or go this step
-            for machine in events.joined:
-                workers.add(machine)
-            progress.joins += workers.admit(step)
-            if events.noticed and training.checkpoint_before_drain:
-                checkpoint()  # what the noticed workers hold goes with their machines
-            progress.preemptions += workers.drain(events.noticed)
+            events = clock.at(step)  # machines that joined, got a notice, or go this step
+            take_events(events, step, workers, training, progress, checkpoint)
 
-            outcome = training.run(step, workers, events.reclaim_now)
+            last = clock.quiet_until(step, call_end(cfg, training, workers, step))
+            outcomes = training.run(range(step, last + 1), workers, events.reclaim_now)
 
-            progress.count(step, outcome)
-            if outcome.answered:
-                typical_step_s = 0.9 * typical_step_s + 0.1 * (time.perf_counter() - t0)
-            else:  # nobody answered: no update, and the step's time still passes
-                time.sleep(typical_step_s)
-            record = step_record(step, outcome, progress, pool, cost0, t0, t_start)
-            evaluated = {}
-            if due(cfg.eval.every, step, cfg.steps):
-                evaluated = evaluate(cfg, workload, training.eval_model(workers), test_set,
-                                     workers)
-                record.update(evaluated)
-                last_eval.update(evaluated)
-            log.step(record, evaluated)
+            step_s = pace.after(outcomes, t0)
+            for i, outcome in enumerate(outcomes):  # a call's steps share its time evenly
+                done = step + i
+                record = record_step(done, outcome, step_s, t0 + (i + 1) * step_s)
+                evaluated = {}
+                if due(cfg.eval.every, done, cfg.steps):
+                    evaluated = evaluate(cfg, workload, training.eval_model(workers), test_set,
+                                         workers)
+                    record.update(evaluated)
+                    last_eval.update(evaluated)
+                log.step(record, evaluated)
             ckpt = cfg.checkpoint
-            if due(ckpt.every_steps, step, cfg.steps) or (
+            if due(ckpt.every_steps, done, cfg.steps) or (
                     ckpt.every_s and time.monotonic() - last_save >= ckpt.every_s):
                 checkpoint()
                 last_save = time.monotonic()
+            step = done + 1
     except KeyboardInterrupt:
         handle_stop_signals(signal.SIG_IGN)  # a second signal must not cut the clean-up
         interrupted = True
         stop_signal = signal.Signals(_received[-1]).name if _received else "SIGINT"
+        for step, outcome in training.settle(workers):  # steps the workers were running
+            log.step(record_step(step, outcome, pace.typical_s, time.perf_counter()), {})
         checkpoint()
     except (TooFewWorkers, CheckpointError) as e:  # the summary and model are still written
         error = str(e)
     finally:
         handle_stop_signals(signal.SIG_IGN)  # the machines are given back whatever comes
         torch.set_num_threads(driver_threads)
-        if workers is not None:
-            training.finish(workers)
-            workers.stop()
-        spot, on_demand = pool.costs()
-        progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
-        pool.shutdown()
+        give_back(training, workers, pool, progress, cost0)
         for signum, handler in handlers.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
@@ -356,13 +425,38 @@ def run_training(cfg: Config, run_dir: Path, given: dict[str, Any]) -> dict:
     return summary
 
 
+def take_events(events: PollResult, step: int, workers: WorkerPool, training: TrainingStep,
+                progress: Progress, checkpoint: Any) -> None:
+    """Machines that joined get workers, ready workers join, noticed ones leave (after a
+    checkpoint where they hold state of their own)."""
+    for machine in events.joined:
+        workers.add(machine)
+    progress.joins += workers.admit(step)
+    if events.noticed and training.checkpoint_before_drain:
+        checkpoint()  # what the noticed workers hold goes with their machines
+    progress.preemptions += workers.drain(events.noticed)
+
+
+def give_back(training: TrainingStep, workers: WorkerPool | None, pool: Pool,
+              progress: Progress, cost0: tuple) -> None:
+    """The workers' last words and their end, the costs so far, the machines back."""
+    if workers is not None:
+        training.finish(workers)
+        workers.stop()
+    spot, on_demand = pool.costs()
+    progress.cost_usd, progress.on_demand_cost_usd = cost0[0] + spot, cost0[1] + on_demand
+    pool.shutdown()
+
+
 def step_record(step: int, outcome: StepOutcome, progress: Progress, pool: Pool, cost0: tuple,
-                t0: float, t_start: float) -> dict:
-    """The step's line of metrics.jsonl (test_acc is added on eval steps)."""
+                timing: tuple[float, float], t_start: float) -> dict:
+    """The step's line of metrics.jsonl (test_acc is added on eval steps); timing: its
+    wall time and when it ended (perf_counter; in a call of several steps, the call's time
+    split evenly)."""
     spot, on_demand = pool.costs()  # so far, for plots over time
-    now = time.perf_counter()
+    step_s, now = timing
     return {"step": step, "loss": progress.loss, "live_workers": outcome.answered,
-            "step_s": now - t0, "bytes_sent": progress.bytes_sent, "bytes_up": progress.bytes_up,
+            "step_s": step_s, "bytes_sent": progress.bytes_sent, "bytes_up": progress.bytes_up,
             "bytes_down": progress.bytes_down, "bytes_measure": progress.bytes_measure,
             "wall_s": progress.wall_s + now - t_start, "cost_usd": cost0[0] + spot,
             "on_demand_cost_usd": cost0[1] + on_demand, **outcome.metrics}

@@ -6,7 +6,7 @@ import contextlib
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,16 @@ from strategies.rules import wire
 
 # Parameters arrive as read-only numpy views of the object store; they are only read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+@dataclass
+class Calls:
+    """Calls to the live workers in flight (WorkerPool.submit): ObjectRef -> rank, the
+    payload refs of payload calls by rank, and the ranks already lost (reclaimed)."""
+
+    pending: dict[ray.ObjectRef, int] = field(default_factory=dict)
+    payloads: dict[int, ray.ObjectRef] = field(default_factory=dict)
+    lost: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -137,15 +147,19 @@ class Worker(Replica):
         """The driver's flat parameters and buffers into the model (one copy)."""
         self.state.copy_(torch.from_numpy(state))
 
+    def noised(self, grad: torch.Tensor, step: int) -> torch.Tensor:
+        """strategy.noise (Chen et al. 2020): symmetric noise before the sign or the median,
+        drawn from (seed, step, rank)."""
+        noise = getattr(self.cfg.strategy, "noise", 0.0)
+        if not noise:
+            return grad
+        gen = torch.Generator(device=self.device).manual_seed(
+            self.cfg.seed * 1_000_003 + step * 1009 + self.rank)
+        return grad + noise * torch.randn(grad.shape, generator=gen, device=self.device)
+
     def pack(self, loss: torch.Tensor, step: int) -> GradientResult:
         """The message to the driver: the flat gradient in the rule's wire format, and buffers."""
-        grad, strategy = self.grad, self.cfg.strategy
-        if strategy.noise:  # Chen et al. 2020: symmetric noise before the sign or the median
-            gen = torch.Generator(device=self.device).manual_seed(
-                self.cfg.seed * 1_000_003 + step * 1009 + self.rank)
-            grad = grad + strategy.noise * torch.randn(grad.shape, generator=gen,
-                                                       device=self.device)
-        payload = self.encode(grad)
+        payload = self.encode(self.noised(self.grad, step))
         # Views of this worker's vectors are safe to return: Ray copies a result into the
         # object store when the call returns, before the next call can change them.
         return GradientResult(self.rank, payload.cpu().numpy(),
@@ -215,6 +229,10 @@ class WorkerPool:
                 f"{self.cfg.worker.start_timeout_s:g}: each needs {self.cfg.worker.num_cpus:g} "
                 f"CPU(s), the cluster has {ray.cluster_resources().get('CPU', 0):g}")
         self.admit()
+
+    def joining(self) -> bool:
+        """A replacement worker is starting, or ready and waiting for its step."""
+        return bool(self.starting or self.booted)
 
     def add(self, machine: Machine) -> None:
         """A machine joined; it takes the next vacant rank (it waits as a spare until then)."""
@@ -367,6 +385,16 @@ class WorkerPool:
         results, lost = self.call("gradient", (state_ref, step), reclaim)
         return [results[rank] for rank in sorted(results)], lost
 
+    def reclaim(self, machines: list[Machine]) -> int:
+        """These machines vanish now, before the next call: their workers leave (how many)."""
+        ids = {m.id for m in machines}
+        gone = [rank for rank, (_, m) in self.live.items() if m.id in ids]
+        for rank in gone:
+            actor, _ = self.live.pop(rank)
+            ray.kill(actor, no_restart=True)
+        self.pool.reclaim(list(machines))
+        return len(gone)
+
     def call(self, method: str, args: tuple | dict[int, tuple], reclaim: list[Machine] = (),
              payload: bool = False) -> tuple[dict[int, Any], int]:
         """Call `method` on every live worker with `args` (or args[rank]); machines in
@@ -377,21 +405,32 @@ class WorkerPool:
         With payload=True the method returns (payload, small info): the driver reads only the
         info and answers (payload ObjectRef, info), so the payload can go from worker to
         worker without passing through the driver."""
-        pending, payloads = {}, {}
+        calls = self.submit(method, args, reclaim, payload)
+        return self.collect(calls, self.cfg.worker.step_timeout_s)
+
+    def submit(self, method: str, args: tuple | dict[int, tuple], reclaim: list[Machine] = (),
+               payload: bool = False) -> Calls:
+        """The first half of `call`: the calls go out and the machines in `reclaim` vanish."""
+        calls = Calls()
         for rank, (actor, _) in self.live.items():
             rank_args = args[rank] if isinstance(args, dict) else args
             if payload:
-                payloads[rank], ref = getattr(actor, method).options(num_returns=2).remote(
-                    *rank_args)
+                calls.payloads[rank], ref = getattr(actor, method).options(
+                    num_returns=2).remote(*rank_args)
             else:
                 ref = getattr(actor, method).remote(*rank_args)
-            pending[ref] = rank
+            calls.pending[ref] = rank
         reclaimed = {m.id for m in reclaim}
-        lost = [rank for rank, (_, m) in self.live.items() if m.id in reclaimed]
+        calls.lost = [rank for rank, (_, m) in self.live.items() if m.id in reclaimed]
         self.pool.reclaim(list(reclaim))
+        return calls
+
+    def collect(self, calls: Calls, timeout_s: float) -> tuple[dict[int, Any], int]:
+        """The second half of `call`: the answers by rank, and how many workers were lost
+        (they are dropped and their machines given back)."""
+        pending, lost = calls.pending, calls.lost
         waiting = [ref for ref, rank in pending.items() if rank not in lost]
-        ready, late = ray.wait(waiting, num_returns=len(waiting),
-                               timeout=self.cfg.worker.step_timeout_s)
+        ready, late = ray.wait(waiting, num_returns=len(waiting), timeout=timeout_s)
         lost += [pending[ref] for ref in late]
         try:  # one batched fetch from the object store
             answers = dict(zip(ready, ray.get(ready)))
@@ -402,8 +441,8 @@ class WorkerPool:
                     answers[ref] = ray.get(ref)
                 except RayActorError:
                     lost.append(pending[ref])
-        results = {pending[ref]: (payloads[pending[ref]], answer) if payload else answer
-                   for ref, answer in answers.items()}
+        results = {pending[ref]: (calls.payloads[pending[ref]], answer) if calls.payloads
+                   else answer for ref, answer in answers.items()}
         for rank in lost:
             actor, machine = self.live.pop(rank)
             ray.kill(actor, no_restart=True)

@@ -311,3 +311,29 @@ def test_cloud_imports_nothing_from_orchestrator():
     for path in [root / "strategies" / "config.py", root / "conf" / "schema.py"]:
         assert not _imports(path) & {"orchestrator", "cloud", "ray"}, path.name
 
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["strategy=krum", "workers=5"], "strategy=krum runs on the driver"),
+    (["byzantine.f=1", "byzantine.attack=bulyan_coord"],
+     "byzantine.attack=bulyan_coord runs on the driver plane"),
+    (["strategy.pre=[nnm]", "strategy=median", "workers=5"],
+     "strategy.pre=nnm runs on the driver plane"),
+    (["strategy=gossip"], "strategy=gossip has its own plane"),
+])
+def test_the_collective_plane_refuses_what_only_the_driver_runs(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config([*overrides, "worker.plane=collective"])
+    assert str(err.value).startswith("worker.plane=collective: ")
+    assert expected in str(err.value) and "use worker.plane=driver or auto" in str(err.value)
+
+
+def test_auto_picks_the_collective_plane_for_plain_mean_only():
+    from orchestrator.config import uses_collective_plane
+
+    assert uses_collective_plane(load_config())
+    assert not uses_collective_plane(load_config(["worker.plane=driver"]))
+    assert not uses_collective_plane(load_config(["strategy=median", "workers=3"]))
+    assert not uses_collective_plane(load_config(["byzantine.f=1"]))
+    assert uses_collective_plane(load_config(["strategy=median", "workers=3",
+                                              "worker.plane=collective"]))

@@ -44,11 +44,13 @@ def test_default_job_learns_digits(ray_session, make_config):
     assert [r["step"] for r in rows if "test_acc" in r] == [100, 200, 300]
     n_params = sum(p.numel() for p in torch.load(os.path.join(summary["run_dir"], "model.pt"),
                                                   weights_only=True).values())
-    assert summary["bytes_sent"] == cfg.steps * 4 * n_params * 4  # float32 gradients
-    # up: the gradients that arrived; down: the parameters every worker read (the CNN has no
-    # BatchNorm buffers), every step
-    assert summary["bytes_up"] == summary["bytes_sent"]
-    assert summary["bytes_down"] == cfg.steps * 4 * n_params * 4
+    # the collective plane (worker.plane=auto with mean): a ring all-reduce of the float32
+    # gradient (the CNN has no BatchNorm buffers) moves 2 (n - 1) / n of it out of and into
+    # each of the n workers, every step; down, also the driver's model that every member of
+    # the first group receives (as DDP broadcasts rank 0's; SGD's optimizer state is empty)
+    assert summary["plane"] == "collective"
+    assert summary["bytes_sent"] == summary["bytes_up"] == cfg.steps * 2 * 3 * n_params * 4
+    assert summary["bytes_down"] == summary["bytes_up"] + 4 * n_params * 4
     assert summary["bytes_measure"] == 0
     assert rows[-1]["bytes_down"] == summary["bytes_down"]
     on_disk = json.load(open(os.path.join(summary["run_dir"], "summary.json")))
@@ -67,9 +69,23 @@ def test_job_variants_run(ray_session, make_config, overrides):
     assert summary["test_acc"] > 0.5  # learning, well above chance (0.1)
 
 
-def test_parameter_server_step_matches_a_local_reference(ray_session, make_config):
-    """Mean-aggregated PS SGD over 3 actors equals single-process SGD on the same batches."""
-    cfg = make_config("workers=3", "steps=6", "model=mlp", "optim.lr=0.1")
+def test_driver_plane_counts_gradients_up_and_parameters_down(ray_session, make_config):
+    cfg = make_config("worker.plane=driver", "workers=3", "steps=5", "model=mlp")
+    summary = train(cfg)
+    n_params = sum(p.numel() for p in torch.load(os.path.join(summary["run_dir"], "model.pt"),
+                                                  weights_only=True).values())
+    # up: the gradients that arrived; down: the parameters every worker read, every step
+    assert summary["plane"] == "driver"
+    assert summary["bytes_sent"] == summary["bytes_up"] == cfg.steps * 3 * n_params * 4
+    assert summary["bytes_down"] == cfg.steps * 3 * n_params * 4
+
+
+@pytest.mark.parametrize("plane", ["driver", "collective"])
+def test_parameter_server_step_matches_a_local_reference(ray_session, make_config, plane):
+    """Mean-aggregated SGD over 3 actors (through the driver, or all-reduced among the
+    workers) equals single-process SGD on the same batches."""
+    cfg = make_config("workers=3", "steps=6", "model=mlp", "optim.lr=0.1",
+                      f"worker.plane={plane}")
     summary = train(cfg)
     got = torch.load(os.path.join(summary["run_dir"], "model.pt"), weights_only=True)
 
@@ -106,7 +122,7 @@ def test_killed_worker_drops_out_and_is_replaced(ray_session, make_config, tmp_p
     while time.time() < deadline and not (os.path.exists(metrics) and
                                           len(open(metrics).readlines()) >= 20):
         time.sleep(0.2)
-    pids = own_ray_workers("ray::Worker")
+    pids = own_ray_workers("ray::CollectiveWorker")
     assert len(pids) >= 4
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=300)
@@ -159,7 +175,7 @@ def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
     while time.time() < deadline and not (os.path.exists(metrics) and
                                           len(open(metrics).readlines()) >= 20):
         time.sleep(0.2)
-    pid = own_ray_workers("ray::Worker")[-1]
+    pid = own_ray_workers("ray::CollectiveWorker")[-1]
     os.kill(pid, signal.SIGSTOP)
     try:
         thread.join(timeout=300)

@@ -49,3 +49,11 @@ def vector_loss(model: torch.nn.Module, batch) -> torch.Tensor:
 
 
 NOT_CALLABLE = 5
+
+
+def bn_mlp(input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """A small MLP with BatchNorm: running statistics to average besides the gradients."""
+    width = int(np.prod(input_shape))
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(width, 32),
+                               torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, num_classes))

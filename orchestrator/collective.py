@@ -1,0 +1,412 @@
+"""The collective plane: the workers step on their own and all-reduce among themselves.
+
+Every worker holds the model and the optimizer. One call from the driver runs a few steps
+(worker.steps_per_call): per step each worker computes the gradient of its batch, the
+group all-reduces it (gloo on CPU, NCCL on GPU) and every worker applies the same update,
+so the replicas stay equal without the driver touching a byte of the step. The driver
+handles control only: it forms the process group over the live workers (a TCPStore it
+hosts, a new key prefix per group), hands the newest state to workers that lack it (a
+joiner, a worker whose last call fell behind), pulls the state for evaluation and
+checkpoints, and records each step from the losses that come back.
+
+A member that dies in a call makes the others' all-reduce fail: they leave the group and
+return the steps they completed (its optimizer step is not applied, BatchNorm statistics
+are put back), the driver drops the dead member, re-forms the group over the survivors in
+the same processes and runs the failed steps again. The arithmetic is the driver plane's
+with strategy=mean (orchestrator/parameter_server.py): mean of the gradients, clipping,
+the learning-rate schedule, the optimizer, the mean of the BatchNorm statistics; the
+checkpoint layout is the same, so a run can resume on either plane.
+
+If every worker that held the newest state is lost at once, training goes on from the
+driver's copy (the last checkpoint, evaluation or resume) and a warning names its step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import Config
+from orchestrator.models import float_buffers
+from orchestrator.optimizer import build_optimizer, clip_by_norm, lr_at
+from orchestrator.parameter_server import Aggregation
+from orchestrator.step import StepOutcome, TooFewWorkers
+from orchestrator.workers import Calls, Worker
+from strategies.attacks import byzantine_ranks
+from strategies.preaggregation import preaggregation_chain
+from strategies.rules import build_rule
+
+if TYPE_CHECKING:
+    from cloud.pool import Machine
+    from orchestrator.workers import WorkerPool
+    from orchestrator.workload import DataInfo, Workload
+
+log = logging.getLogger(__name__)
+
+
+def to_cpu(state: Any) -> Any:
+    """A state dict with every tensor on the CPU (what travels to the driver)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
+def ring_bytes(members: int, nbytes: int) -> int:
+    """Bytes all members together send (and receive) in a ring all-reduce of `nbytes` each:
+    2 (n - 1) / n of the vector per member."""
+    return 2 * (members - 1) * nbytes
+
+
+class CollectiveWorker(Worker):
+    """A worker of the collective plane: its model, its optimizer, its place in the group."""
+
+    def __init__(self, rank: int | None, workload: Workload, cfg: Config, info: DataInfo,
+                 device: str, byzantine: bool = False) -> None:
+        super().__init__(rank, workload, cfg, info, device, byzantine)
+        if rank is None or self.error:
+            return
+        self.optimizer = build_optimizer(cfg.optim, self.params)
+        self.buffers = self.state[self.n_params:]  # BatchNorm statistics (may be empty)
+        # the robust path: a rule, attack, pre-aggregation or noise on blocks of coordinates
+        self.aggregation = Aggregation(cfg) if sharded(cfg) else None
+        self.members: list[int] = [rank]  # the group's ranks (squall's), in group order
+        self.store: dist.TCPStore | None = None
+        self.timeout = timedelta(seconds=cfg.worker.step_timeout_s)
+
+    def enter(self, state: dict | None, host: str, port: int, prefix: str,
+              members: list[int]) -> None:
+        """Take `state` (model and optimizer) if given, then join the group `prefix` of
+        `members` (leaving the previous group, if any)."""
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.leave()
+        if self.store is None:
+            self.store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.PrefixStore(prefix, self.store),
+                                rank=members.index(self.rank), world_size=len(members),
+                                timeout=self.timeout)
+        self.members = members
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):  # a broken group may fail to close
+                dist.destroy_process_group()
+
+    def export(self) -> dict:
+        """Model and optimizer state, on the CPU."""
+        return {"model": to_cpu(self.model.state_dict()),
+                "optimizer": to_cpu(self.optimizer.state_dict())}
+
+    def run_steps(self, first: int, stop: int) -> dict:
+        """Steps first..stop-1: per completed step its loss, whether the model moved and
+        the gradients rejected as non-finite; `error` ('') when a member was lost (the failed
+        step leaves no trace in this worker's state), `too_few` when strategy.on_too_few=fail
+        stopped the steps."""
+        out: dict[str, Any] = {"losses": [], "updated": [], "rejected": [], "error": "",
+                               "too_few": ""}
+        for step in range(first, stop):
+            saved = self.buffers.clone()  # the forward pass moves BatchNorm statistics
+            rejected = self.aggregation.rejected if self.aggregation else 0
+            self.grad.zero_()
+            loss = self.backward(step)
+            try:
+                updated = self.exchange(step)
+            except TooFewWorkers as e:
+                out["too_few"] = str(e)
+                break
+            except Exception as e:  # noqa: BLE001 - a member is gone: the driver re-forms
+                self.buffers.copy_(saved)
+                self.leave()  # closing our connections frees members still waiting on us
+                out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                break
+            if updated:
+                self.apply(step)
+            else:  # a skipped step: the statistics stay as the model's were
+                self.buffers.copy_(saved)
+            out["losses"].append(float(loss))
+            out["updated"].append(updated)
+            out["rejected"].append((self.aggregation.rejected if self.aggregation else 0)
+                                   - rejected)
+        return out
+
+    def exchange(self, step: int) -> bool:
+        """The group's update direction into self.grad (False: the step is skipped), and
+        the mean of the BatchNorm statistics into the buffers."""
+        world = len(self.members)
+        if self.buffers.numel():
+            dist.all_reduce(self.buffers)
+            self.buffers.div_(world)
+        if self.aggregation is None:  # mean: one all-reduce
+            dist.all_reduce(self.grad)
+            self.grad.div_(world)
+            return True
+        update = sharded_update(self.noised(self.grad, step), self.members, self.rank,
+                                lambda block: self.aggregation(block, self.members, step,
+                                                               agree=agreed_rows))
+        if update is None:
+            return False
+        self.grad.copy_(update)
+        return True
+
+    def apply(self, step: int) -> None:
+        """The update of the group's direction, as the driver plane applies it."""
+        optim = self.cfg.optim
+        self.grad.copy_(clip_by_norm(self.grad, optim.clip_norm))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(optim, step, self.cfg.steps)
+        self.optimizer.step()
+
+
+def sharded_update(grad: torch.Tensor, members: list[int], rank: int,
+                   rule: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor | None:
+    """A robust rule by blocks of coordinates, in the current group (this process is
+    `rank` of `members`): an all-to-all leaves it with its block of every member's
+    gradient, `rule` turns that (n, block) matrix into the block of the update (None: the
+    step is skipped, which every member decides alike), and an all-gather returns the whole
+    update. Each member sends and receives 2 (n - 1) / n of a gradient, as in a ring
+    all-reduce, and computes the rule on 1/n of the coordinates."""
+    n, d = len(members), grad.numel()
+    width = -(-d // n)
+    send = torch.zeros(n * width, device=grad.device)
+    send[:d] = grad
+    blocks = torch.empty_like(send)
+    dist.all_to_all_single(blocks, send)
+    lo = members.index(rank) * width
+    update = rule(blocks.view(n, width)[:, :max(0, min(width, d - lo))])
+    if update is None:
+        return None
+    own = torch.zeros(width, device=grad.device)
+    own[:update.numel()] = update
+    whole = torch.empty_like(send)
+    dist.all_gather(list(whole.view(n, width).unbind(0)), own)
+    return whole[:d]
+
+
+def agreed_rows(finite: torch.Tensor) -> torch.Tensor:
+    """A row is finite where it is finite in every member's block."""
+    flags = finite.to(torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return flags.bool()
+
+
+def sharded(cfg: Config) -> bool:
+    """Whether the collective plane runs the robust path (else: a plain mean)."""
+    st = cfg.strategy
+    return st.name != "mean" or bool(cfg.byzantine.f or st.pre or st.noise)
+
+
+RemoteCollectiveWorker = ray.remote(CollectiveWorker)
+
+
+class CollectivePlane:
+    """The `TrainingStep` of worker.plane=collective: the workers own model and optimizer
+    (and, on the robust path, the aggregation); the driver's copy (`model`, `optimizer`) is
+    pulled for evaluation, checkpoints and the end of the run."""
+
+    actor_class = RemoteCollectiveWorker
+    checkpoint_before_drain = False  # every member holds the whole state
+
+    def __init__(self, cfg: Config, model: torch.nn.Module) -> None:
+        self.cfg, self.model = cfg, model
+        self.optimizer = build_optimizer(cfg.optim, list(model.parameters()))
+        self.steps_per_call = cfg.worker.steps_per_call
+        n_values = sum(p.numel() for p in model.parameters()) + sum(
+            b.numel() for b in float_buffers(model))
+        self.nbytes = 4 * n_values  # what each member exchanges per step
+        self.robust = sharded(cfg)
+        byz = cfg.byzantine
+        self.byzantine = set(byzantine_ranks(cfg.workers, byz.f, cfg.seed))
+        self.rejected = 0  # gradients rejected as non-finite (as the driver plane counts)
+        self.too_few = ""  # strategy.on_too_few=fail: why the workers stopped
+        self.members: list[int] = []  # ranks of the current group, in group order
+        self.newest: set[int] = set()  # ranks whose state is the run's newest
+        self.driver_current = True  # the driver's copy is the newest (start, resume, pull)
+        # the driver plane's aggregation state for mean, so that its checkpoints load there
+        st = cfg.strategy
+        self.aggregation_state = preaggregation_chain(st.pre, st, build_rule(st.name, st)).init()
+        self.store: dist.TCPStore | None = None
+        self.groups = 0
+        self.in_flight: tuple[range, Calls] | None = None
+
+    def actor_kwargs(self, rank: int, workers: WorkerPool | None) -> dict[str, Any]:
+        return {"byzantine": rank in self.byzantine}
+
+    # ---- the steps
+    def run(self, steps: range, workers: WorkerPool, reclaim: list[Machine]
+            ) -> list[StepOutcome]:
+        """The steps with the live workers; fewer outcomes than steps when a member was lost
+        (the frame asks for the rest again). Machines in `reclaim` vanish first."""
+        # The simulated pool's reclaims go first: the step runs without them, as on the
+        # driver plane. (A member that dies during a call is handled below.)
+        lost, synced = workers.reclaim(reclaim), 0
+        while workers.live:
+            if self.too_few:
+                raise TooFewWorkers(self.too_few)
+            formed = self._form_group(workers)
+            lost, synced = lost + formed[0], synced + formed[1]
+            if not workers.live:
+                break
+            self.in_flight = (steps, workers.submit("run_steps", (steps.start, steps.stop)))
+            outcomes, lost_now = self._collect(workers)
+            lost += lost_now
+            if outcomes:
+                outcomes[0].lost += lost
+                outcomes[0].bytes_down += synced
+                return outcomes
+        return [StepOutcome(answered=0, lost=lost, bytes_down=synced)]
+
+    def settle(self, workers: WorkerPool | None) -> list[tuple[int, StepOutcome]]:
+        """On a stop: the steps of the call in flight, finished (the model and the frame's
+        progress must agree before the checkpoint)."""
+        if self.in_flight is None or workers is None:
+            return []
+        first = self.in_flight[0].start
+        outcomes, _ = self._collect(workers)
+        return list(enumerate(outcomes, start=first))
+
+    def _collect(self, workers: WorkerPool) -> tuple[list[StepOutcome], int]:
+        steps, calls = self.in_flight
+        results, lost = workers.collect(calls, self.cfg.worker.step_timeout_s * (len(steps) + 1))
+        self.in_flight = None
+        done = max((len(r["losses"]) for r in results.values()), default=0)
+        errors = [r["error"] for r in results.values() if r["error"]]
+        if errors or lost:
+            self.members = []  # the group is broken: it re-forms before the next call
+            if not done and not lost:
+                raise RuntimeError(f"the collective plane failed with every member live: "
+                                   f"{errors[0]}")
+        if not done:
+            self.newest &= set(workers.live)
+            return [], lost
+        self.newest = {rank for rank, r in results.items() if len(r["losses"]) == done}
+        self.driver_current = False
+        self.too_few = next((r["too_few"] for r in results.values() if r["too_few"]), "")
+        longest = next(r for r in results.values() if len(r["losses"]) == done)
+        outcomes = []
+        for i in range(done):
+            losses = [r["losses"][i] for r in results.values() if len(r["losses"]) > i]
+            traffic = self._traffic(len(losses))
+            self.rejected += longest["rejected"][i]
+            outcomes.append(StepOutcome(answered=len(losses), loss=float(np.mean(losses)),
+                                        updated=longest["updated"][i], bytes_sent=traffic,
+                                        bytes_up=traffic, bytes_down=traffic))
+        return outcomes, lost
+
+    def _traffic(self, members: int) -> int:
+        """Bytes all members send (= receive) in a step: the ring all-reduce of the
+        gradient and statistics; on the robust path the all-to-all and all-gather of the
+        gradient (the same volume) and the all-reduce of the members' finite flags."""
+        flags = ring_bytes(members, 4 * members) if self.robust else 0
+        return ring_bytes(members, self.nbytes) + flags
+
+    # ---- membership
+    def _form_group(self, workers: WorkerPool) -> tuple[int, int]:
+        """A group over the live workers (unless the current one is it), every member with
+        the newest state; returns (workers lost meanwhile, bytes of state sent)."""
+        lost = synced = 0
+        while workers.live and sorted(workers.live) != self.members:
+            live = sorted(workers.live)
+            if not self.newest & set(live):  # the driver's copy is the newest left
+                self._fall_back()
+            needs = [rank for rank in live if rank not in self.newest]
+            state = self._newest_state(workers) if needs else None
+            ref = ray.put(state) if needs else None
+            host, port = self._rendezvous()
+            self.groups += 1
+            args = {rank: (ref if rank in needs else None, host, port,
+                           f"group{self.groups}/", live) for rank in live}
+            _, lost_now = workers.call("enter", args)
+            lost += lost_now
+            synced += len(needs) * tensor_bytes(state)
+            self.newest |= set(needs) & set(workers.live)
+            if not lost_now:
+                self.members = live
+        return lost, synced
+
+    def _newest_state(self, workers: WorkerPool) -> dict:
+        """The state of a live member that holds the newest, else the driver's copy."""
+        for rank in sorted(self.newest & set(workers.live)):
+            actor, _ = workers.live[rank]
+            try:
+                return ray.get(actor.export.remote(), timeout=self.cfg.worker.step_timeout_s)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue  # it is dropped at the next call
+        self._fall_back()
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def _fall_back(self) -> None:
+        """No live member holds the newest state: the driver's copy is what goes on."""
+        if not self.driver_current:
+            log.warning("every worker holding the newest model was lost: training goes on "
+                        "from the driver's copy (the last checkpoint, evaluation or resume)")
+        self.newest, self.driver_current = set(), True
+
+    def _rendezvous(self) -> tuple[str, int]:
+        """Where the groups meet: a TCPStore in the driver's process, on the driver's node."""
+        host = ray.util.get_node_ip_address()
+        if self.store is None:
+            self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=self.cfg.worker.step_timeout_s))
+        return host, self.store.port
+
+    # ---- the driver's copy
+    def _pull(self, workers: WorkerPool | None) -> None:
+        """The newest state into the driver's model and optimizer (if a member holds it)."""
+        if workers is None or self.driver_current:
+            return
+        for rank in sorted(self.newest & set(workers.live)):
+            actor, _ = workers.live[rank]
+            try:
+                state = ray.get(actor.export.remote(), timeout=self.cfg.worker.step_timeout_s)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.driver_current = True
+            return
+
+    def state_dict(self, workers: WorkerPool | None) -> dict[str, Any]:
+        self._pull(workers)  # the layout of the driver plane's (ParameterServer) checkpoint
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "aggregation": self.aggregation_state, "rejected": self.rejected}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rejected = state["rejected"]
+
+    def eval_model(self, workers: WorkerPool | None) -> torch.nn.Module:
+        self._pull(workers)
+        return self.model
+
+    def finish(self, workers: WorkerPool | None) -> None:
+        self._pull(workers)
+
+    def summary(self) -> dict[str, Any]:
+        return {"rejected_updates": self.rejected, "byzantine_ranks": sorted(self.byzantine),
+                "plane": "collective", "groups_formed": self.groups}
