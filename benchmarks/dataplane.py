@@ -41,8 +41,9 @@ over the survivors and their first step; for the collectives, kill -> the surviv
 failing, destroy_process_group + init_process_group over the survivors (new port, new world)
 without restarting actors, and their first steps.
 
---shipped runs only ddp, squall and squall-collective (no membership runs) and writes the
-`shipped-*` blocks; a full run writes the `workers-*` blocks (prototypes and membership).
+--shipped runs only ddp, squall and squall-collective, then the shipped plane's membership
+change (a member SIGKILLed, a replacement joining: `child_shipped_membership`), and writes
+the `shipped-*` blocks; a full run writes the `workers-*` blocks (prototypes and membership).
 
 Writes the part of benchmarks/dataplane.md between `<!-- generated -->` and
 `<!-- end generated -->` (one block per worker count, through benchmarks/md_parts.write_part);
@@ -683,11 +684,99 @@ def child_collective_fault(workers: int, warmup: int, driver_store: bool) -> dic
             "after_ms": window_ms(ends, warmup), "survivors": len(survivors)}
 
 
+# =========================================================================== shipped plane
+def child_shipped_membership(workers: int, warmup: int) -> dict:
+    """squall's collective plane as the run loop drives it (CollectivePlane and WorkerPool on
+    cloud=local): the wall time of one call of worker.steps_per_call steps as it is, with a
+    member SIGKILLed just before it (its all-reduce fails, the group re-forms over the
+    survivors, the steps run again), and with a replacement that joins (the newest state
+    goes to it, the group re-forms)."""
+    from cloud import make_pool
+    from orchestrator.collective import CollectivePlane
+    from orchestrator.config import job_spec
+    from orchestrator.run import start_workers
+
+    torch.set_num_threads(1)
+    cfg = load_config([f"workers={workers}", "log.progress=false"])
+    workload = resolve_workload(cfg)
+    info = data_info(workload.dataset("test"))
+    torch.manual_seed(cfg.seed)
+    plane = CollectivePlane(cfg, workload.model(info))
+    start_ray(workers + 1)  # a CPU for the replacement
+    pool = make_pool(cfg.cloud, job_spec(cfg))
+    pool_workers = start_workers(cfg, pool, workload, info, plane)
+    size, step = cfg.worker.steps_per_call, 1
+
+    def call() -> float:
+        nonlocal step
+        t0 = time.perf_counter()
+        step += len(plane.run(range(step, step + size), pool_workers, []))
+        return (time.perf_counter() - t0) * 1e3
+
+    try:
+        while step <= warmup:
+            call()
+        normal = median_ms([call() / 1e3 for _ in range(5)])
+        victim = max(pool_workers.live)
+        os.kill(pool_workers.live[victim][1].worker_pid, signal.SIGKILL)
+        time.sleep(0.2)  # gone before the call
+        lost_ms = call()
+        t_wait = time.perf_counter()
+        while len(pool_workers.live) < workers and time.perf_counter() - t_wait < 120:
+            for machine in pool.poll(step).joined:
+                pool_workers.add(machine)
+            pool_workers.admit()
+            time.sleep(0.02)
+        start_s = time.perf_counter() - t_wait
+        join_ms = call()
+        after = median_ms([call() / 1e3 for _ in range(5)])
+    finally:
+        pool_workers.stop()
+        pool.shutdown()
+        ray.shutdown()
+    return {"steps_per_call": size, "normal_ms": normal, "lost_ms": lost_ms,
+            "replacement_start_s": start_s, "join_ms": join_ms, "after_ms": after,
+            "groups": plane.groups}
+
+
+def membership_table(runs: list[dict], workers: int) -> list[str]:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return ["membership runs failed: " + "; ".join(r["error"] for r in runs)]
+    size = ok[0]["steps_per_call"]
+
+    def cell(key: str, scale: float = 1.0) -> str:
+        values = [r[key] * scale for r in ok]
+        return f"{statistics.median(values):.1f} ({fmt(values, 1)})"
+
+    extra = {k: [r[k] - r["normal_ms"] for r in ok] for k in ("lost_ms", "join_ms")}
+    return [
+        f"### Membership change in the shipped plane ({workers} -> {workers - 1} -> "
+        f"{workers} members)", "",
+        f"One call of {size} steps (ms, median over {len(ok)} rounds, every round in "
+        "brackets); the survivors' processes are never restarted.", "",
+        "| call | ms | over a plain call |", "|---|---|---|",
+        f"| plain (median of 5) | {cell('normal_ms')} | - |",
+        f"| a member SIGKILLed just before: its all-reduce fails, the group re-forms over the "
+        f"survivors, the steps run again | {cell('lost_ms')} | "
+        f"{statistics.median(extra['lost_ms']):.1f} ({fmt(extra['lost_ms'], 1)}) |",
+        f"| the replacement's first call: the newest state goes to it, the group re-forms "
+        f"| {cell('join_ms')} | {statistics.median(extra['join_ms']):.1f} "
+        f"({fmt(extra['join_ms'], 1)}) |",
+        f"| after (median of 5) | {cell('after_ms')} | - |", "",
+        f"For scale: the replacement worker took {cell('replacement_start_s')} s to start "
+        "(process, imports, its shard, the model), in the background while the survivors "
+        "trained; the call above is the part the run waits for.",
+        *(["", "Failed rounds: " + "; ".join(r["error"] for r in runs if "error" in r)]
+          if len(ok) < len(runs) else [])]
+
+
 # =========================================================================== children
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict]] = {
     "ddp-rank": lambda a: child_ddp_rank(a.workers, a.rank, a.port, a.steps),
     "squall": lambda a: child_squall(a.workers, a.steps, "driver"),
     "squall-collective": lambda a: child_squall(a.workers, a.steps, "collective"),
+    "shipped-membership": lambda a: child_shipped_membership(a.workers, a.warmup),
     "cgraph": lambda a: child_cgraph(a.workers, a.steps),
     "cgraph-agg": lambda a: child_cgraph_agg(a.workers, a.steps),
     "collective": lambda a: child_collective(a.workers, a.steps),
@@ -775,7 +864,11 @@ def measure(s: Settings) -> tuple[dict[int, dict[str, list[Round]]],
                 rounds[w][kind].append(rnd)
                 log(f"workers={w} round {r + 1} {kind}: "
                     + (f"{rnd.ms:.2f} ms/step, loss {rnd.loss:.3f}" if rnd.ms else rnd.error))
-        faults[w] = {k: [] for k in FAULTS} if s.faults else {}
+        faults[w] = {k: [] for k in FAULTS} if s.faults else {"shipped-membership": []}
+        for r in range(s.rounds if not s.faults else 0):
+            faults[w]["shipped-membership"].append(run_variant("shipped-membership", w, s))
+            log(f"workers={w} round {r + 1} shipped-membership: "
+                f"{json.dumps(faults[w]['shipped-membership'][-1])}")
         for r in range(s.rounds if s.faults else 0):
             for kind in FAULTS:
                 faults[w][kind].append(run_variant(kind, w, s))
@@ -899,7 +992,8 @@ def group_block(w: int, group: dict[str, list[Round]], faults: dict[str, list[di
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmd}`: steps {s.warmup + 1}-"
         f"{s.steps} of each run timed, {s.rounds} rounds per variant.",
         "", *steps, "", summary, "", "Where the time goes (per step, as measured inside):",
-        "", *phase_table(group), *([""] + fault_part if fault_part else [])])
+        "", *phase_table(group), *([""] + fault_part if fault_part else []),
+        *([""] + membership_table(faults["shipped-membership"], w) if not s.faults else [])])
 
 
 def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float) -> str:

@@ -20,6 +20,10 @@ Per round, rule, n and d, the same n fake gradients (float32, N(0, 1), seeded):
   member sends and receives 2 (n - 1) / n of a gradient, plus n flags: about 4 d floats up
   and down together, whatever n.
 
+`measured on loopback`: the bytes the interface sent during the timed steps (from
+/proc/net/dev, every member's gloo traffic with its TCP framing) over the steps and the
+members: what one member sent per step, against the MB/step column's sent + received.
+
 `same update`: the sharded update gathered on rank 0 equals the driver's on the same matrix
 (bit for bit for these order statistics). Compiled kernels are off on both sides
 (SQUALL_COMPILE=0), so both run the same eager rule. At least 3 rounds; medians and every
@@ -81,11 +85,25 @@ def member(rank: int, n: int, port: int, cases: list[tuple[str, int]], rnd: int,
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=n)
     for rule, d in cases:
-        ms, update = timed_ms(member_step(aggregation(rule, n), fake_gradient(rnd, rank, d),
-                                          list(range(n)), rank), reps)
+        step = member_step(aggregation(rule, n), fake_gradient(rnd, rank, d), list(range(n)),
+                           rank)
+        step()  # once untimed (first-call set-up)
+        sent0 = loopback_bytes()
+        ms, update = timed_ms(step, reps)
+        wire = (loopback_bytes() - sent0) / reps  # every member's bytes, one step
         if rank == 0:
-            results[(rule, d)] = (ms, update)
+            results[(rule, d)] = (ms, update, wire / n)
     dist.destroy_process_group()
+
+
+def loopback_bytes() -> int:
+    """Bytes sent over the loopback interface so far (/proc/net/dev): the members' traffic,
+    and whatever else uses it (the machine is otherwise idle for this benchmark)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            return int(fields.split()[8])  # transmit bytes
+    return 0
 
 
 def member_step(agg: Aggregation, grad: torch.Tensor, members: list[int], rank: int):
@@ -132,9 +150,9 @@ def measure(args: argparse.Namespace) -> dict:
             sharded = run_sharded(n, cases, rnd, args.reps)
             for rule, d in cases:
                 driver_ms, expected = run_driver(rule, n, d, rnd, args.reps)
-                sharded_ms, update = sharded[(rule, d)]
+                sharded_ms, update, wire = sharded[(rule, d)]
                 same = update is not None and torch.equal(update, expected)
-                rows.setdefault((rule, n, d), []).append((driver_ms, sharded_ms, same))
+                rows.setdefault((rule, n, d), []).append((driver_ms, sharded_ms, same, wire))
                 print(f"round {rnd + 1} {rule} n={n} d={d:.0e}: driver {driver_ms:.1f} ms, "
                       f"sharded {sharded_ms:.1f} ms, same {same}", file=sys.stderr, flush=True)
     return rows
@@ -156,8 +174,8 @@ def fmt(values: list[float]) -> str:
 
 def table(rows: dict) -> tuple[list[str], list[str]]:
     lines = ["| rule | n | d | driver ms (median) | every round | sharded ms (median) | every "
-             "round | driver / sharded | busiest process MB/step: driver | sharded | same "
-             "update |", "|---" * 11 + "|"]
+             "round | driver / sharded | busiest process MB/step: driver | sharded | sharded, "
+             "measured on loopback (sent per member) | same update |", "|---" * 12 + "|"]
     per_float = []  # the sharded busiest process's bytes over 4 d, for the verdict
     for (rule, n, d), rounds in sorted(rows.items()):
         driver = [r[0] for r in rounds]
@@ -168,7 +186,8 @@ def table(rows: dict) -> tuple[list[str], list[str]]:
         lines.append(f"| {rule} | {n} | {d:.0e} | {statistics.median(driver):.1f} | "
                      f"{fmt(driver)} | {statistics.median(sharded):.1f} | {fmt(sharded)} | "
                      f"{statistics.median(driver) / statistics.median(sharded):.2f}x | "
-                     f"{drv_mb:.1f} | {mem_mb:.1f} | {same} |")
+                     f"{drv_mb:.1f} | {mem_mb:.1f} | "
+                     f"{statistics.median(r[3] for r in rounds) / 1e6:.1f} | {same} |")
     worst = max(per_float)
     verdicts = [
         f"- busiest process, sharded: at most {worst:.2f} x d floats per step over every n "

@@ -291,7 +291,12 @@ class CollectivePlane:
 
     def _collect(self, workers: WorkerPool) -> tuple[list[StepOutcome], int]:
         steps, calls = self.in_flight
-        results, lost = workers.collect(calls, self.cfg.worker.step_timeout_s * (len(steps) + 1))
+        timeout = self.cfg.worker.step_timeout_s
+        waiting = [ref for ref, rank in calls.pending.items() if rank not in calls.lost]
+        ray.wait(waiting, num_returns=1, timeout=timeout * len(steps))  # the first answer:
+        # the others are at most a step behind it (or stuck in an all-reduce that times out
+        # after worker.step_timeout_s); a member silent beyond that is lost
+        results, lost = workers.collect(calls, 2 * timeout)
         self.in_flight = None
         done = max((len(r["losses"]) for r in results.values()), default=0)
         errors = [r["error"] for r in results.values() if r["error"]]
@@ -300,12 +305,12 @@ class CollectivePlane:
             if not done and not lost:
                 raise RuntimeError(f"the collective plane failed with every member live: "
                                    f"{errors[0]}")
+        self.too_few = next((r["too_few"] for r in results.values() if r["too_few"]), "")
         if not done:
             self.newest &= set(workers.live)
             return [], lost
         self.newest = {rank for rank, r in results.items() if len(r["losses"]) == done}
         self.driver_current = False
-        self.too_few = next((r["too_few"] for r in results.values() if r["too_few"]), "")
         longest = next(r for r in results.values() if len(r["losses"]) == done)
         outcomes = []
         for i in range(done):

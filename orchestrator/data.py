@@ -222,6 +222,20 @@ class StepBatches:
         self.cfg, self.seed, self.rank, self.accumulate = cfg, seed, rank, accumulate
         self.pin_memory = pin_memory
         self.next_micro, self.batches = 0, None
+        # tensors in memory read as plain TensorDataset items: a batch is one indexing of
+        # each tensor, what the DataLoader's collate would stack sample by sample
+        self.tensors = None
+        if isinstance(dataset, TensorDataset) and \
+                type(dataset).__getitem__ is TensorDataset.__getitem__ and \
+                not cfg.loader_workers and not pin_memory:
+            positions = torch.from_numpy(np.asarray(shard, dtype=np.int64))
+            self.tensors = [t[positions] for t in dataset.tensors]
+
+    def _indexed(self, micro: int) -> list[torch.Tensor]:
+        """Micro-batch `micro` of in-memory tensors, as the DataLoader would collate it."""
+        idx = torch.from_numpy(batch_indices(len(self.shard), self.cfg.batch_size, micro,
+                                             self.seed, self.rank))
+        return [t[idx] for t in self.tensors]
 
     def _loader(self, first: int) -> Iterator:
         sampler = StepBatchSampler(len(self.shard), self.cfg.batch_size, self.seed, self.rank,
@@ -233,6 +247,8 @@ class StepBatches:
     def __call__(self, step: int) -> list[Any]:
         """The micro-batches of `step` (1-based), in order."""
         first = (step - 1) * self.accumulate + 1
+        if self.tensors is not None:
+            return [self._indexed(micro) for micro in range(first, first + self.accumulate)]
         if self.batches is None or first != self.next_micro:  # a jump: read from there
             self.batches = self._loader(first)
         self.next_micro = first + self.accumulate

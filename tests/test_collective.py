@@ -16,6 +16,7 @@ from cloud import make_pool
 from orchestrator.collective import CollectivePlane
 from orchestrator.config import job_spec
 from orchestrator.run import start_workers, train
+from orchestrator.step import TooFewWorkers
 from orchestrator.workload import data_info, resolve_workload
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -90,8 +91,9 @@ def start(make_config, workers: int, *overrides: str):
     return plane, pool, start_workers(cfg, pool, workload, info, plane)
 
 
-def states(workers) -> dict[int, dict]:
-    return {rank: ray.get(actor.export.remote()) for rank, (actor, _) in workers.live.items()}
+def states(workers, ranks: list[int] | None = None) -> dict[int, dict]:
+    return {rank: ray.get(actor.export.remote()) for rank, (actor, _) in workers.live.items()
+            if ranks is None or rank in ranks}
 
 
 def assert_equal_replicas(workers) -> None:
@@ -175,6 +177,31 @@ def test_a_stop_during_a_call_finishes_its_steps_before_the_checkpoint(make_conf
         assert [step for step, _ in settled] == list(range(2, 32))
         assert all(o.answered == 2 and o.updated for _, o in settled)
         assert plane.in_flight is None and plane.settle(workers) == []
+    finally:
+        workers.stop()
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("on_too_few", ["skip", "fail"])
+def test_too_few_members_for_the_rule_skip_or_stop_the_steps(make_config, on_too_few):
+    """median with f = 1 needs 3 rows: after a member is lost, the 2 left skip every step
+    (the model stays where it was) or, with strategy.on_too_few=fail, stop the run."""
+    plane, pool, workers = start(make_config, 3, "strategy=median", "strategy.f=1",
+                                 "worker.plane=collective", f"strategy.on_too_few={on_too_few}")
+    try:
+        assert all(o.updated for o in plane.run(range(1, 4), workers, []))
+        before = states(workers, [0, 1])
+        os.kill(workers.live[2][1].worker_pid, signal.SIGKILL)
+        time.sleep(0.5)
+        if on_too_few == "fail":
+            with pytest.raises(TooFewWorkers, match="strategy.on_too_few=fail"):
+                plane.run(range(4, 7), workers, [])
+            return
+        outcomes = plane.run(range(4, 7), workers, [])
+        assert [(o.answered, o.updated) for o in outcomes] == [(2, False)] * 3
+        for rank, state in states(workers).items():
+            for name, value in state["model"].items():
+                assert torch.equal(value, before[rank]["model"][name]), name
     finally:
         workers.stop()
         pool.shutdown()

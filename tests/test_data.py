@@ -119,13 +119,19 @@ def test_shard_batches_are_the_stateless_batches_of_each_step(digits):
 
 
 def test_shard_batches_through_loader_processes_match(digits):
+    """Loader processes (a DataLoader) and in-memory tensors (one indexing per tensor, the
+    default for a plain TensorDataset) give the same batches, labels and types."""
     cfg = load_config(["data.loader_workers=2"]).data
     train = digits_data("train")
     shard = shard_of(train, 0, 2, cfg, seed=0)
-    a = StepBatches(train, shard, cfg, seed=0, rank=0)
-    b = StepBatches(train, shard, load_config().data, seed=0, rank=0)
+    a = StepBatches(train, shard, cfg, seed=0, rank=0, accumulate=2)
+    b = StepBatches(train, shard, load_config().data, seed=0, rank=0, accumulate=2)
+    assert a.tensors is None and b.tensors is not None
     for step in range(1, 6):
-        assert torch.equal(a(step)[0][0], b(step)[0][0])
+        for got, expected in zip(b(step), a(step)):
+            assert type(got) is type(expected) and len(got) == len(expected) == 2
+            for x, y in zip(got, expected):
+                assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 def test_non_iid_partition_needs_targets():
