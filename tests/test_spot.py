@@ -77,11 +77,15 @@ def test_chaos_run_replaces_capacity_and_keeps_accuracy(make_config):
     and the model still learns (a clean run of this job reaches about 0.97; the comparison
     with a clean run on the same seed, within 2 points, is benchmarks/chaos.py's)."""
     # A replacement needs a few seconds (new Ray node, new worker process) while a step takes
-    # about 10 ms and the loop does not wait for it: q is kept small and the run long, so that
-    # most reclaims happen long enough before the end for their replacement to join.
+    # about 20 ms and the loop does not wait for it: q is kept small and the run long, so that
+    # most reclaims happen long enough before the end for their replacement to join. The
+    # driver plane's steps set that pace here: on the collective plane's (3x shorter, and
+    # its busy workers slow the node starts on 2 cores) most of the run would be over before
+    # the first replacement joins. The collective plane's own losses and joins are
+    # tests/test_collective.py's; the other runs in this module use it.
     chaos = train(make_config("workers=6", "steps=1200", "model=mlp", "run.name=chaos",
                               "cloud=simulated", "cloud.preempt_prob=0.005",
-                              "cloud.replace_delay_s=0"))
+                              "cloud.replace_delay_s=0", "worker.plane=driver"))
     assert chaos["steps_done"] == 1200 and chaos["lost_steps"] == 0
     assert chaos["preemptions"] >= 10
     assert chaos["joins"] >= 5
@@ -195,7 +199,8 @@ def test_a_warm_standby_becomes_the_replacement_node_and_worker(make_config):
     from orchestrator.workload import DataInfo, resolve_workload
 
     cfg = make_config("cloud=simulated", "workers=1", "model=mlp", "cloud.replace_delay_s=0",
-                      "cloud.warm_nodes=1", "cloud.spot_price=3600")  # $1 a second
+                      "cloud.warm_nodes=1", "cloud.spot_price=3600",  # $1 a second
+                      "worker.plane=driver")  # the gradient of one worker, compared below
     workload, info = resolve_workload(cfg), DataInfo((1, 8, 8), 10)
     training = make_step(cfg, workload.model(info))
     pool = SimulatedPool(cfg.cloud, job_spec(cfg))
