@@ -166,7 +166,8 @@ def test_ctrl_c_stops_cleanly_with_summary(tmp_path, signum, code):
 def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
     """A worker that stops answering (SIGSTOP: a hung node) is dropped after
     worker.step_timeout_s and replaced; the run completes."""
-    cfg = make_config("steps=500", "run.name=hang", "worker.step_timeout_s=2")
+    cfg = make_config("steps=500", "run.name=hang", "worker.step_timeout_s=2",
+                      "worker.plane=driver")  # one step per call: the timed-out step is one row
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(train(cfg)))
     thread.start()
@@ -175,7 +176,7 @@ def test_hung_worker_times_out_and_is_replaced(ray_session, make_config):
     while time.time() < deadline and not (os.path.exists(metrics) and
                                           len(open(metrics).readlines()) >= 20):
         time.sleep(0.2)
-    pid = own_ray_workers("ray::CollectiveWorker")[-1]
+    pid = own_ray_workers("ray::Worker")[-1]
     os.kill(pid, signal.SIGSTOP)
     try:
         thread.join(timeout=300)
