@@ -97,9 +97,10 @@ class CollectiveWorker(Worker):
         self.timeout = timedelta(seconds=cfg.worker.step_timeout_s)
 
     def enter(self, state: dict | None, host: str, port: int, prefix: str,
-              members: list[int]) -> None:
+              members: list[int]) -> str:
         """Take `state` (model and optimizer) if given, then join the group `prefix` of
-        `members` (leaving the previous group, if any)."""
+        `members` (leaving the previous group, if any); '' or why joining failed (a member
+        that never came: the store times out after worker.step_timeout_s)."""
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -107,10 +108,14 @@ class CollectiveWorker(Worker):
         if self.store is None:
             self.store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.PrefixStore(prefix, self.store),
-                                rank=members.index(self.rank), world_size=len(members),
-                                timeout=self.timeout)
+        try:
+            dist.init_process_group(backend, store=dist.PrefixStore(prefix, self.store),
+                                    rank=members.index(self.rank), world_size=len(members),
+                                    timeout=self.timeout)
+        except Exception as e:  # noqa: BLE001 - reported: the driver forms another group
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         self.members = members
+        return ""
 
     def leave(self) -> None:
         if dist.is_initialized():
@@ -345,10 +350,17 @@ class CollectivePlane:
             self.groups += 1
             args = {rank: (ref if rank in needs else None, host, port,
                            f"group{self.groups}/", live) for rank in live}
-            _, lost_now = workers.call("enter", args)
+            # members wait up to step_timeout_s for a missing one: the rest answer before
+            # the driver gives up on it
+            answers, lost_now = workers.collect(workers.submit("enter", args),
+                                                2 * self.cfg.worker.step_timeout_s)
             lost += lost_now
             synced += len(needs) * tensor_bytes(state)
             self.newest |= set(needs) & set(workers.live)
+            errors = [error for error in answers.values() if error]
+            if errors and not lost_now:  # nobody to drop: another try would fail alike
+                raise RuntimeError(f"the collective plane could not form its group: "
+                                   f"{errors[0]}")
             if not lost_now:
                 self.members = live
         return lost, synced
