@@ -34,7 +34,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import Config
+from orchestrator.config import Config, plain_mean
 from orchestrator.models import float_buffers
 from orchestrator.optimizer import build_optimizer, clip_by_norm, lr_at
 from orchestrator.parameter_server import Aggregation
@@ -221,8 +221,7 @@ def agreed_rows(finite: torch.Tensor) -> torch.Tensor:
 
 def sharded(cfg: Config) -> bool:
     """Whether the collective plane runs the robust path (else: a plain mean)."""
-    st = cfg.strategy
-    return st.name != "mean" or bool(cfg.byzantine.f or st.pre or st.noise)
+    return not plain_mean(cfg)
 
 
 RemoteCollectiveWorker = ray.remote(CollectiveWorker)

@@ -509,13 +509,17 @@ def _not_collective(cfg: Config) -> str:
     return ""
 
 
+def plain_mean(cfg: Config) -> bool:
+    """strategy=mean without Byzantine workers, pre-aggregation or noise: one all-reduce."""
+    st = cfg.strategy
+    return not isinstance(st, GossipConfig) and st.name == "mean" and not (
+        cfg.byzantine.f or st.pre or st.noise)
+
+
 def uses_collective_plane(cfg: Config) -> bool:
     """worker.plane resolved: collective, or with auto where the job is plain averaging
     (a robust rule on the collective plane is asked for by name, worker.plane=collective)."""
-    st = cfg.strategy
-    plain_mean = not isinstance(st, GossipConfig) and st.name == "mean" and not (
-        cfg.byzantine.f or st.pre or st.noise)
-    return cfg.worker.plane == "collective" or (cfg.worker.plane == "auto" and plain_mean)
+    return cfg.worker.plane == "collective" or (cfg.worker.plane == "auto" and plain_mean(cfg))
 
 
 def _check_run_name(name: str) -> None:
