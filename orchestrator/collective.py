@@ -41,6 +41,7 @@ from orchestrator.parameter_server import Aggregation
 from orchestrator.step import StepOutcome, TooFewWorkers
 from orchestrator.workers import Calls, Worker
 from strategies.attacks import byzantine_ranks
+from strategies.blocks import Block, on_block
 from strategies.preaggregation import preaggregation_chain
 from strategies.rules import build_rule
 
@@ -202,7 +203,8 @@ def sharded_update(grad: torch.Tensor, members: list[int], rank: int,
     blocks = torch.empty_like(send)
     dist.all_to_all_single(blocks, send)
     lo = members.index(rank) * width
-    update = rule(blocks.view(n, width)[:, :max(0, min(width, d - lo))])
+    with on_block(Block(lo, d, summed)):  # Gram matrices and global statistics add up
+        update = rule(blocks.view(n, width)[:, :max(0, min(width, d - lo))])
     if update is None:
         return None
     own = torch.zeros(width, device=grad.device)
@@ -210,6 +212,13 @@ def sharded_update(grad: torch.Tensor, members: list[int], rank: int,
     whole = torch.empty_like(send)
     dist.all_gather(list(whole.view(n, width).unbind(0)), own)
     return whole[:d]
+
+
+def summed(partial: torch.Tensor) -> torch.Tensor:
+    """The group's sum of a partial sum (the same on every member)."""
+    out = partial.clone()
+    dist.all_reduce(out)
+    return out
 
 
 def agreed_rows(finite: torch.Tensor) -> torch.Tensor:

@@ -145,8 +145,9 @@ class WorkerConfig:
     precision: str = opt("fp32", "bf16: forward and loss under bfloat16 autocast (gradients "
                          "and parameters stay float32)", choices=["fp32", "bf16"])
     plane: str = opt("auto", "how gradients meet: collective (the workers exchange them among "
-                     "themselves, gloo/NCCL, and step on their own: mean by all-reduce; median "
-                     "and trimmed_mean sharded by blocks of coordinates), driver (each step "
+                     "themselves, gloo/NCCL, and step on their own: mean by all-reduce; the other "
+                     "rules but centered_clip and sign_vote sharded by blocks of coordinates), "
+                     "driver (each step "
                      "through the driver: every rule and attack), auto (collective for mean "
                      "without Byzantine workers, else driver)",
                      choices=["auto", "collective", "driver"])
@@ -486,26 +487,22 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(f"strategy.m={m}: must be <= workers - f = {cfg.workers - f}")
 
 
-# What the collective plane runs sharded by blocks of coordinates (orchestrator/collective.py):
-# the coordinate-wise rules, the row-wise pre-aggregation, and the attacks forged from the
-# honest values of each coordinate alone.
-SHARDED_RULES = ("mean", "median", "trimmed_mean")
-SHARDED_PRE = ("bucketing",)
-GLOBAL_ATTACKS = ("bulyan_coord",)  # needs a statistic over every coordinate
+# The rules the collective plane runs sharded by blocks of coordinates (orchestrator/
+# collective.py, strategies/blocks.py): coordinate-wise ones, and distance ones with their Gram
+# matrix summed over the blocks; with any pre-aggregation step and attack. Not centered_clip,
+# whose state (the previous aggregate) would have to follow the blocks through membership
+# changes, nor sign_vote, whose wire is packed signs.
+SHARDED_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geomed")
 
 
 def _not_collective(cfg: Config) -> str:
     """Why the collective plane cannot run this job ('' when it can)."""
-    st, byz = cfg.strategy, cfg.byzantine
+    st = cfg.strategy
     if isinstance(st, GossipConfig):
         return "strategy=gossip has its own plane"
     if st.name not in SHARDED_RULES:
         return (f"strategy={st.name} runs on the driver (the collective plane runs "
                 f"{', '.join(SHARDED_RULES)})")
-    if unsharded := [p for p in st.pre if p not in SHARDED_PRE]:
-        return f"strategy.pre={unsharded[0]} runs on the driver plane"
-    if byz.f and byz.attack in GLOBAL_ATTACKS:
-        return f"byzantine.attack={byz.attack} runs on the driver plane"
     return ""
 
 

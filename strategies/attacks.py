@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from strategies import blocks
 from strategies.registry import ATTACKS
 
 
@@ -109,9 +110,11 @@ def bulyan_coord(
     that leeway.
     """
     mu = honest.mean(0)
-    rms_std = _honest_std(honest).pow(2).mean().sqrt()
+    d = blocks.whole_width(honest.shape[1])  # on a block: the statistic spans every block
+    rms_std = (blocks.total(_honest_std(honest).pow(2).sum()) / d).sqrt()
     byz = mu.clone()
-    byz[coord] += scale * math.sqrt(honest.shape[1]) * rms_std
+    if 0 <= (local := coord - blocks.start()) < honest.shape[1]:
+        byz[local] += scale * math.sqrt(d) * rms_std
     return _repeat(byz, f)
 
 

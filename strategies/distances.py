@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from strategies import kernels
+from strategies import blocks, kernels
 
 INF = float("inf")
 
@@ -37,10 +37,12 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
 
     By the compiled kernel where it applies (`kernels.gram`: CPU float32). Otherwise over
     column chunks, each centred in float32 (in cache: no full copy of G), multiplied in
-    float32 and accumulated in float64.
+    float32 and accumulated in float64. When G is a block of the coordinates
+    (`strategies.blocks`), the Gram matrix of the whole rows: the blocks' partial ones
+    summed.
     """
     if (K := kernels.gram(G, center, extra)) is not None:
-        return K
+        return blocks.total(K)
     n, d = G.shape
     e = 0 if extra is None else extra.shape[0]
     K = torch.zeros(n + e, n + e, dtype=torch.float64, device=G.device)
@@ -53,7 +55,7 @@ def gram(G: Tensor, center: Tensor | None = None, extra: Tensor | None = None) -
             K[:n, n:] += cross
             K[n:, :n] += cross.T
             K[n:, n:] += (Y @ Y.T).double()
-    return (K + K.T) * 0.5  # BLAS need not return an exactly symmetric product
+    return blocks.total((K + K.T) * 0.5)  # BLAS need not return an exactly symmetric product
 
 
 def dists_from_gram(K: Tensor) -> Tensor:
@@ -90,7 +92,12 @@ def geometry(G: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor, Te
     the same check recentres on the central row) or is not finite (then it starts raw).
     """
     n = G.shape[0]
-    center = G[0] if kernels.gram_applies(G, *([] if extra is None else [extra])) else None
+    # Centred on row 0 in the first pass where the kernel applies, unless G is a block: the
+    # kernel may apply to some blocks and not to others (an empty one), and every block
+    # must take the same passes.
+    first_centred = blocks.current() is None and kernels.gram_applies(
+        G, *([] if extra is None else [extra]))
+    center = G[0] if first_centred else None
     K = gram(G, center, extra)
     finite = torch.isfinite(K.diagonal()[:n])
     if center is not None and not bool(finite.all()):  # row 0 may be the non-finite one

@@ -314,11 +314,8 @@ def test_cloud_imports_nothing_from_orchestrator():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["strategy=krum", "workers=5"], "strategy=krum runs on the driver"),
-    (["byzantine.f=1", "byzantine.attack=bulyan_coord"],
-     "byzantine.attack=bulyan_coord runs on the driver plane"),
-    (["strategy.pre=[nnm]", "strategy=median", "workers=5"],
-     "strategy.pre=nnm runs on the driver plane"),
+    (["strategy=centered_clip", "workers=5"], "strategy=centered_clip runs on the driver"),
+    (["strategy=sign_vote", "workers=5"], "strategy=sign_vote runs on the driver"),
     (["strategy=gossip"], "strategy=gossip has its own plane"),
 ])
 def test_the_collective_plane_refuses_what_only_the_driver_runs(overrides, expected):
