@@ -3,6 +3,7 @@ arithmetic as the driver plane, and membership changes without restarting the su
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -151,6 +152,50 @@ def test_members_lost_between_and_during_calls_and_a_joiner(make_config):
         assert outcomes[0].bytes_down > outcomes[1].bytes_down  # the joiner's state went down
         assert_equal_replicas(workers)
     finally:
+        workers.stop()
+        pool.shutdown()
+
+
+def test_a_hung_member_is_dropped_in_a_call_and_in_a_group_formation(make_config):
+    """A member stopped (SIGSTOP) before a call: the others' all-reduce times out after
+    worker.step_timeout_s, the driver drops the silent one and the survivors redo the
+    steps. A member stopped before a group formation (a reclaim makes the group re-form):
+    the others' rendezvous times out, the driver drops only the silent one and forms the
+    group again. Each costs a few step timeouts, and the survivors keep their processes."""
+    plane, pool, workers = start(make_config, 5, "worker.step_timeout_s=2")
+    stopped: list[int] = []
+    try:
+        pids = {rank: m.worker_pid for rank, (_, m) in workers.live.items()}
+        assert len(plane.run(range(1, 3), workers, [])) == 2
+
+        stopped.append(pids[4])
+        os.kill(pids[4], signal.SIGSTOP)  # in a call
+        started, step, lost = time.monotonic(), 3, 0
+        while step < 7:
+            outcomes = plane.run(range(step, 7), workers, [])
+            lost += sum(o.lost for o in outcomes)
+            step += len(outcomes)
+        assert lost == 1 and sorted(workers.live) == [0, 1, 2, 3]
+        assert time.monotonic() - started < 8 * 2  # a few step timeouts, not a hang
+        assert plane.groups == 2
+        assert_equal_replicas(workers)
+
+        stopped.append(pids[2])
+        os.kill(pids[2], signal.SIGSTOP)  # in the group formation the reclaim causes
+        started = time.monotonic()
+        outcomes = plane.run(range(7, 9), workers, [workers.live[3][1]])
+        assert sum(o.lost for o in outcomes) == 2  # the reclaimed one and the hung one
+        assert sorted(workers.live) == [0, 1] and len(outcomes) == 2
+        assert all(o.answered == 2 for o in outcomes)
+        assert time.monotonic() - started < 8 * 2
+        assert plane.groups == 4  # the try that timed out, then the one without it
+        assert {r: m.worker_pid for r, (_, m) in workers.live.items()} == \
+            {r: pids[r] for r in (0, 1)}
+        assert_equal_replicas(workers)
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         workers.stop()
         pool.shutdown()
 
