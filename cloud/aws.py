@@ -1,21 +1,26 @@
 """cloud=aws: EC2 spot instances that join the driver's Ray cluster (boto3 only).
 
-The driver runs on the Ray head node (an on-demand machine). For each machine the pool launches
-one spot instance with run_instances, over cloud.instance_types x cloud.subnets, cheapest current
-spot price first; a capacity error (no capacity, price too low, quota) moves on to the next type
-or zone, and after cloud.launch_rounds rounds with doubling backoff the launch fails with one
-clear error. The instance's user data runs `ray start --address=<head>` with a resource named
-after the instance ({"squall_node_<key>": 1}): its worker asks for part of that resource, so it
-lands on that instance and nowhere else. The other part goes to a Watcher actor (cloud/imds.py)
-that polls the instance metadata service (IMDSv2) and returns when a spot interruption notice or
-a rebalance recommendation arrives; poll() hands that machine to the job in PollResult.noticed
-(the job drains its worker), moves that instance's (type, subnet) to the end of the launch
-order, asks for a replacement, and terminates the drained instance at the next poll. With
-cloud.fallback=on_demand a machine that finds no spot capacity is launched on demand.
+The driver runs on the Ray head node (an on-demand machine). For each machine the pool makes
+one instant EC2 Fleet request (create_fleet Type=instant, one instance) over every
+cloud.instance_types x cloud.subnets pool, with cloud.allocation (default
+price-capacity-optimized: EC2 takes the cheapest of the pools least likely to be
+interrupted). The fleet launches from the job's launch template (created at the first launch,
+tagged squall:job=<run.name>, deleted with the job): one version per machine carries its user
+data and tags. Capacity errors come back per pool in the reply's Errors; a request with no
+instance is tried again in cloud.launch_rounds rounds with doubling backoff, then the launch
+fails with one clear error. The instance's user data runs `ray start --address=<head>` with a
+resource named after the instance ({"squall_node_<key>": 1}): its worker asks for part of that
+resource, so it lands on that instance and nowhere else. The other part goes to a Watcher actor
+(cloud/imds.py) that polls the instance metadata service (IMDSv2) and returns when a spot
+interruption notice or a rebalance recommendation arrives; poll() hands that machine to the job
+in PollResult.noticed (the job drains its worker), leaves that instance's (type, subnet) pool
+out of later requests (unless no other pool has capacity), asks for a replacement, and
+terminates the drained instance at the next poll. With cloud.fallback=on_demand a machine that
+finds no spot capacity is launched on demand (an on-demand instant fleet).
 Every instance is tagged squall:job=<run.name>; shutdown() and `squall cloud cleanup
 run.name=...` find the job's instances by that tag, terminate them (one by one when EC2 fails the
-batch for an id it does not know) and verify that they are going. Launches retry transient EC2
-errors with one ClientToken per logical launch; a replacement that has not joined Ray after
+batch for an id it does not know) and verify that they are going. Launch calls retry transient
+EC2 errors with one ClientToken per logical call; a replacement that has not joined Ray after
 cloud.join_timeout_s is terminated and another asked for; the user data shuts the instance down
 (so it is terminated) when Ray ends on it, i.e. when the head is gone.
 
@@ -29,17 +34,20 @@ cloud/simulated.py, and each watcher polls cloud.imds_url with {instance_id} fil
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import json
 import logging
 import os
 import random
+import re
 import shlex
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -70,14 +78,15 @@ log = logging.getLogger(__name__)
 JOB_TAG = "squall:job"
 NODE_TAG = "squall:node"
 WORKER_SHARE = 0.5  # of the instance's resource; the watcher takes the rest
-# Errors that say "not this type/zone now": try the next one, then another round.
+# Errors that say "not this type/zone now" (a fleet reply's Errors, per pool): another pool,
+# else another round.
 CAPACITY_ERRORS = {
     "InsufficientInstanceCapacity", "InsufficientCapacity", "SpotMaxPriceTooLow",
     "MaxSpotInstanceCountExceeded", "InstanceLimitExceeded", "VcpuLimitExceeded",
-    "InsufficientFreeAddressesInSubnet", "Unsupported",
+    "InsufficientFreeAddressesInSubnet", "Unsupported", "UnfulfillableCapacity",
 }
 # Errors that say "try the same request again in a moment": retried in place with backoff and
-# the same ClientToken (cloud.api_retries); when they persist, the next type/zone is tried.
+# the same ClientToken (cloud.api_retries); when they persist, the round ends.
 TRANSIENT_ERRORS = {
     "InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable",
     "RequestLimitExceeded", "Throttling", "ThrottlingException", "RequestThrottled",
@@ -93,6 +102,7 @@ NO_CREDENTIALS = ("cloud=aws: no AWS credentials found (boto3 default chain: env
                   "~/.aws, instance role)")
 
 RemoteWatcher = ray.remote(num_cpus=0)(Watcher)
+Choice = tuple[str, str | None]  # a spot pool: (instance type, subnet id or None: EC2 picks)
 
 
 class AwsError(ConfigError):
@@ -129,9 +139,11 @@ class Ec2:
         endpoint = cloud.endpoint_url or None
         self.client = session.client("ec2", endpoint_url=endpoint, config=BotoConfig(
             retries={"mode": "standard", "total_max_attempts": 5}))
-        # Launches are retried by launch() itself, across types and zones, not in place.
+        # Launch calls are retried by _retried() itself, with one ClientToken.
         self.launcher = session.client("ec2", endpoint_url=endpoint, config=BotoConfig(
             retries={"mode": "standard", "total_max_attempts": 1}))
+        self.templates: dict[str, str] = {}  # job -> its launch template's id
+        self.zones: dict[str | None, str] = {}  # subnet -> its availability zone
 
     def _call(self, operation: str, client: Any = None, **kwargs: Any) -> dict:
         try:
@@ -163,91 +175,159 @@ class Ec2:
         except ClientError as e:
             raise AwsError(f"cloud.subnets={wanted}: {_describe(e)}") from None
         pairs = sorted((s["SubnetId"], s["AvailabilityZone"]) for s in found)
+        self.zones.update(pairs)
         return pairs or [(None, "")]  # no default VPC subnets: EC2 picks
 
-    def launch(self, tags: dict[str, str], user_data: str, choices: list[tuple[str, str | None]],
-               cloud: AwsCloudConfig, rounds: int, groups: list[str] = ()) -> dict:
-        """One spot instance of the first (type, subnet) that has capacity; the instance dict.
-        groups: its security groups (default: the VPC's default group)."""
-        market: dict[str, Any] = {"SpotInstanceType": "one-time",
-                                  "InstanceInterruptionBehavior": "terminate"}
-        if cloud.bid:
-            market["MaxPrice"] = f"{cloud.bid:g}"
-        request = instance_request(tags, user_data, cloud)
-        request["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": market}
+    # ---- launches: one instant EC2 Fleet request per machine, from the job's launch template
+    def launch(self, tags: dict[str, str], user_data: str, choices: list[Choice],
+               cloud: AwsCloudConfig, rounds: int, groups: Sequence[str] = (),
+               avoid: Collection[Choice] = ()) -> dict:
+        """One spot instance from an instant EC2 Fleet over the (type, subnet) choices, placed
+        by cloud.allocation; the pools in `avoid` (a notice or a replacement that never joined
+        there) are asked for only when no other pool has capacity. After cloud.launch_rounds
+        rounds with doubling backoff, NoSpotCapacity. Returns the instance dict (InstanceId,
+        InstanceType, SubnetId, Placement.AvailabilityZone)."""
+        template = self.template_version(tags, user_data, cloud, groups)
+        tiers = [pools for pools in ([c for c in choices if c not in avoid],
+                                     [c for c in choices if c in avoid]) if pools]
         last = ""
         for round_ in range(rounds):
             if round_:
                 time.sleep(cloud.retry_backoff_s * 2 ** (round_ - 1))
-            info, last = self._first_with_capacity(request, choices, cloud, groups, "spot")
-            if info is not None:
-                return info
+            for pools in tiers:
+                info, last = self._fleet(template, tags, pools, cloud, "spot")
+                if info is not None:
+                    return info
         types = ", ".join(dict.fromkeys(t for t, _ in choices))
         raise NoSpotCapacity(
             f"cloud=aws: no spot capacity for {types} in {len(choices)} type/subnet choices "
             f"after cloud.launch_rounds={rounds} (last: {last}); try more cloud.instance_types "
             "or cloud.subnets, a higher cloud.bid, or cloud.fallback=on_demand")
 
-    def launch_on_demand(self, tags: dict[str, str], user_data: str,
-                         choices: list[tuple[str, str | None]], cloud: AwsCloudConfig,
-                         groups: list[str] = ()) -> dict:
-        """cloud.fallback=on_demand: one on-demand instance of the first (type, subnet) that
-        has capacity, one pass over the choices."""
-        request = instance_request(tags, user_data, cloud)
-        info, last = self._first_with_capacity(request, choices, cloud, groups, "on-demand")
+    def launch_on_demand(self, tags: dict[str, str], user_data: str, choices: list[Choice],
+                         cloud: AwsCloudConfig, groups: Sequence[str] = ()) -> dict:
+        """cloud.fallback=on_demand: one on-demand instance, one instant fleet over every
+        choice (EC2 takes the lowest on-demand price that has capacity)."""
+        template = self.template_version(tags, user_data, cloud, groups)
+        info, last = self._fleet(template, tags, choices, cloud, "on-demand")
         if info is None:
             raise AwsError(f"cloud=aws: no spot and no on-demand capacity in {len(choices)} "
                            f"type/subnet choices (last: {last})")
         return info
 
-    def _first_with_capacity(self, request: dict, choices: list[tuple[str, str | None]],
-                             cloud: AwsCloudConfig, groups: list[str], what: str
-                             ) -> tuple[dict | None, str]:
-        """(the instance dict, '') of the first choice that launched, or (None, the last
-        capacity error); any other error raises."""
-        last = ""
-        for instance_type, subnet in choices:
-            where = network(subnet, list(groups), cloud.public_ip)
-            try:
-                return self._run_instances(cloud, InstanceType=instance_type, **where,
-                                           **request), ""
-            except ClientError as e:
-                if _code(e) not in CAPACITY_ERRORS | TRANSIENT_ERRORS:
-                    raise AwsError(f"cloud=aws: run_instances {instance_type}: "
-                                   f"{_describe(e)}") from None
-                last = f"{instance_type} in {subnet or 'any subnet'}: {_code(e)}"
-                log.info("no %s capacity: %s", what, last)
-        return None, last
+    def template_version(self, tags: dict[str, str], user_data: str, cloud: AwsCloudConfig,
+                         groups: Sequence[str] = ()) -> dict:
+        """The LaunchTemplateSpecification of one machine: a new version of the job's launch
+        template (created at the job's first launch, tagged squall:job=<job>, deleted with
+        the job) with the machine's user data and tags and the instances' settings."""
+        data = template_data(tags, user_data, cloud, list(groups))
+        job = tags.get(JOB_TAG, "")
+        try:
+            if job in self.templates:
+                version = self._retried("create_launch_template_version", cloud,
+                                        LaunchTemplateId=self.templates[job],
+                                        LaunchTemplateData=data)["LaunchTemplateVersion"]
+                return {"LaunchTemplateId": self.templates[job],
+                        "Version": str(version["VersionNumber"])}
+            labels = {"TagSpecifications": [{"ResourceType": "launch-template", "Tags": [
+                {"Key": JOB_TAG, "Value": job}]}]} if job else {}
+            created = self._retried("create_launch_template", cloud, LaunchTemplateData=data,
+                                    LaunchTemplateName=template_name(job),
+                                    **labels)["LaunchTemplate"]
+        except ClientError as e:
+            raise AwsError(f"cloud=aws: launch template of {JOB_TAG}={job}: "
+                           f"{_describe(e)}") from None
+        self.templates[job] = created["LaunchTemplateId"]
+        return {"LaunchTemplateId": created["LaunchTemplateId"],
+                "Version": str(created["LatestVersionNumber"])}
 
-    def _run_instances(self, cloud: AwsCloudConfig, **request: Any) -> dict:
-        """One logical launch: run_instances, retried after a transient error (up to
-        cloud.api_retries times, backoff from cloud.api_backoff_s doubling, with jitter) with
-        one ClientToken, so that a retry of a request EC2 did carry out (its reply lost) returns
-        that instance instead of starting a second one. A ClientError that is not transient, or
-        still is after the retries, is raised for launch() to judge."""
+    def _fleet(self, template: dict, tags: dict[str, str], pools: list[Choice],
+               cloud: AwsCloudConfig, market: str) -> tuple[dict | None, str]:
+        """(the instance dict, '') of one instant fleet request over these pools, or (None,
+        what failed) when it returned no instance for capacity (its per-pool Errors) or a
+        transient error that outlived the retries; any other error raises."""
+        try:
+            reply = self._retried("create_fleet", cloud,
+                                  **fleet_request(template, tags, pools, cloud, market))
+        except ClientError as e:
+            if _code(e) not in TRANSIENT_ERRORS:
+                raise AwsError(f"cloud=aws: create_fleet: {_describe(e)}") from None
+            return None, f"create_fleet: {_code(e)}"
+        errors = reply.get("Errors") or []
+        failed = "; ".join(f"{_pool_name(e)}: {e.get('ErrorCode', '?')}" for e in errors)
+        info = self._launched(reply)
+        if info is not None:
+            if failed:  # EC2 placed it in another pool
+                log.info("%s instance %s in %s; no capacity in %s", market, info["InstanceId"],
+                         _pool_name(info), failed)
+            return info, ""
+        for error in errors:
+            if error.get("ErrorCode") not in CAPACITY_ERRORS | TRANSIENT_ERRORS:
+                raise AwsError(f"cloud=aws: create_fleet {_pool_name(error)}: "
+                               f"{error.get('ErrorCode')}: {error.get('ErrorMessage', '')}"
+                               .splitlines()[0][:300])
+        log.info("no %s capacity: %s", market, failed or "no instance and no error")
+        return None, failed or "no instance and no error"
+
+    def _launched(self, reply: dict) -> dict | None:
+        """The instance an instant fleet reply names, as an instance dict; None if none."""
+        for item in reply.get("Instances") or []:
+            if not item.get("InstanceIds"):
+                continue
+            override = item.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
+            subnet = item.get("SubnetId") or override.get("SubnetId")
+            zone = (item.get("AvailabilityZone") or override.get("AvailabilityZone")
+                    or self.zones.get(subnet, ""))
+            return {"InstanceId": item["InstanceIds"][0], "SubnetId": subnet,
+                    "InstanceType": item.get("InstanceType") or override.get("InstanceType"),
+                    "Placement": {"AvailabilityZone": zone}, "Lifecycle": item.get("Lifecycle")}
+        return None
+
+    def _retried(self, operation: str, cloud: AwsCloudConfig, **request: Any) -> dict:
+        """One logical call (create_fleet, create_launch_template[_version]), retried after a
+        transient error (up to cloud.api_retries times, backoff from cloud.api_backoff_s
+        doubling, with jitter) with one ClientToken, so that a retry of a request EC2 did
+        carry out (its reply lost) returns that result instead of doing it twice. A
+        ClientError that is not transient, or still is after the retries, is raised."""
         token = f"squall-{uuid.uuid4().hex}"  # <= 64 ASCII characters
         for attempt in range(cloud.api_retries + 1):
             try:
-                reply = self.launcher.run_instances(ClientToken=token, **request)
-                return reply["Instances"][0]
+                return getattr(self.launcher, operation)(ClientToken=token, **request)
             except ClientError as e:
                 if _code(e) not in TRANSIENT_ERRORS or attempt == cloud.api_retries:
                     raise
                 why = _describe(e)
             except TRANSIENT_EXCEPTIONS as e:
                 if attempt == cloud.api_retries:
-                    raise AwsError(f"cloud=aws: run_instances {request['InstanceType']}: {e} "
-                                   f"(after {attempt + 1} attempts)") from None
+                    raise AwsError(f"cloud=aws: {operation}: {e} (after {attempt + 1} "
+                                   "attempts)") from None
                 why = str(e)
             except NoCredentialsError:
                 raise AwsError(NO_CREDENTIALS) from None
             except BotoCoreError as e:
-                raise AwsError(f"cloud=aws: run_instances: {e}") from None
+                raise AwsError(f"cloud=aws: {operation}: {e}") from None
             delay = min(60.0, cloud.api_backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
-            log.info("run_instances %s: %s; retrying in %.1f s (ClientToken %s)",
-                     request["InstanceType"], why, delay, token)
+            log.info("%s: %s; retrying in %.1f s (ClientToken %s)", operation, why, delay, token)
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def delete_job_templates(self, job: str) -> tuple[list[str], dict[str, str]]:
+        """Delete the launch templates tagged squall:job=<job>; (deleted, {id: why} left)."""
+        found = [t["LaunchTemplateId"] for page in self._pages(
+            "describe_launch_templates", Filters=[{"Name": f"tag:{JOB_TAG}", "Values": [job]}])
+            for t in page["LaunchTemplates"]]
+        deleted, left = [], {}
+        for template in found:
+            try:
+                self.client.delete_launch_template(LaunchTemplateId=template)
+                deleted.append(template)
+            except ClientError as e:
+                left[template] = _describe(e)
+            except BotoCoreError as e:
+                left[template] = str(e)
+        if self.templates.get(job) in deleted:
+            del self.templates[job]
+        return deleted, left
 
     def terminate(self, ids: list[str]) -> dict[str, str]:
         """Terminate these instances. One id EC2 does not know (a stale id, or one it does not
@@ -440,35 +520,77 @@ class SpotPrices:
         return min(found) if found else None
 
 
-def instance_request(tags: dict[str, str], user_data: str, cloud: AwsCloudConfig) -> dict:
-    """run_instances' arguments shared by spot and on-demand launches."""
-    request: dict[str, Any] = {
-        "ImageId": cloud.ami, "MinCount": 1, "MaxCount": 1, "UserData": user_data,
+def template_data(tags: dict[str, str], user_data: str, cloud: AwsCloudConfig,
+                  groups: list[str]) -> dict:
+    """One machine's launch template data: its user data and tags, and the settings every
+    instance gets (image, IMDSv2 only, terminate on shutdown, role, groups, public IP or
+    not). The type and subnet come from the fleet's overrides."""
+    data: dict[str, Any] = {
+        "ImageId": cloud.ami,
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2
         "InstanceInitiatedShutdownBehavior": "terminate",
-        "TagSpecifications": [{"ResourceType": "instance", "Tags": [
-            {"Key": k, "Value": v} for k, v in tags.items()]}],
     }
+    if user_data:  # a template takes it base64-encoded (run_instances encodes it itself)
+        data["UserData"] = base64.b64encode(user_data.encode()).decode()
+    if tags:
+        data["TagSpecifications"] = [{"ResourceType": "instance", "Tags": [
+            {"Key": k, "Value": v} for k, v in tags.items()]}]
     if cloud.instance_profile:  # the instances' own role (e.g. to read the Ray token)
         key = "Arn" if cloud.instance_profile.startswith("arn:") else "Name"
-        request["IamInstanceProfile"] = {key: cloud.instance_profile}
+        data["IamInstanceProfile"] = {key: cloud.instance_profile}
+    if not cloud.public_ip:  # a network interface without a public address
+        nic: dict[str, Any] = {"DeviceIndex": 0, "AssociatePublicIpAddress": False}
+        if groups:
+            nic["Groups"] = groups
+        data["NetworkInterfaces"] = [nic]
+    elif groups:
+        data["SecurityGroupIds"] = groups
+    return data
+
+
+def fleet_request(template: dict, tags: dict[str, str], pools: list[Choice],
+                  cloud: AwsCloudConfig, market: str) -> dict:
+    """create_fleet's arguments for one instance (market "spot" or "on-demand") from the
+    template version, in any of these (type, subnet) pools. The instance's tags are in the
+    template and, as an instant fleet allows, in the request too: terminate-by-tag and
+    cleanup rely on them."""
+    overrides = []
+    for instance_type, subnet in pools:
+        override = {"InstanceType": instance_type}
+        if subnet:
+            override["SubnetId"] = subnet
+        if market == "spot" and cloud.bid:
+            override["MaxPrice"] = f"{cloud.bid:g}"
+        overrides.append(override)
+    request: dict[str, Any] = {
+        "Type": "instant",
+        "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": template,
+                                   "Overrides": overrides}],
+        "TargetCapacitySpecification": {"TotalTargetCapacity": 1,
+                                        "DefaultTargetCapacityType": market},
+    }
+    if tags:
+        request["TagSpecifications"] = [{"ResourceType": "instance", "Tags": [
+            {"Key": k, "Value": v} for k, v in tags.items()]}]
+    if market == "spot":
+        request["SpotOptions"] = {"AllocationStrategy": cloud.allocation,
+                                  "InstanceInterruptionBehavior": "terminate"}
+    else:
+        request["OnDemandOptions"] = {"AllocationStrategy": "lowest-price"}
     return request
 
 
-def network(subnet: str | None, groups: list[str], public_ip: bool) -> dict:
-    """run_instances' placement: the subnet and security groups, and (public_ip=False) a
-    network interface without a public address."""
-    if public_ip:
-        where: dict[str, Any] = {"SubnetId": subnet} if subnet else {}
-        if groups:
-            where["SecurityGroupIds"] = groups
-        return where
-    nic: dict[str, Any] = {"DeviceIndex": 0, "AssociatePublicIpAddress": False}
-    if subnet:
-        nic["SubnetId"] = subnet
-    if groups:
-        nic["Groups"] = groups
-    return {"NetworkInterfaces": [nic]}
+def template_name(job: str) -> str:
+    """A launch template name of the job (unique: a crashed run's template may be left)."""
+    stem = re.sub(r"[^A-Za-z0-9().\-/_]", "-", job)[:80] or "job"
+    return f"squall-{stem}-{uuid.uuid4().hex[:8]}"
+
+
+def _pool_name(item: dict) -> str:
+    """'<type> in <subnet>' of a fleet reply's instance or error (or an instance dict)."""
+    override = item.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
+    instance_type = item.get("InstanceType") or override.get("InstanceType", "?")
+    return f"{instance_type} in {item.get('SubnetId') or override.get('SubnetId') or 'any subnet'}"
 
 
 # Reads the Ray token from SSM Parameter Store with the instance's own role (boto3 is there:
@@ -533,7 +655,8 @@ class AwsPool(Pool):
         self.cluster: Cluster | None = None
         self.head = cloud.head_address
         self.instances: dict[str, Instance] = {}  # started and not yet terminated
-        self.choices: list[tuple[str, str | None]] = []
+        self.choices: list[Choice] = []  # every (type, subnet) pool, in configured order
+        self.avoid: set[Choice] = set()  # pools asked for only when the others have no room
         self.prices = SpotPrices([])
         self._prices_at = -float("inf")
         self._watching: dict[ray.ObjectRef, Machine] = {}
@@ -549,7 +672,7 @@ class AwsPool(Pool):
                               "a Ray session already running")
         self._refresh_prices()
         subnets = self.ec2.subnets(self.cloud.subnets)
-        self.choices = self._order(subnets)
+        self.choices = [(t, s) for t in self.cloud.instance_types for s, _ in subnets]
         machines = super().start(n)
         self._running = True
         return machines
@@ -571,17 +694,6 @@ class AwsPool(Pool):
         self.head = self.head or ray.get_runtime_context().gcs_address
 
     # ---- instances
-    def _order(self, subnets: list[tuple[str | None, str]]) -> list[tuple[str, str | None]]:
-        """(type, subnet) pairs, cheapest current spot price first (configured order on ties)."""
-        now = time.time()
-        pairs = [(t, s, z) for t in self.cloud.instance_types for s, z in subnets]
-
-        def cost(pair: tuple[str, str | None, str]) -> float:
-            price = self.prices.price(pair[0], pair[2], now)
-            return float("inf") if price is None else price
-
-        return [(t, s) for t, s, z in sorted(pairs, key=cost)]
-
     def _provision(self, machine: Machine) -> None:
         c = self.cloud
         key = f"squall_node_{uuid.uuid4().hex[:12]}"
@@ -592,7 +704,8 @@ class AwsPool(Pool):
             self._create_group()  # at the first launch: the head's address is known by now
         script = user_data(self.setup, self.head, key, c.auth_token_parameter, self.ec2.region)
         try:
-            info = self.ec2.launch(tags, script, self.choices, c, rounds, self.groups)
+            info = self.ec2.launch(tags, script, self.choices, c, rounds, self.groups,
+                                   self.avoid)
             machine.market = "spot"  # also for a lost on-demand machine's replacement
         except NoSpotCapacity as e:
             if c.fallback != "on_demand":
@@ -687,16 +800,16 @@ class AwsPool(Pool):
             log.warning("machine %d: instance %s (%s, %s) did not join the Ray cluster within "
                         "cloud.join_timeout_s=%g; terminating it and asking for another",
                         machine.id, instance.id, instance.instance_type, instance.zone, timeout)
-            self._try_last(instance)
+            self._avoid(instance)
             self._booting.remove(machine)
             self.reclaim([machine])
 
-    def _try_last(self, instance: Instance) -> None:
-        """The instance's (type, subnet) goes to the end of the launch order: it failed to
-        join, or EC2 is taking capacity back there (a notice)."""
-        pool = [c for c in self.choices if c[0] == instance.instance_type and
-                c[1] in (instance.subnet, None)]
-        self.choices = [c for c in self.choices if c not in pool] + pool
+    def _avoid(self, instance: Instance) -> None:
+        """The instance's (type, subnet) pool is left out of later fleet requests unless no
+        other pool has capacity: a replacement failed to join there, or EC2 is taking
+        capacity back there (a notice), so its replacement should land elsewhere."""
+        self.avoid.update(c for c in self.choices if c[0] == instance.instance_type and
+                          c[1] in (instance.subnet, None))
 
     def shutdown(self) -> None:
         """Terminate every instance of the job (those it launched and those the squall:job
@@ -712,6 +825,7 @@ class AwsPool(Pool):
                           "; ".join(f"{i} ({why})" for i, why in sorted(left.items())),
                           self.job.run_name)
             self.instances = {i: v for i, v in self.instances.items() if i in left}
+            self._delete_templates()
             if self.cloud.create_security_group:
                 self._delete_groups()
         except AwsError as e:
@@ -732,6 +846,15 @@ class AwsPool(Pool):
         vpc = self.ec2.vpc(self.choices[0][1] if self.choices else None)
         self.groups.append(self.ec2.create_cluster_group(self.job.run_name, vpc, head_ip,
                                                          self.cloud.ssh_cidr))
+
+    def _delete_templates(self) -> None:
+        """The job's launch template goes with it (instant fleets need it no more)."""
+        _, left = self.ec2.delete_job_templates(self.job.run_name)
+        if left:
+            log.error("cloud=aws: launch template(s) %s of run.name=%s left (%s); `squall "
+                      "cloud cleanup run.name=%s` deletes them", " ".join(left),
+                      self.job.run_name, "; ".join(sorted(set(left.values()))),
+                      self.job.run_name)
 
     def _delete_groups(self) -> None:
         """The job's security group goes once its instances are gone (EC2 refuses while a
@@ -764,7 +887,7 @@ class AwsPool(Pool):
                         machine.node.id, notice["kind"], notice["time"])
             result.noticed.append(machine)
             self._draining.append(machine)
-            self._try_last(machine.node)  # the replacement goes to another pool if it can
+            self._avoid(machine.node)  # the replacement goes to another pool if it can
             self._request(machine.market)  # the replacement is asked for at the notice
         return result
 
@@ -810,11 +933,13 @@ class AwsPool(Pool):
 # --------------------------------------------------------------------------- squall cloud
 def cleanup(cloud: AwsCloudConfig, run_name: str) -> list[str]:
     """Terminate the instances tagged squall:job=<run_name> (what a crashed driver left
-    running) and delete the job's security group; returns the instances' ids."""
+    running) and delete the job's launch template and security group; returns the
+    instances' ids."""
     if not run_name:
         raise ConfigError("squall cloud cleanup needs run.name=NAME (the squall:job tag)")
     ec2 = Ec2(cloud)
     gone, left = ec2.terminate_job(run_name, verify_s=min(5.0, cloud.api_backoff_s))
+    ec2.delete_job_templates(run_name)  # the job's launch template (a crashed driver's)
     ec2.delete_job_groups(run_name)  # the security group squall made for the job, if any
     if left:
         raise AwsError(f"cloud=aws: could not terminate {len(left)} instance(s) tagged "

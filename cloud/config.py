@@ -124,8 +124,15 @@ class AwsCloudConfig(CloudConfig):
     """cloud=aws: EC2 spot instances that join the driver's Ray cluster (cloud/aws.py)."""
 
     bid: float = opt(0.0, "EC2's spot MaxPrice in $/h (0: the on-demand price)", ge=0)
-    instance_types: list[str] = opt([], "EC2 instance types to launch, cheapest spot price first "
-                                    "(aws)")
+    instance_types: list[str] = opt([], "EC2 instance types the fleet may launch, each in "
+                                    "every subnet (aws)")
+    allocation: str = opt("price-capacity-optimized", "EC2 Fleet's spot allocation strategy "
+                          "over the (type, subnet) pools: price-capacity-optimized (the pools "
+                          "least likely to be interrupted, then the cheapest of those), "
+                          "capacity-optimized (the deepest pools whatever the price) or "
+                          "lowest-price (the cheapest pool first) (aws)",
+                          choices=["price-capacity-optimized", "capacity-optimized",
+                                   "lowest-price"])
     region: str = opt("", "EC2 region (aws; default: boto3's, e.g. $AWS_DEFAULT_REGION)")
     subnets: list[str] = opt([], "subnet ids to launch in, one per AZ (aws; default: the "
                              "default VPC's)")
@@ -161,7 +168,8 @@ class AwsCloudConfig(CloudConfig):
                         "replacement is asked for again later) or on_demand (launch that "
                         "machine on demand, billed at cloud.on_demand_price) (aws)",
                         choices=["none", "on_demand"])
-    launch_rounds: int = opt(3, "rounds over all types and subnets before a launch fails (aws)",
+    launch_rounds: int = opt(3, "fleet requests over all types and subnets before a launch "
+                             "fails (aws)",
                              ge=1, le=20)
     retry_backoff_s: float = opt(5.0, "wait after a failed round, doubling each round (aws)",
                                  ge=0, le=600)
