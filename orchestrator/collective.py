@@ -42,6 +42,7 @@ from orchestrator.step import StepOutcome, TooFewWorkers
 from orchestrator.workers import Calls, Worker
 from strategies.attacks import byzantine_ranks
 from strategies.blocks import Block, on_block
+from strategies.blocks import current as current_block
 from strategies.preaggregation import preaggregation_chain
 from strategies.rules import build_rule
 
@@ -96,6 +97,7 @@ class CollectiveWorker(Worker):
         self.members: list[int] = [rank]  # the group's ranks (squall's), in group order
         self.store: dist.TCPStore | None = None
         self.timeout = timedelta(seconds=cfg.worker.step_timeout_s)
+        self.extra_bytes = 0  # this step's traffic beyond the gradient's (see summed)
 
     def enter(self, state: dict | None, host: str, port: int, prefix: str,
               members: list[int]) -> str:
@@ -105,6 +107,8 @@ class CollectiveWorker(Worker):
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.aggregation is not None:
+                self.aggregation.state = state["aggregation"]
         self.leave()
         if self.store is None:
             self.store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
@@ -124,18 +128,21 @@ class CollectiveWorker(Worker):
                 dist.destroy_process_group()
 
     def export(self) -> dict:
-        """Model and optimizer state, on the CPU."""
+        """Model, optimizer and aggregation state (e.g. centered clipping's previous
+        aggregate), on the CPU."""
         return {"model": to_cpu(self.model.state_dict()),
-                "optimizer": to_cpu(self.optimizer.state_dict())}
+                "optimizer": to_cpu(self.optimizer.state_dict()),
+                "aggregation": to_cpu(self.aggregation.state) if self.aggregation else None}
 
     def run_steps(self, first: int, stop: int) -> dict:
         """Steps first..stop-1: per completed step its loss, whether the model moved and
         the gradients rejected as non-finite; `error` ('') when a member was lost (the failed
         step leaves no trace in this worker's state), `too_few` when strategy.on_too_few=fail
         stopped the steps."""
-        out: dict[str, Any] = {"losses": [], "updated": [], "rejected": [], "error": "",
-                               "too_few": ""}
+        out: dict[str, Any] = {"losses": [], "updated": [], "rejected": [], "extra_bytes": [],
+                               "error": "", "too_few": ""}
         for step in range(first, stop):
+            self.extra_bytes = 0
             saved = self.buffers.clone()  # the forward pass moves BatchNorm statistics
             rejected = self.aggregation.rejected if self.aggregation else 0
             self.grad.zero_()
@@ -158,6 +165,7 @@ class CollectiveWorker(Worker):
             out["updated"].append(updated)
             out["rejected"].append((self.aggregation.rejected if self.aggregation else 0)
                                    - rejected)
+            out["extra_bytes"].append(self.extra_bytes)
         return out
 
     def exchange(self, step: int) -> bool:
@@ -172,12 +180,44 @@ class CollectiveWorker(Worker):
             self.grad.div_(world)
             return True
         update = sharded_update(self.noised(self.grad, step), self.members, self.rank,
-                                lambda block: self.aggregation(block, self.members, step,
-                                                               agree=agreed_rows))
+                                lambda block: self.aggregate_block(block, step),
+                                self.summed)
         if update is None:
             return False
         self.grad.copy_(update)
         return True
+
+    def aggregate_block(self, block: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The aggregation on this member's block of coordinates (`strategies.blocks`):
+        per-coordinate state (tensors of d values, e.g. centered clipping's previous
+        aggregate) goes in as its block and comes back whole (all-gathered), so that every
+        member holds the whole state whatever the next group's blocks are."""
+        n, where, width = len(self.members), current_block(), block.shape[1]
+        whole = self.aggregation.state
+        self.aggregation.state = per_coordinate(
+            whole, where.d, lambda t: t[where.start:where.start + width])
+        try:
+            update = self.aggregation(block, self.members, step, agree=agreed_rows)
+            ours = self.aggregation.state
+        finally:
+            self.aggregation.state = whole  # a failed step leaves no trace
+        if update is not None:
+            self.aggregation.state = per_coordinate(ours, width, lambda t: self.gathered(t, n))
+        return update
+
+    # The group's traffic beyond the gradient's exchange and the finite flags (what
+    # CollectivePlane._traffic counts), all members together, in this step.
+    def summed(self, partial: torch.Tensor) -> torch.Tensor:
+        """`summed`, counted: a ring all-reduce's volume."""
+        self.extra_bytes += ring_bytes(len(self.members), tensor_bytes(partial))
+        return summed(partial)
+
+    def gathered(self, block: torch.Tensor, n: int) -> torch.Tensor:
+        """`gathered` of a block of the whole state, counted: each member's block to the
+        n - 1 others."""
+        whole = gathered(block, n, current_block().d)
+        self.extra_bytes += (n - 1) * tensor_bytes(whole)
+        return whole
 
     def apply(self, step: int) -> None:
         """The update of the group's direction, as the driver plane applies it."""
@@ -189,13 +229,16 @@ class CollectiveWorker(Worker):
 
 
 def sharded_update(grad: torch.Tensor, members: list[int], rank: int,
-                   rule: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor | None:
+                   rule: Callable[[torch.Tensor], torch.Tensor | None],
+                   total: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> torch.Tensor | None:
     """A robust rule by blocks of coordinates, in the current group (this process is
     `rank` of `members`): an all-to-all leaves it with its block of every member's
     gradient, `rule` turns that (n, block) matrix into the block of the update (None: the
     step is skipped, which every member decides alike), and an all-gather returns the whole
     update. Each member sends and receives 2 (n - 1) / n of a gradient, as in a ring
-    all-reduce, and computes the rule on 1/n of the coordinates."""
+    all-reduce, and computes the rule on 1/n of the coordinates. Sums over every
+    coordinate inside the rule (a Gram matrix) go through `total` (default: `summed`)."""
     n, d = len(members), grad.numel()
     width = -(-d // n)
     send = torch.zeros(n * width, device=grad.device)
@@ -203,15 +246,31 @@ def sharded_update(grad: torch.Tensor, members: list[int], rank: int,
     blocks = torch.empty_like(send)
     dist.all_to_all_single(blocks, send)
     lo = members.index(rank) * width
-    with on_block(Block(lo, d, summed)):  # Gram matrices and global statistics add up
+    with on_block(Block(lo, d, total or summed)):  # Gram matrices, global statistics
         update = rule(blocks.view(n, width)[:, :max(0, min(width, d - lo))])
-    if update is None:
-        return None
-    own = torch.zeros(width, device=grad.device)
-    own[:update.numel()] = update
-    whole = torch.empty_like(send)
+    return None if update is None else gathered(update, n, d)
+
+
+def gathered(block: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """The whole vector of d values from every member's block (all-gather)."""
+    width = -(-d // n)
+    own = torch.zeros(width, dtype=block.dtype, device=block.device)
+    own[:block.numel()] = block
+    whole = torch.empty(n * width, dtype=block.dtype, device=block.device)
     dist.all_gather(list(whole.view(n, width).unbind(0)), own)
     return whole[:d]
+
+
+def per_coordinate(state: Any, size: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`state` with `fn` applied to its vectors of `size` values (its per-coordinate
+    part); everything else as it is."""
+    if isinstance(state, torch.Tensor):
+        return fn(state) if state.dim() == 1 and state.numel() == size else state
+    if isinstance(state, dict):
+        return {k: per_coordinate(v, size, fn) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(per_coordinate(v, size, fn) for v in state)
+    return state
 
 
 def summed(partial: torch.Tensor) -> torch.Tensor:
@@ -259,7 +318,8 @@ class CollectivePlane:
         self.members: list[int] = []  # ranks of the current group, in group order
         self.newest: set[int] = set()  # ranks whose state is the run's newest
         self.driver_current = True  # the driver's copy is the newest (start, resume, pull)
-        # the driver plane's aggregation state for mean, so that its checkpoints load there
+        # the aggregation's state (the driver plane's layout; on the robust path the workers'
+        # is pulled with the model)
         st = cfg.strategy
         self.aggregation_state = preaggregation_chain(st.pre, st, build_rule(st.name, st)).init()
         self.store: dist.TCPStore | None = None
@@ -328,7 +388,7 @@ class CollectivePlane:
         outcomes = []
         for i in range(done):
             losses = [r["losses"][i] for r in results.values() if len(r["losses"]) > i]
-            traffic = self._traffic(len(losses))
+            traffic = self._traffic(len(losses)) + longest["extra_bytes"][i]
             self.rejected += longest["rejected"][i]
             outcomes.append(StepOutcome(answered=len(losses), loss=float(np.mean(losses)),
                                         updated=longest["updated"][i], bytes_sent=traffic,
@@ -338,7 +398,9 @@ class CollectivePlane:
     def _traffic(self, members: int) -> int:
         """Bytes all members send (= receive) in a step: the ring all-reduce of the
         gradient and statistics; on the robust path the all-to-all and all-gather of the
-        gradient (the same volume) and the all-reduce of the members' finite flags."""
+        gradient (the same volume) and the all-reduce of the members' finite flags. The
+        workers count the rest per step (`CollectiveWorker.extra_bytes`: Gram matrices,
+        attack statistics, per-coordinate state)."""
         flags = ring_bytes(members, 4 * members) if self.robust else 0
         return ring_bytes(members, self.nbytes) + flags
 
@@ -382,7 +444,8 @@ class CollectivePlane:
             except (ray.exceptions.RayError, TimeoutError):
                 continue  # it is dropped at the next call
         self._fall_back()
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "aggregation": self.aggregation_state}
 
     def _fall_back(self) -> None:
         """No live member holds the newest state: the driver's copy is what goes on."""
@@ -412,6 +475,8 @@ class CollectivePlane:
                 continue
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.robust:
+                self.aggregation_state = state["aggregation"]
             self.driver_current = True
             return
 
@@ -423,6 +488,7 @@ class CollectivePlane:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.aggregation_state = state["aggregation"]
         self.rejected = state["rejected"]
 
     def eval_model(self, workers: WorkerPool | None) -> torch.nn.Module:

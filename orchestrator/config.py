@@ -146,7 +146,7 @@ class WorkerConfig:
                          "and parameters stay float32)", choices=["fp32", "bf16"])
     plane: str = opt("auto", "how gradients meet: collective (the workers exchange them among "
                      "themselves, gloo/NCCL, and step on their own: mean by all-reduce; the other "
-                     "rules but centered_clip and sign_vote sharded by blocks of coordinates), "
+                     "rules but sign_vote sharded by blocks of coordinates), "
                      "driver (each step "
                      "through the driver: every rule and attack), auto (collective for mean "
                      "without Byzantine workers, else driver)",
@@ -489,10 +489,10 @@ def _check_combinations(cfg: Config) -> None:
 
 # The rules the collective plane runs sharded by blocks of coordinates (orchestrator/
 # collective.py, strategies/blocks.py): coordinate-wise ones, and distance ones with their Gram
-# matrix summed over the blocks; with any pre-aggregation step and attack. Not centered_clip,
-# whose state (the previous aggregate) would have to follow the blocks through membership
-# changes, nor sign_vote, whose wire is packed signs.
-SHARDED_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geomed")
+# matrix summed over the blocks; with any pre-aggregation step and attack. Not sign_vote,
+# whose wire is packed signs.
+SHARDED_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geomed",
+                 "centered_clip")
 
 
 def _not_collective(cfg: Config) -> str:

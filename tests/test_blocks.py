@@ -15,6 +15,7 @@ from strategies import blocks
 from strategies.attacks import bulyan_coord
 from strategies.preaggregation import nnm
 from strategies.rules import build_rule
+from strategies.rules.centered_clip import centered_clip
 
 
 class BarrierSum:
@@ -88,6 +89,18 @@ def test_a_distance_rule_by_blocks_is_the_rule_on_whole_rows(name, offset):
         assert torch.equal(out, whole)
     else:  # combination weights from a Gram matrix summed in another order
         torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_centered_clip_by_blocks_with_the_previous_aggregate_by_blocks():
+    G, prev = gradients(), torch.randn(1001, generator=torch.Generator().manual_seed(9))
+
+    def on_block(B: Tensor) -> Tensor:
+        mine = prev[blocks.start():blocks.start() + B.shape[1]]  # the state's block
+        return centered_clip(B, 2, mine, tau=0.5, iters=3)
+
+    out, _ = by_blocks(on_block, G, 3)
+    torch.testing.assert_close(out, centered_clip(G, 2, prev, tau=0.5, iters=3),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_nnm_by_blocks_is_nnm_on_whole_rows():

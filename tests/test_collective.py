@@ -14,7 +14,7 @@ import ray
 import torch
 
 from cloud import make_pool
-from orchestrator.collective import CollectivePlane
+from orchestrator.collective import CollectivePlane, ring_bytes
 from orchestrator.config import job_spec
 from orchestrator.run import start_workers, train
 from orchestrator.step import TooFewWorkers
@@ -61,16 +61,19 @@ def test_the_collective_plane_makes_the_driver_planes_update(make_config, worker
     ["strategy=krum", "byzantine.f=1", "byzantine.attack=bulyan_coord"],
     ["strategy=multi_krum", "byzantine.f=1", "byzantine.attack=alie", "strategy.pre=[nnm]"],
     ["strategy=geomed", "byzantine.f=2", "byzantine.attack=ipm"],
+    ["strategy=centered_clip", "byzantine.f=1", "byzantine.attack=alie", "strategy.tau=0.05"],
 ], ids=["median-sign_flip", "trimmed_mean-alie-bucketing", "mean-ipm", "median-nan",
         "median-label_flip-noise", "krum-bulyan_coord", "multi_krum-alie-nnm",
-        "geomed-ipm"])
+        "geomed-ipm", "centered_clip-alie"])
 def test_robust_rules_sharded_by_blocks_match_the_driver_plane(make_config, job):
     """The rule, the attack forged per block, the finite check agreed over the blocks, the
     pre-aggregation and the workers' noise: the same model as the driver plane's (each
     block sees what the driver sees of those coordinates: bit for bit for the order
     statistics; to 1e-6 relative for the mean, which torch sums in another order over a
     block than over the whole row, and for the rules whose weights come from a Gram matrix
-    summed over the blocks), and the same counts of rejected gradients."""
+    summed over the blocks), and the same counts of rejected gradients. centered_clip's
+    state, the previous aggregate, goes into each step as the member's block and comes back
+    whole."""
     common = ["workers=5", "model=mlp", "steps=15", *job]
     driver = train(make_config(*common, "worker.plane=driver", "run.name=driver"))
     collective = train(make_config(*common, "worker.plane=collective", "run.name=collective",
@@ -81,6 +84,14 @@ def test_robust_rules_sharded_by_blocks_match_the_driver_plane(make_config, job)
     a, b = (torch.load(os.path.join(s["run_dir"], "model.pt"), weights_only=True)
             for s in (driver, collective))
     exact = job[0] in ("strategy=median", "strategy=trimmed_mean")
+    # bytes: the gradient's exchange and the finite flags, plus what the rule sums or
+    # gathers over the blocks (a 5 x 5 float64 Gram matrix at least, for the distance rules)
+    d = sum(v.numel() for v in a.values() if v.is_floating_point())
+    extra = collective["bytes_up"] - 15 * (ring_bytes(5, 4 * d) + ring_bytes(5, 4 * 5))
+    if job[0] in ("strategy=median", "strategy=trimmed_mean", "strategy=mean"):
+        assert extra == 0
+    else:
+        assert extra >= 15 * ring_bytes(5, 8 * 5 * 5)
     for name, value in a.items():
         if exact:
             assert torch.equal(b[name], value), name

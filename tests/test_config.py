@@ -314,7 +314,6 @@ def test_cloud_imports_nothing_from_orchestrator():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["strategy=centered_clip", "workers=5"], "strategy=centered_clip runs on the driver"),
     (["strategy=sign_vote", "workers=5"], "strategy=sign_vote runs on the driver"),
     (["strategy=gossip"], "strategy=gossip has its own plane"),
 ])
