@@ -747,6 +747,39 @@ def test_without_spot_capacity_the_fallback_launches_on_demand(proxy, caplog):
     assert running(proxy.url, "fallback") == [] and templates(proxy.url, "fallback") == []
 
 
+def test_a_noticed_pool_is_left_out_of_its_replacements_fleet_request(proxy):
+    """A rebalance recommendation through IMDS for the instance: its replacement's fleet
+    request leaves out that instance's (type, subnet) pool, so the replacement lands
+    elsewhere (moto launches in the first pool of a request: without the exclusion it would
+    land in the noticed pool again)."""
+    pool = _pool(load_config(["cloud=aws", TYPES, f"cloud.endpoint_url={proxy.url}",
+                              f"cloud.ami={AMI}", "run.name=noticed", "workers=1",
+                              "cloud.local_nodes=true", "cloud.imds_poll_s=0.1",
+                              "cloud.replace_delay_s=0"]))
+    with ImdsServer() as imds:
+        pool.cloud.imds_url = f"{imds.url}/{{instance_id}}"
+        try:
+            [first] = pool.start(1)
+            noticed = first.node
+            assert (noticed.instance_type, noticed.subnet) == pool.choices[0]
+            assert [f["pools"] for f in proxy.fleets()] == [pool.choices]
+            imds.rebalance(noticed.id)
+            deadline, step, seen = time.time() + 120, 0, []  # a guard against a hang
+            while pool.machines_started < 2 and time.time() < deadline:
+                step += 1
+                seen += pool.poll(step).noticed
+                time.sleep(0.1)
+            assert [m.id for m in seen] == [first.id]
+            [replacement] = set(pool.instances) - {noticed.id}
+            replaced = pool.instances[replacement]
+            assert pool.avoid == {pool.choices[0]}
+            assert proxy.fleets()[-1]["pools"] == pool.choices[1:]  # the noticed pool left out
+            assert (replaced.instance_type, replaced.subnet) == pool.choices[1]
+        finally:
+            pool.shutdown()
+    assert running(proxy.url, "noticed") == [] and templates(proxy.url, "noticed") == []
+
+
 # --------------------------------------------------------------------------- prices
 def test_price_history_is_read_page_by_page_and_exported_as_a_trace(proxy, tmp_path, capsys):
     points = [("2026-03-01T00:00:00Z", "0.40"), ("2026-03-01T01:00:00Z", "0.45"),
