@@ -44,7 +44,7 @@ from strategies.attacks import byzantine_ranks
 from strategies.blocks import Block, on_block
 from strategies.blocks import current as current_block
 from strategies.preaggregation import preaggregation_chain
-from strategies.rules import build_rule
+from strategies.rules import DENSE, Wire, build_rule, wire
 
 if TYPE_CHECKING:
     from cloud.pool import Machine
@@ -181,7 +181,7 @@ class CollectiveWorker(Worker):
             return True
         update = sharded_update(self.noised(self.grad, step), self.members, self.rank,
                                 lambda block: self.aggregate_block(block, step),
-                                self.summed)
+                                self.summed, wire(self.cfg.strategy.name))
         if update is None:
             return False
         self.grad.copy_(update)
@@ -230,30 +230,46 @@ class CollectiveWorker(Worker):
 
 def sharded_update(grad: torch.Tensor, members: list[int], rank: int,
                    rule: Callable[[torch.Tensor], torch.Tensor | None],
-                   total: Callable[[torch.Tensor], torch.Tensor] | None = None
-                   ) -> torch.Tensor | None:
+                   total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   on_wire: Wire = DENSE) -> torch.Tensor | None:
     """A robust rule by blocks of coordinates, in the current group (this process is
     `rank` of `members`): an all-to-all leaves it with its block of every member's
     gradient, `rule` turns that (n, block) matrix into the block of the update (None: the
     step is skipped, which every member decides alike), and an all-gather returns the whole
     update. Each member sends and receives 2 (n - 1) / n of a gradient, as in a ring
     all-reduce, and computes the rule on 1/n of the coordinates. Sums over every
-    coordinate inside the rule (a Gram matrix) go through `total` (default: `summed`)."""
+    coordinate inside the rule (a Gram matrix) go through `total` (default: `summed`).
+    With a rule's own wire (`on_wire`, sign_vote's packed signs) the blocks travel encoded
+    as the driver plane's gradients do, decoded by the member that aggregates them."""
     n, d = len(members), grad.numel()
-    width = -(-d // n)
+    width = block_width(d, n, on_wire)
     send = torch.zeros(n * width, device=grad.device)
     send[:d] = grad
-    blocks = torch.empty_like(send)
-    dist.all_to_all_single(blocks, send)
+    rows = exchanged(on_wire.encode(send)).view(n, -1)
     lo = members.index(rank) * width
     with on_block(Block(lo, d, total or summed)):  # Gram matrices, global statistics
-        update = rule(blocks.view(n, width)[:, :max(0, min(width, d - lo))])
-    return None if update is None else gathered(update, n, d)
+        update = rule(on_wire.decode(rows, width)[:, :max(0, min(width, d - lo))])
+    return None if update is None else gathered(update, n, d, width)
 
 
-def gathered(block: torch.Tensor, n: int, d: int) -> torch.Tensor:
-    """The whole vector of d values from every member's block (all-gather)."""
+def block_width(d: int, n: int, on_wire: Wire = DENSE) -> int:
+    """Coordinates per member: ceil(d / n), a whole number of bytes of an encoded wire
+    (a block of packed signs starts at a byte, so packing it alone gives the same bits)."""
     width = -(-d // n)
+    return width if on_wire is DENSE else -(-width // 8) * 8
+
+
+def exchanged(payload: torch.Tensor) -> torch.Tensor:
+    """All-to-all of n equal chunks: chunk i of every member to member i."""
+    out = torch.empty_like(payload)
+    dist.all_to_all_single(out, payload)
+    return out
+
+
+def gathered(block: torch.Tensor, n: int, d: int, width: int | None = None) -> torch.Tensor:
+    """The whole vector of d values from every member's block of `width` (default: the
+    dense blocks' ceil(d / n)) (all-gather)."""
+    width = width or block_width(d, n)
     own = torch.zeros(width, dtype=block.dtype, device=block.device)
     own[:block.numel()] = block
     whole = torch.empty(n * width, dtype=block.dtype, device=block.device)
@@ -307,9 +323,9 @@ class CollectivePlane:
         self.cfg, self.model = cfg, model
         self.optimizer = build_optimizer(cfg.optim, list(model.parameters()))
         self.steps_per_call = cfg.worker.steps_per_call
-        n_values = sum(p.numel() for p in model.parameters()) + sum(
-            b.numel() for b in float_buffers(model))
-        self.nbytes = 4 * n_values  # what each member exchanges per step
+        self.d = sum(p.numel() for p in model.parameters())
+        self.buffer_bytes = 4 * sum(b.numel() for b in float_buffers(model))
+        self.nbytes = 4 * self.d + self.buffer_bytes  # what each member exchanges per step
         self.robust = sharded(cfg)
         byz = cfg.byzantine
         self.byzantine = set(byzantine_ranks(cfg.workers, byz.f, cfg.seed))
@@ -398,11 +414,19 @@ class CollectivePlane:
     def _traffic(self, members: int) -> int:
         """Bytes all members send (= receive) in a step: the ring all-reduce of the
         gradient and statistics; on the robust path the all-to-all and all-gather of the
-        gradient (the same volume) and the all-reduce of the members' finite flags. The
-        workers count the rest per step (`CollectiveWorker.extra_bytes`: Gram matrices,
-        attack statistics, per-coordinate state)."""
-        flags = ring_bytes(members, 4 * members) if self.robust else 0
-        return ring_bytes(members, self.nbytes) + flags
+        gradient (the same volume; with sign_vote's wire, the all-to-all carries 1 bit per
+        value) and the all-reduce of the members' finite flags. The workers count the rest
+        per step (`CollectiveWorker.extra_bytes`: Gram matrices, attack statistics,
+        per-coordinate state)."""
+        if not self.robust:
+            return ring_bytes(members, self.nbytes)
+        flags = ring_bytes(members, 4 * members)
+        on_wire = wire(self.cfg.strategy.name)
+        if on_wire is DENSE:
+            return ring_bytes(members, self.nbytes) + flags
+        width = block_width(self.d, members, on_wire)  # packed signs out, float32 back
+        blocks = members * (members - 1) * (width // 8 + 4 * width)
+        return blocks + ring_bytes(members, self.buffer_bytes) + flags
 
     # ---- membership
     def _form_group(self, workers: WorkerPool) -> tuple[int, int]:

@@ -146,7 +146,7 @@ class WorkerConfig:
                          "and parameters stay float32)", choices=["fp32", "bf16"])
     plane: str = opt("auto", "how gradients meet: collective (the workers exchange them among "
                      "themselves, gloo/NCCL, and step on their own: mean by all-reduce; the other "
-                     "rules but sign_vote sharded by blocks of coordinates), "
+                     "rules sharded by blocks of coordinates), "
                      "driver (each step "
                      "through the driver: every rule and attack), auto (collective for mean "
                      "without Byzantine workers, else driver)",
@@ -487,22 +487,11 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(f"strategy.m={m}: must be <= workers - f = {cfg.workers - f}")
 
 
-# The rules the collective plane runs sharded by blocks of coordinates (orchestrator/
-# collective.py, strategies/blocks.py): coordinate-wise ones, and distance ones with their Gram
-# matrix summed over the blocks; with any pre-aggregation step and attack. Not sign_vote,
-# whose wire is packed signs.
-SHARDED_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geomed",
-                 "centered_clip")
-
-
 def _not_collective(cfg: Config) -> str:
-    """Why the collective plane cannot run this job ('' when it can)."""
-    st = cfg.strategy
-    if isinstance(st, GossipConfig):
+    """Why the collective plane cannot run this job ('' when it can). It runs every rule,
+    pre-aggregation step and attack (orchestrator/collective.py: by blocks of coordinates)."""
+    if isinstance(cfg.strategy, GossipConfig):
         return "strategy=gossip has its own plane"
-    if st.name not in SHARDED_RULES:
-        return (f"strategy={st.name} runs on the driver (the collective plane runs "
-                f"{', '.join(SHARDED_RULES)})")
     return ""
 
 

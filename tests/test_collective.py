@@ -4,6 +4,7 @@ arithmetic as the driver plane, and membership changes without restarting the su
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -62,9 +63,10 @@ def test_the_collective_plane_makes_the_driver_planes_update(make_config, worker
     ["strategy=multi_krum", "byzantine.f=1", "byzantine.attack=alie", "strategy.pre=[nnm]"],
     ["strategy=geomed", "byzantine.f=2", "byzantine.attack=ipm"],
     ["strategy=centered_clip", "byzantine.f=1", "byzantine.attack=alie", "strategy.tau=0.05"],
+    ["strategy=sign_vote", "byzantine.f=1", "byzantine.attack=alie", "strategy.noise=0.01"],
 ], ids=["median-sign_flip", "trimmed_mean-alie-bucketing", "mean-ipm", "median-nan",
         "median-label_flip-noise", "krum-bulyan_coord", "multi_krum-alie-nnm",
-        "geomed-ipm", "centered_clip-alie"])
+        "geomed-ipm", "centered_clip-alie", "sign_vote-alie-noise"])
 def test_robust_rules_sharded_by_blocks_match_the_driver_plane(make_config, job):
     """The rule, the attack forged per block, the finite check agreed over the blocks, the
     pre-aggregation and the workers' noise: the same model as the driver plane's (each
@@ -83,12 +85,16 @@ def test_robust_rules_sharded_by_blocks_match_the_driver_plane(make_config, job)
     assert collective["plane"] == "collective"
     a, b = (torch.load(os.path.join(s["run_dir"], "model.pt"), weights_only=True)
             for s in (driver, collective))
-    exact = job[0] in ("strategy=median", "strategy=trimmed_mean")
+    exact = job[0] in ("strategy=median", "strategy=trimmed_mean", "strategy=sign_vote")
     # bytes: the gradient's exchange and the finite flags, plus what the rule sums or
     # gathers over the blocks (a 5 x 5 float64 Gram matrix at least, for the distance rules)
     d = sum(v.numel() for v in a.values() if v.is_floating_point())
-    extra = collective["bytes_up"] - 15 * (ring_bytes(5, 4 * d) + ring_bytes(5, 4 * 5))
-    if job[0] in ("strategy=median", "strategy=trimmed_mean", "strategy=mean"):
+    flags = ring_bytes(5, 4 * 5)
+    extra = collective["bytes_up"] - 15 * (ring_bytes(5, 4 * d) + flags)
+    if job[0] == "strategy=sign_vote":  # 1 bit per value out, float32 back, in blocks of
+        width = math.ceil(math.ceil(d / 5) / 8) * 8  # ceil(d / 5) values, in whole bytes
+        assert collective["bytes_up"] == 15 * (5 * 4 * (width // 8 + 4 * width) + flags)
+    elif job[0] in ("strategy=median", "strategy=trimmed_mean", "strategy=mean"):
         assert extra == 0
     else:
         assert extra >= 15 * ring_bytes(5, 8 * 5 * 5)
