@@ -39,7 +39,7 @@ from orchestrator.models import float_buffers
 from orchestrator.optimizer import build_optimizer, clip_by_norm, lr_at
 from orchestrator.parameter_server import Aggregation
 from orchestrator.step import StepOutcome, TooFewWorkers
-from orchestrator.workers import Calls, Worker
+from orchestrator.workers import Calls, Worker, worker_device
 from strategies.attacks import byzantine_ranks
 from strategies.blocks import Block, on_block
 from strategies.blocks import current as current_block
@@ -97,13 +97,14 @@ class CollectiveWorker(Worker):
         self.members: list[int] = [rank]  # the group's ranks (squall's), in group order
         self.store: dist.TCPStore | None = None
         self.timeout = timedelta(seconds=cfg.worker.step_timeout_s)
+        self.backend = "gloo"  # the group's (see group_backend)
         self.extra_bytes = 0  # this step's traffic beyond the gradient's (see summed)
 
     def enter(self, state: dict | None, host: str, port: int, prefix: str,
-              members: list[int]) -> str:
+              members: list[int], backend: str = "gloo") -> str:
         """Take `state` (model and optimizer) if given, then join the group `prefix` of
-        `members` (leaving the previous group, if any); '' or why joining failed (a member
-        that never came: the store times out after worker.step_timeout_s)."""
+        `members` over `backend` (leaving the previous group, if any); '' or why joining
+        failed (a member that never came: the store times out after worker.step_timeout_s)."""
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -112,7 +113,7 @@ class CollectiveWorker(Worker):
         self.leave()
         if self.store is None:
             self.store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.backend = backend
         try:
             dist.init_process_group(backend, store=dist.PrefixStore(prefix, self.store),
                                     rank=members.index(self.rank), world_size=len(members),
@@ -170,16 +171,21 @@ class CollectiveWorker(Worker):
 
     def exchange(self, step: int) -> bool:
         """The group's update direction into self.grad (False: the step is skipped), and
-        the mean of the BatchNorm statistics into the buffers."""
-        world = len(self.members)
+        the mean of the BatchNorm statistics into the buffers. With gloo on a GPU worker
+        (a GPU shared with other members, or a group of mixed devices) the collectives run
+        on host copies."""
+        world, staged = len(self.members), self.backend == "gloo" and self.device.type != "cpu"
         if self.buffers.numel():
-            dist.all_reduce(self.buffers)
-            self.buffers.div_(world)
+            buffers = self.buffers.cpu() if staged else self.buffers
+            dist.all_reduce(buffers)
+            self.buffers.copy_(buffers.div_(world))
+        grad = self.noised(self.grad, step) if self.aggregation else self.grad
+        grad = grad.cpu() if staged else grad
         if self.aggregation is None:  # mean: one all-reduce
-            dist.all_reduce(self.grad)
-            self.grad.div_(world)
+            dist.all_reduce(grad)
+            self.grad.copy_(grad.div_(world))
             return True
-        update = sharded_update(self.noised(self.grad, step), self.members, self.rank,
+        update = sharded_update(grad, self.members, self.rank,
                                 lambda block: self.aggregate_block(block, step),
                                 self.summed, wire(self.cfg.strategy.name))
         if update is None:
@@ -266,6 +272,14 @@ def exchanged(payload: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def group_backend(cfg: Config, workers: WorkerPool, ranks: list[int]) -> str:
+    """nccl when every member works on a GPU of its own; else gloo (NCCL refuses two members
+    on one GPU and cannot reach a CPU member; GPU members then stage through host copies)."""
+    devices = [worker_device(cfg, workers.pool.machine_gpus(workers.live[rank][1]))
+               for rank in ranks]
+    return "nccl" if all(kind == "cuda" and share >= 1 for kind, share in devices) else "gloo"
+
+
 def gathered(block: torch.Tensor, n: int, d: int, width: int | None = None) -> torch.Tensor:
     """The whole vector of d values from every member's block of `width` (default: the
     dense blocks' ceil(d / n)) (all-gather)."""
@@ -340,6 +354,7 @@ class CollectivePlane:
         self.aggregation_state = preaggregation_chain(st.pre, st, build_rule(st.name, st)).init()
         self.store: dist.TCPStore | None = None
         self.groups = 0
+        self.backend = ""  # the last group's: gloo or nccl
         self.in_flight: tuple[range, Calls] | None = None
 
     def actor_kwargs(self, rank: int, workers: WorkerPool | None) -> dict[str, Any]:
@@ -442,8 +457,9 @@ class CollectivePlane:
             ref = ray.put(state) if needs else None
             host, port = self._rendezvous()
             self.groups += 1
+            self.backend = backend = group_backend(self.cfg, workers, live)
             args = {rank: (ref if rank in needs else None, host, port,
-                           f"group{self.groups}/", live) for rank in live}
+                           f"group{self.groups}/", live, backend) for rank in live}
             # members wait up to step_timeout_s for a missing one: the rest answer before
             # the driver gives up on it
             answers, lost_now = workers.collect(workers.submit("enter", args),
@@ -524,4 +540,4 @@ class CollectivePlane:
 
     def summary(self) -> dict[str, Any]:
         return {"rejected_updates": self.rejected, "byzantine_ranks": sorted(self.byzantine),
-                "plane": "collective", "groups_formed": self.groups}
+                "plane": "collective", "groups_formed": self.groups, "backend": self.backend}

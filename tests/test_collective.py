@@ -105,6 +105,23 @@ def test_robust_rules_sharded_by_blocks_match_the_driver_plane(make_config, job)
             torch.testing.assert_close(b[name], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("job", [[], ["strategy=median", "byzantine.f=1",
+                                      "byzantine.attack=sign_flip"]], ids=["mean", "median"])
+def test_on_gpus_the_collective_plane_makes_the_driver_planes_update(make_config, job):
+    """NCCL where every worker has a GPU of its own, gloo through host copies where they
+    share one: the driver plane's model either way (to float tolerance: GPU kernels)."""
+    common = ["workers=2", "model=mlp", "steps=10", "worker.device=cuda", *job]
+    driver = train(make_config(*common, "worker.plane=driver", "run.name=driver"))
+    collective = train(make_config(*common, "worker.plane=collective", "run.name=collective"))
+    own_gpus = torch.cuda.device_count() >= 2
+    assert collective["backend"] == ("nccl" if own_gpus else "gloo")
+    a, b = (torch.load(os.path.join(s["run_dir"], "model.pt"), weights_only=True)
+            for s in (driver, collective))
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-6)
+
+
 def start(make_config, workers: int, *overrides: str):
     cfg = make_config(f"workers={workers}", "model=mlp", *overrides)
     workload = resolve_workload(cfg)
