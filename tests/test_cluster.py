@@ -107,11 +107,14 @@ def test_ray_job_submit_with_the_users_own_module(cluster, tmp_path):
     the workers of the cluster import it from the job's working directory."""
     gcs, dashboard = cluster
     example = Path(__file__).resolve().parents[1] / "examples" / "shapes"
-    proc = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--working-dir",
-                           str(example), "--", *squall_args(tmp_path, "job"),
-                           "model.target=shapes:make_model", "data.target=shapes:make_data",
-                           "data.args.samples=400"], capture_output=True, text=True,
-                          timeout=300)
+    command = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(example),
+               "--", *squall_args(tmp_path, "job"), "model.target=shapes:make_model",
+               "data.target=shapes:make_data", "data.args.samples=400"]
+    for _ in range(12):  # the head's job agent can come up after its dashboard answers
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["ray_address"] == gcs and summary["steps_done"] == 20
