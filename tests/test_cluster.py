@@ -32,9 +32,13 @@ def cluster():
     in its own process group (`ray start --block`), so stopping it touches no other Ray."""
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     gcs, dashboard = free_port(), free_port()
+    # the job agent's ports too: another Ray on this machine may hold the defaults (52365)
+    # and the jobs would find no agent
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={gcs}", "--num-cpus=4", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}",
                              "--disable-usage-stats"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -107,14 +111,11 @@ def test_ray_job_submit_with_the_users_own_module(cluster, tmp_path):
     the workers of the cluster import it from the job's working directory."""
     gcs, dashboard = cluster
     example = Path(__file__).resolve().parents[1] / "examples" / "shapes"
-    command = [RAY, "job", "submit", "--address", dashboard, "--working-dir", str(example),
-               "--", *squall_args(tmp_path, "job"), "model.target=shapes:make_model",
-               "data.target=shapes:make_data", "data.args.samples=400"]
-    for _ in range(12):  # the head's job agent can come up after its dashboard answers
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if "No available agent to submit job" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(5)
+    proc = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--working-dir",
+                           str(example), "--", *squall_args(tmp_path, "job"),
+                           "model.target=shapes:make_model", "data.target=shapes:make_data",
+                           "data.args.samples=400"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["ray_address"] == gcs and summary["steps_done"] == 20
