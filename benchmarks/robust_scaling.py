@@ -25,11 +25,13 @@ Per round, rule, n and d, the same n fake gradients (float32, N(0, 1), seeded):
 members: what one member sent per step, against the MB/step column's sent + received.
 
 `same update`: the sharded update gathered on rank 0 equals the driver's on the same matrix:
-bit for bit for the order statistics and Krum (a selection), to 1e-5 relative for the
-geometric median (its weights come from a Gram matrix the members sum over their blocks: one
-all-reduce of n x n float64 per pass, on top of the volume above). Compiled kernels are off
-on both sides (SQUALL_COMPILE=0), so both run the same eager rule. At least 3 rounds;
-medians and every round are shown. Writes the `scaling` block of
+bit for bit for the order statistics and Krum (a selection); for the geometric median, whose
+weights come from a Gram matrix the members sum over their blocks (one all-reduce of n x n
+float64 per pass, on top of the volume above), within 10x its Weiszfeld tolerance:
+||sharded - driver|| <= 1e-5 ||driver|| (the largest such ratio is shown). A Gram matrix
+summed in another order can stop the iterations one step apart, each step under 1e-6.
+Compiled kernels are off on both sides (SQUALL_COMPILE=0), so both run the same eager rule.
+At least 3 rounds; medians and every round are shown. Writes the `scaling` block of
 benchmarks/robust_scaling.md (the dated notes below it are kept).
 """
 
@@ -59,6 +61,7 @@ MD = Path(__file__).with_suffix(".md")
 TITLE = "squall: robust aggregation on the driver vs sharded across the workers (issue 17)"
 STEP = 1  # the step number the aggregation sees (its randomness: none for these rules)
 BITWISE = ("median", "trimmed_mean", "krum", "bulyan")  # else: weights from a summed Gram
+WEISZFELD_SLACK = 1e-5  # 10x geomed's default tolerance (strategy.tol = 1e-6)
 
 
 def aggregation(rule: str, n: int) -> Aggregation:
@@ -145,7 +148,7 @@ def run_driver(rule: str, n: int, d: int, rnd: int, reps: int) -> tuple[float, t
 
 # --------------------------------------------------------------------------- measuring
 def measure(args: argparse.Namespace) -> dict:
-    """(rule, n, d) -> per round (driver ms, sharded ms, same update)."""
+    """(rule, n, d) -> per round (driver ms, sharded ms, difference, bytes on the wire)."""
     cases = [(rule, int(d)) for rule in args.rules for d in args.d]
     rows: dict = {}
     for rnd in range(args.rounds):
@@ -154,16 +157,27 @@ def measure(args: argparse.Namespace) -> dict:
             for rule, d in cases:
                 driver_ms, expected = run_driver(rule, n, d, rnd, args.reps)
                 sharded_ms, update, wire = sharded[(rule, d)]
-                same = update is not None and (
-                    torch.equal(update, expected) if rule in BITWISE
-                    else torch.allclose(update, expected, rtol=1e-5, atol=1e-6))
+                same = difference(rule, update, expected)
                 rows.setdefault((rule, n, d), []).append((driver_ms, sharded_ms, same, wire))
                 print(f"round {rnd + 1} {rule} n={n} d={d:.0e}: driver {driver_ms:.1f} ms, "
-                      f"sharded {sharded_ms:.1f} ms, same {same}", file=sys.stderr, flush=True)
+                      f"sharded {sharded_ms:.1f} ms, difference {same:.1e}", file=sys.stderr,
+                      flush=True)
     return rows
 
 
 # --------------------------------------------------------------------------- report
+def difference(rule: str, update: torch.Tensor | None, expected: torch.Tensor) -> float:
+    """0 when the sharded update is the driver's (bitwise rules: the same bits), else
+    ||update - expected|| / ||expected|| (inf: different bits, or no update)."""
+    if update is None or (rule in BITWISE and not torch.equal(update, expected)):
+        return float("inf")
+    return 0.0 if rule in BITWISE else float((update - expected).norm() / expected.norm())
+
+
+def agrees(diff: float) -> bool:
+    return diff <= WEISZFELD_SLACK
+
+
 def busiest_mb(rule: str, n: int, d: int) -> tuple[float, float]:
     """MB through the busiest process per step (sent + received): the driver's 2 n d
     floats; a member's all-to-all and all-gather, 4 (n - 1) blocks of ceil(d / n), the
@@ -190,7 +204,9 @@ def table(rows: dict) -> tuple[list[str], list[str]]:
         sharded = [r[1] for r in rounds]
         drv_mb, mem_mb = busiest_mb(rule, n, d)
         per_float.append(mem_mb * 1e6 / (4 * d))
-        same = "yes" if all(r[2] for r in rounds) else "NO"
+        worst = max(r[2] for r in rounds)
+        same = ("yes" if worst == 0 else f"yes ({worst:.1e})") if agrees(worst) else \
+            f"NO ({worst:.1e})"
         lines.append(f"| {rule} | {n} | {d:.0e} | {statistics.median(driver):.1f} | "
                      f"{fmt(driver)} | {statistics.median(sharded):.1f} | {fmt(sharded)} | "
                      f"{statistics.median(driver) / statistics.median(sharded):.2f}x | "
@@ -202,7 +218,8 @@ def table(rows: dict) -> tuple[list[str], list[str]]:
         f"and d measured ({'O(d): met' if worst <= 4.01 else 'grows with n: missed'}; the "
         "driver plane's busiest process moves 2 n d)",
         "- every sharded update equal to the driver's: "
-        + ("yes" if all(r[2] for rs in rows.values() for r in rs) else "NO")]
+        + ("yes" if all(agrees(r[2]) for rs in rows.values() for r in rs) else "NO")
+        + " (bit for bit, the geometric median within 1e-5 in norm)"]
     return lines, verdicts
 
 
