@@ -272,6 +272,11 @@ def exchanged(payload: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def group_of(workers: WorkerPool) -> list[tuple[int, str]]:
+    """(rank, machine id) of every live worker, by rank: who a group over them holds."""
+    return [(rank, workers.live[rank][1].id) for rank in sorted(workers.live)]
+
+
 def group_backend(cfg: Config, workers: WorkerPool, ranks: list[int]) -> str:
     """nccl when every member works on a GPU of its own; else gloo (NCCL refuses two members
     on one GPU and cannot reach a CPU member; GPU members then stage through host copies)."""
@@ -345,8 +350,10 @@ class CollectivePlane:
         self.byzantine = set(byzantine_ranks(cfg.workers, byz.f, cfg.seed))
         self.rejected = 0  # gradients rejected as non-finite (as the driver plane counts)
         self.too_few = ""  # strategy.on_too_few=fail: why the workers stopped
-        self.members: list[int] = []  # ranks of the current group, in group order
-        self.newest: set[int] = set()  # ranks whose state is the run's newest
+        # the current group: (rank, machine id) of each member in group order. Machine ids,
+        # not ranks alone: a replacement takes its predecessor's rank in a new process
+        self.members: list[tuple[int, str]] = []
+        self.newest: set[tuple[int, str]] = set()  # (rank, machine id): who holds the newest
         self.driver_current = True  # the driver's copy is the newest (start, resume, pull)
         # the aggregation's state (the driver plane's layout; on the robust path the workers'
         # is pulled with the model)
@@ -411,9 +418,10 @@ class CollectivePlane:
                                    f"{errors[0]}")
         self.too_few = next((r["too_few"] for r in results.values() if r["too_few"]), "")
         if not done:
-            self.newest &= set(workers.live)
+            self.newest &= set(group_of(workers))
             return [], lost
-        self.newest = {rank for rank, r in results.items() if len(r["losses"]) == done}
+        self.newest = {(rank, workers.live[rank][1].id) for rank, r in results.items()
+                       if len(r["losses"]) == done and rank in workers.live}
         self.driver_current = False
         longest = next(r for r in results.values() if len(r["losses"]) == done)
         outcomes = []
@@ -448,11 +456,11 @@ class CollectivePlane:
         """A group over the live workers (unless the current one is it), every member with
         the newest state; returns (workers lost meanwhile, bytes of state sent)."""
         lost = synced = 0
-        while workers.live and sorted(workers.live) != self.members:
+        while workers.live and group_of(workers) != self.members:
             live = sorted(workers.live)
-            if not self.newest & set(live):  # the driver's copy is the newest left
+            if not self._holders(workers):  # the driver's copy is the newest left
                 self._fall_back()
-            needs = [rank for rank in live if rank not in self.newest]
+            needs = [rank for rank in live if rank not in self._holders(workers)]
             state = self._newest_state(workers) if needs else None
             ref = ray.put(state) if needs else None
             host, port = self._rendezvous()
@@ -466,18 +474,23 @@ class CollectivePlane:
                                                 2 * self.cfg.worker.step_timeout_s)
             lost += lost_now
             synced += len(needs) * tensor_bytes(state)
-            self.newest |= set(needs) & set(workers.live)
+            self.newest |= {member for member in group_of(workers) if member[0] in needs}
             errors = [error for error in answers.values() if error]
             if errors and not lost_now:  # nobody to drop: another try would fail alike
                 raise RuntimeError(f"the collective plane could not form its group: "
                                    f"{errors[0]}")
             if not lost_now:
-                self.members = live
+                self.members = group_of(workers)
         return lost, synced
+
+    def _holders(self, workers: WorkerPool) -> set[int]:
+        """Live ranks whose worker (this process, not an earlier one of the rank) holds the
+        newest state."""
+        return {rank for rank, machine in group_of(workers) if (rank, machine) in self.newest}
 
     def _newest_state(self, workers: WorkerPool) -> dict:
         """The state of a live member that holds the newest, else the driver's copy."""
-        for rank in sorted(self.newest & set(workers.live)):
+        for rank in sorted(self._holders(workers)):
             actor, _ = workers.live[rank]
             try:
                 return ray.get(actor.export.remote(), timeout=self.cfg.worker.step_timeout_s)
@@ -507,7 +520,7 @@ class CollectivePlane:
         """The newest state into the driver's model and optimizer (if a member holds it)."""
         if workers is None or self.driver_current:
             return
-        for rank in sorted(self.newest & set(workers.live)):
+        for rank in sorted(self._holders(workers)):
             actor, _ = workers.live[rank]
             try:
                 state = ray.get(actor.export.remote(), timeout=self.cfg.worker.step_timeout_s)

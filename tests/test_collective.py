@@ -234,6 +234,29 @@ def test_a_hung_member_is_dropped_in_a_call_and_in_a_group_formation(make_config
         pool.shutdown()
 
 
+def test_a_replacement_of_the_same_rank_gets_a_group_of_its_own(make_config):
+    """Every member reclaimed at once, then a replacement takes the same rank: the set of
+    ranks is what it was, but the process is new and must enter a new group (a check by
+    ranks alone ran it without one)."""
+    plane, pool, workers = start(make_config, 1)
+    try:
+        assert len(plane.run(range(1, 3), workers, [])) == 2
+        outcomes = plane.run(range(3, 4), workers, [workers.live[0][1]])
+        assert outcomes[0].answered == 0 and not workers.live
+        deadline = time.time() + 60
+        while not workers.live and time.time() < deadline:
+            for machine in pool.poll(3).joined:
+                workers.add(machine)
+            workers.admit()
+            time.sleep(0.1)
+        assert sorted(workers.live) == [0]
+        outcomes = plane.run(range(3, 6), workers, [])
+        assert [o.answered for o in outcomes] == [1, 1, 1] and plane.groups == 2
+    finally:
+        workers.stop()
+        pool.shutdown()
+
+
 def test_a_pulled_state_is_what_the_members_hold(make_config):
     """eval_model / state_dict pull the newest state into the driver's copy, in the driver
     plane's checkpoint layout."""
