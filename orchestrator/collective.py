@@ -201,7 +201,7 @@ class CollectiveWorker(Worker):
         n, where, width = len(self.members), current_block(), block.shape[1]
         whole = self.aggregation.state
         self.aggregation.state = per_coordinate(
-            whole, where.d, lambda t: t[where.start:where.start + width])
+            whole, where.d, lambda t: t[where.start:where.start + width].to(block.device))
         try:
             update = self.aggregation(block, self.members, step, agree=agreed_rows)
             ours = self.aggregation.state
