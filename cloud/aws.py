@@ -849,22 +849,19 @@ class AwsPool(Pool):
 
     def _delete_templates(self) -> None:
         """The job's launch template goes with it (instant fleets need it no more)."""
-        _, left = self.ec2.delete_job_templates(self.job.run_name)
-        if left:
-            log.error("cloud=aws: launch template(s) %s of run.name=%s left (%s); `squall "
-                      "cloud cleanup run.name=%s` deletes them", " ".join(left),
-                      self.job.run_name, "; ".join(sorted(set(left.values()))),
-                      self.job.run_name)
+        self._report_left("launch template(s)", self.ec2.delete_job_templates(self.job.run_name)[1])
 
     def _delete_groups(self) -> None:
         """The job's security group goes once its instances are gone (EC2 refuses while a
         terminating instance still uses it: tried again for a while)."""
-        _, left = self.ec2.delete_job_groups(self.job.run_name)
+        self._report_left("security group(s)", self.ec2.delete_job_groups(self.job.run_name)[1])
+
+    def _report_left(self, what: str, left: dict[str, str]) -> None:
+        """One error line for the job's resources that could not be deleted ({id: why})."""
         if left:
-            log.error("cloud=aws: security group(s) %s of run.name=%s left (%s); `squall "
-                      "cloud cleanup run.name=%s` deletes them", " ".join(left),
-                      self.job.run_name, ", ".join(sorted(set(left.values()))),
-                      self.job.run_name)
+            log.error("cloud=aws: %s %s of run.name=%s left (%s); `squall cloud cleanup "
+                      "run.name=%s` deletes them", what, " ".join(left), self.job.run_name,
+                      "; ".join(sorted(set(left.values()))), self.job.run_name)
 
     # ---- notices
     def poll(self, step: int) -> PollResult:

@@ -458,9 +458,10 @@ class CollectivePlane:
         lost = synced = 0
         while workers.live and group_of(workers) != self.members:
             live = sorted(workers.live)
-            if not self._holders(workers):  # the driver's copy is the newest left
+            holders = self._holders(workers)
+            if not holders:  # the driver's copy is the newest left
                 self._fall_back()
-            needs = [rank for rank in live if rank not in self._holders(workers)]
+            needs = [rank for rank in live if rank not in holders]
             state = self._newest_state(workers) if needs else None
             ref = ray.put(state) if needs else None
             host, port = self._rendezvous()
