@@ -36,8 +36,9 @@ Dollars: every slot's machine is billed while it is up (from the side's launch, 
 included, to the end of its work): the flat --price ($/h) with poisson, the zone's trace
 price with trace; the same machines for every side, so dollars follow how long each side
 holds them. Each side runs in a process of its own (a fresh Ray cluster or lighthouse),
-sides in rotated order per seed; writes the generated part of benchmarks/goodput.md
-(reading notes below it are kept).
+sides in rotated order per seed; writes one generated part of benchmarks/goodput.md per
+schedule run (`<!-- schedule:NAME -->`; the other schedule's part and the reading notes are
+kept).
 """
 
 from __future__ import annotations
@@ -791,9 +792,8 @@ def fmt(v: float, digits: int = 1) -> str:
     return f"{v:.{digits}f}"
 
 
-def table(schedule_name: str, results: dict[str, list[Result]], work: Work) -> list[str]:
-    lines = [f"### Schedule: {schedule_name}", "",
-             "| side | reached target | time to target s (median) | start-up s | "
+def table(results: dict[str, list[Result]], work: Work) -> list[str]:
+    lines = ["| side | reached target | time to target s (median) | start-up s | "
              "time to budget s | samples/s | steps redone | dollars | final acc |",
              "|---" * 9 + "|"]
     for side, rs in results.items():
@@ -821,7 +821,11 @@ def table(schedule_name: str, results: dict[str, list[Result]], work: Work) -> l
     return lines
 
 
-def report(args: argparse.Namespace, work: Work, all_results: dict, schedules: dict) -> str:
+def report(args: argparse.Namespace, work: Work, name: str, results: dict,
+           outages: dict[int, Schedule]) -> str:
+    """The part of goodput.md for one schedule: how it was produced (each schedule's part is
+    rewritten only when that schedule is run), the tables and the verdicts."""
+    seeds = args.seeds if name == "poisson" else args.trace_seeds or args.seeds
     load = os.getloadavg()[0]
     import ray
     import torch
@@ -830,13 +834,12 @@ def report(args: argparse.Namespace, work: Work, all_results: dict, schedules: d
         ft = version("torchft")
     except Exception:  # noqa: BLE001
         ft = "?"
+    seeds_flag = f"--seeds {seeds}" if name == "poisson" else f"--trace-seeds {seeds}"
     cmd = ("python -m benchmarks.goodput " + " ".join(
-        [f"--seeds {args.seeds}", *([f"--trace-seeds {args.trace_seeds}"]
-                                    if args.trace_seeds else []),
-         f"--budget {work.budget}", f"--target {work.target}",
-         f"--schedules {' '.join(args.schedules)}", f"--rate {args.rate:g}",
-         f"--delay {args.delay:g}"]))
+        [seeds_flag, f"--budget {work.budget}", f"--target {work.target}",
+         f"--schedules {name}", f"--rate {args.rate:g}", f"--delay {args.delay:g}"]))
     head = [
+        f"### Schedule: {name}", "",
         f"Produced by `{cmd}` on {datetime.now().strftime('%Y-%m-%d')}; machine: "
         f"{os.cpu_count()} cores ({platform.machine()}), load average {load:.1f} at the end, "
         f"torch {torch.__version__}, Ray {ray.__version__}, torchft {ft}.", "",
@@ -845,8 +848,7 @@ def report(args: argparse.Namespace, work: Work, all_results: dict, schedules: d
         f"0.9, the same initial weights, shards and per-step batches; budget {work.budget} "
         f"samples in surviving updates (a step with k live workers counts k x {work.batch}); "
         f"target test accuracy {work.target} (evaluated every {work.eval_every} steps on the "
-        f"digits test split, 360 images); seeds 0-{args.seeds - 1} (poisson), "
-        f"0-{(args.trace_seeds or args.seeds) - 1} (trace)",
+        f"digits test split, 360 images); seeds 0-{seeds - 1}",
         "- time to target and to budget: from the side's first training step (the schedule's "
         "clock); start-up (launch to the first step: cluster, workers, process groups) is its "
         "own column; a run that never reached the target counts as `never` in the median",
@@ -855,14 +857,14 @@ def report(args: argparse.Namespace, work: Work, all_results: dict, schedules: d
         "Ray Train: steps run again after a restart from the latest checkpoint (rank 0's "
         "log); torchft: steps whose commit failed, plus steps rerun after a replica "
         "restarted from the durable copy",
-        f"- dollars: every slot's machine billed while up, from launch to the end of the "
-        f"budget; poisson at a flat ${args.price}/h (cloud.spot_price's default), trace at "
-        "each zone's trace price",
-        f"- poisson: each slot fails at {args.rate:g}/h of wall time while up, its new "
-        f"machine joins {args.delay:g} s later; trace: one synthetic zone per slot "
-        f"(cloud.traces.synthetic_trace, seed 1000 x seed + slot) compressed "
-        f"{args.time_scale:g}x, bid ${args.bid}/h, the new machine {args.delay:g} s after "
-        "the loss once the price is at or below the bid",
+        "- dollars: every slot's machine billed while up, from launch to the end of the "
+        "budget, " + (f"at a flat ${args.price}/h (cloud.spot_price's default)"
+                      if name == "poisson" else "at each zone's trace price"),
+        (f"- poisson: each slot fails at {args.rate:g}/h of wall time while up, its new "
+         f"machine joins {args.delay:g} s later" if name == "poisson" else
+         "- trace: one synthetic zone per slot (cloud.traces.synthetic_trace, seed 1000 x "
+         f"seed + slot) compressed {args.time_scale:g}x, bid ${args.bid}/h, the new machine "
+         f"{args.delay:g} s after the loss once the price is at or below the bid"),
         f"- squall: cloud=simulated, its pool drawing no reclaims: a harness thread kills the "
         "slot's Ray node and worker process mid-step, the loop finds the loss itself, the "
         "replacement node joins at the scheduled time (worker.plane=collective, no warm "
@@ -874,15 +876,12 @@ def report(args: argparse.Namespace, work: Work, all_results: dict, schedules: d
         f"heartbeat timeout {args.heartbeat_ms} ms, join timeout {args.join_ms} ms; the "
         f"participating rank 0 keeps a durable copy every {work.ckpt_every} steps (used only "
         "when no peer is left)", ""]
-    body = []
-    for name, results in all_results.items():
-        body += table(name, results, work)
-        outages = schedules[name]
-        body += ["", "Outages per seed (slot: down-up s after the first step, first 60 s): " +
-                 "; ".join(f"seed {s}: " + ", ".join(
-                     f"{o.slot}: {o.down:.1f}-{o.up:.1f}" for o in sch.outages if o.down < 60)
-                     for s, sch in outages.items()), ""]
-    return "\n".join(["## Generated", "", *head, *body])
+    body = table(results, work)
+    body += ["", "Outages per seed (slot: down-up s after the first step, first 60 s): " +
+             "; ".join(f"seed {s}: " + ", ".join(
+                 f"{o.slot}: {o.down:.1f}-{o.up:.1f}" for o in sch.outages if o.down < 60)
+                 for s, sch in outages.items())]
+    return "\n".join([*head, *body])
 
 
 def make_schedule(name: str, seed: int, args: argparse.Namespace, workers: int) -> Schedule:
@@ -922,7 +921,7 @@ def main() -> None:
         return
     if args.quick:
         args.seeds, args.budget = 1, 12_800
-    from benchmarks.md_parts import write_generated
+    from benchmarks.md_parts import write_part
 
     results: dict[str, dict[str, list[Result]]] = {}
     schedules: dict[str, dict[int, Schedule]] = {}
@@ -939,10 +938,11 @@ def main() -> None:
                 r = summarize(side, seed, raw, work, schedule)
                 results.setdefault(name, {s: [] for s in args.sides})[side].append(r)
                 print(f"{name} seed {seed} {side}: {asdict(r)}", flush=True)
-        text = report(args, Work(budget=args.budget, target=args.target), results, schedules)
+        text = report(args, Work(budget=args.budget, target=args.target), name,
+                      results[name], schedules[name])
         if not args.quick:  # after each schedule: a late failure keeps what was measured
-            write_generated(MD, TITLE, text)
-    print(text)
+            write_part(MD, TITLE, f"schedule:{name}", text)
+        print(text)
 
 
 if __name__ == "__main__":

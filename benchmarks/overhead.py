@@ -2,6 +2,7 @@
 optimizer.
 
     python -m benchmarks.overhead [--steps 40] [--workers 2] [--cluster] [--quick]
+    python -m benchmarks.overhead --plane collective [--workers 3] [--rounds 3] [--cluster]
 
 Runs the step of orchestrator/parameter_server.py phase by phase with timers, on real worker
 actors (a Worker subclass that times its own load / forward+backward / pack), for
@@ -19,6 +20,11 @@ over the steps after 5 warm-up steps):
 - the real loop: the same job run by `squall train` itself (a subprocess; eval and checkpoints
   at the end only), the median of the `step_s` it records in metrics.jsonl over the same
   steps, so the phase breakdown can be checked against what a user's run takes
+
+With --plane collective it times the collective plane's real loop instead: `squall train
+worker.plane=collective` for strategy=mean, median, krum and bulyan, each run --rounds times,
+read from the phase timings the workers record in metrics.jsonl (compute_s, exchange_s,
+rule_s, update_s); what step_s holds beyond them is the driver's and Ray's.
 
 With --cluster the workers run on their own 1-CPU nodes of a local multi-node Ray cluster
 (ray.cluster_utils.Cluster, as under cloud=simulated), so parameters and gradients cross
@@ -161,15 +167,101 @@ ROWS = [  # (label, key, indent)
 ]
 
 
+# --------------------------------------------------------------------------- collective plane
+RULES = ("mean", "median", "krum", "bulyan")
+PHASE_ROWS = [  # (label, metrics.jsonl key) of the collective plane's workers, per step
+    ("workers: forward + backward (compute)", "compute_s"),
+    ("workers: collectives (all-reduce, or all-to-all + Gram sums + all-gather), including "
+     "the wait for the slowest member", "exchange_s"),
+    ("workers: the rule on their block of coordinates", "rule_s"),
+    ("workers: optimizer", "update_s"),
+    ("driver and Ray: the rest of step_s (calls of up to 8 steps, recording, membership)",
+     "driver_s"),
+]
+
+
+def collective_round(rule: str, workers: int, steps: int, tmp: str, cluster: bool,
+                     name: str) -> dict[str, float]:
+    """One `squall train worker.plane=collective` run of the CNN: the medians over steps
+    6..steps of its recorded step_s and of the workers' phases (metrics.jsonl)."""
+    args = [*job_args("cnn", workers, tmp), f"steps={steps}", "eval.every=0",
+            "checkpoint.every_steps=0", f"run.name={name}", "worker.plane=collective",
+            f"strategy={rule}", *(["cloud=simulated"] if cluster else [])]
+    subprocess.run([sys.executable, "-m", "orchestrator", "train", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+    rows = [r for r in read_metrics(Path(tmp) / name) if r["step"] > 5]
+    out = {key: statistics.median(r[key] for r in rows)
+           for key in ("step_s", *(key for _, key in PHASE_ROWS[:-1]))}
+    out["driver_s"] = statistics.median(
+        r["step_s"] - sum(r[key] for _, key in PHASE_ROWS[:-1]) for r in rows)
+    return out
+
+
+def collective_part(workers: int, steps: int, rounds: int, cluster: bool) -> str:
+    """The collective plane's real loop phase by phase, one column per rule, `rounds` runs
+    each (rules interleaved per round)."""
+    runs: dict[str, list[dict[str, float]]] = {rule: [] for rule in RULES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for rule in RULES:
+                runs[rule].append(collective_round(rule, workers, steps, tmp, cluster,
+                                                   f"{rule}-{r}"))
+                print(rule, r, {k: round(v * 1e3, 2) for k, v in runs[rule][-1].items()},
+                      flush=True)
+    med = {rule: {key: statistics.median(run[key] for run in rs) for key in rs[0]}
+           for rule, rs in runs.items()}
+    lines = ["| phase | " + " | ".join(f"{rule} ms | {rule} share" for rule in RULES) + " |",
+             "|---" * (1 + 2 * len(RULES)) + "|"]
+    for label, key in PHASE_ROWS:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{med[rule][key] * 1e3:.2f} | {med[rule][key] / med[rule]['step_s']:.0%}"
+            for rule in RULES) + " |")
+    lines.append("| **step_s as recorded** | " + " | ".join(
+        f"**{med[rule]['step_s'] * 1e3:.2f}** | 100%" for rule in RULES) + " |")
+    lines += ["", "Every round, step_s ms (median over its steps): " + "; ".join(
+        f"{rule} " + ", ".join(f"{run['step_s'] * 1e3:.2f}" for run in rs)
+        for rule, rs in runs.items())]
+    flag = " --cluster" if cluster else ""
+    where = ("cloud=simulated: each worker on a 1-CPU Ray node of its own" if cluster else
+             "cloud=local: one Ray node")
+    return "\n".join([
+        f"## Collective plane, the real loop phase by phase ({where})", "",
+        f"Produced by `python -m benchmarks.overhead --plane collective --steps {steps} "
+        f"--workers {workers} --rounds {rounds}{flag}` from the repository root.", "",
+        f"- machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"load average {os.getloadavg()[0]:.1f} at the end (this benchmark included), "
+        f"torch {torch.__version__}, Ray {ray.__version__}",
+        f"- `squall train model=cnn data=digits workers={workers} worker.plane=collective "
+        f"strategy=RULE steps={steps}` (byzantine.f=0), {rounds} runs per rule, rules "
+        f"interleaved; per run the median over steps 6-{steps} of each field of its "
+        "metrics.jsonl (the workers' phases are the mean over the members of a step); the "
+        f"table shows the median over the {rounds} runs; shares are of step_s, so they need "
+        "not add up to 100%", "", *lines])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int,
+                        help="workers (default: 2; 3 with --plane collective, as krum and "
+                        "bulyan need n >= 3)")
     parser.add_argument("--cluster", action="store_true",
                         help="workers on their own nodes of a local multi-node Ray cluster")
+    parser.add_argument("--plane", choices=["driver", "collective"], default="driver",
+                        help="driver: the parameter-server step re-run with timers; "
+                        "collective: the real loop's own phase timings, one run per rule")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per rule (collective)")
     parser.add_argument("--quick", action="store_true", help="a few steps; writes no markdown")
     args = parser.parse_args()
     steps = 10 if args.quick else args.steps
+    args.workers = args.workers or (3 if args.plane == "collective" else 2)
+    if args.plane == "collective":
+        text = collective_part(args.workers, steps, 1 if args.quick else args.rounds,
+                               args.cluster)
+        print(text)
+        if not args.quick:
+            write_part(MD, TITLE, "collective-cluster" if args.cluster else "collective", text)
+        return
     cluster = None
     if args.cluster:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

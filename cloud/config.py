@@ -98,9 +98,14 @@ class SimulatedCloudConfig(CloudConfig):
     replace_delay_steps: int | None = opt(
         -1, "steps a reclaimed worker's slot stays empty: its replacement takes part from step "
         "reclaim + d + 1, as the planner's model says; it starts at once and waits for that "
-        "step (or joins late, counted in join_late_steps_mean). Wins over "
+        "step; a slower one holds the step clock (cloud.join_wait_s). Wins over "
         "cloud.replace_delay_s; -1 or null: off (replacements after cloud.replace_delay_s)",
         ge=-1)
+    join_wait_s: float = opt(
+        120.0, "with cloud.replace_delay_steps: the most seconds the step clock waits before "
+        "a step for the replacements due by it (boots longer than d steps), so that a slot is "
+        "empty for exactly d steps; those still missing then join late, unwaited for; the "
+        "waits add wall time, reported as the summary's clock_held_s (0: no waiting)", ge=0)
 
     def check(self, workers: int) -> None:
         models = [k for k in ("preempt_prob", "reclaims_per_hour", "trace") if getattr(self, k)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -43,6 +42,7 @@ class Machine:
     # as it is ready), and when that step began (time.monotonic(), once it has)
     ready_step: int | None = None
     due_at: float | None = None
+    doomed_step: int | None = None  # the step a preemption model took it in (reclaim under way)
 
 
 @dataclass
@@ -83,28 +83,48 @@ class Pool:
         return machines
 
     def poll(self, step: int) -> PollResult:
+        """The events of `step`: machines that joined, and (in pools that reclaim) those
+        noticed or reclaimed in it."""
+        return PollResult(joined=self.arrivals())
+
+    def arrivals(self) -> list[Machine]:
+        """Machines ready for a worker since the last call (replacement requests that are due
+        are launched first). Draws no reclaims: the step clock may wait on it."""
         now = time.monotonic()
         self._accrue(now)
-        result = PollResult()
         due = [r for r in self._requests if r[0] <= now and self._may_join(r[1], now)]
         if due:
             self._requests = [r for r in self._requests if r not in due]
             self._booting += self._launch([market for _, market in due])
         self._booting = [m for m in self._booting if m.id in self.alive]
-        result.joined = [m for m in self._booting if self._ready(m)]
-        self._booting = [m for m in self._booting if m not in result.joined]
-        return result
+        joined = [m for m in self._booting if self._ready(m)]
+        self._booting = [m for m in self._booting if m not in joined]
+        return joined
+
+    def due_steps(self) -> list[int]:
+        """The steps from which the replacements this pool has yet to hand over take part
+        (cloud.replace_delay_steps); none in pools without a step clock."""
+        return []
+
+    @property
+    def join_wait_s(self) -> float:
+        """How long the step clock may wait for a replacement due by the current step (0:
+        it does not wait; pools without a step clock)."""
+        return 0.0
 
     def reclaim(self, machines: list[Machine]) -> None:
         """Take these machines away now (called while their step is in flight)."""
         for machine in machines:
-            self._reclaim(machine)
-            self._request(machine.market)
+            if self._reclaim(machine):  # (not twice: lost, then reclaimed in its step)
+                self._request(machine.market, machine.doomed_step)
 
-    def _reclaim(self, machine: Machine) -> None:
-        if self.alive.pop(machine.id, None) is not None:
-            self._accrue(time.monotonic())
-            self._remove(machine)
+    def _reclaim(self, machine: Machine) -> bool:
+        """Take the machine away if it is still alive; whether it was."""
+        if self.alive.pop(machine.id, None) is None:
+            return False
+        self._accrue(time.monotonic())
+        self._remove(machine)
+        return True
 
     def lost(self, machine: Machine) -> None:
         """The loop lost the worker on this machine (crash, hang): let it go, ask for another."""
@@ -188,7 +208,9 @@ class Pool:
     def _remove(self, machine: Machine) -> None:
         """Take the machine away (nothing to do for capacity the pool does not own)."""
 
-    def _request(self, market: str) -> None:
+    def _request(self, market: str, step: int | None = None) -> None:
+        """Ask for a replacement machine in `market` (`step`: the step its predecessor was
+        taken in, where the pool keeps a step clock)."""
         cap = self.cloud.max_nodes
         if cap and self.machines_started + len(self._requests) >= cap:
             log.warning("cloud.max_nodes=%d reached: no replacement machine", cap)
@@ -266,10 +288,6 @@ def wants_token(address: str, timeout_s: float = 10.0) -> bool:
             return e.code() == grpc.StatusCode.UNAUTHENTICATED
     return False
 
-
-def spot_rng(seed: int, step: int) -> random.Random:
-    """Per-step preemption draws that depend only on (seed, step)."""
-    return random.Random(seed * 1_000_003 + step)
 
 
 # The watchdog of a local Ray session (see `watch_local_ray`): a process of its own (no Ray,

@@ -7,11 +7,15 @@ die, exactly as when a cloud takes an instance back. Replacements join as new no
 cloud.replace_delay_s.
 
 With cloud.replace_delay_steps=d (which wins over replace_delay_s) the pool keeps one clock, the
-step: a replacement asked for in step s (a reclaim, a lost worker, a notice) is started at once,
-node and worker, and takes part from step s + d + 1 (Machine.ready_step; WorkerPool.admit
-holds a worker that is ready before its step) -- the slot is empty for exactly d steps, as in
-the planner's `slot_availability(q, steps, wait=d, start=0)`. A replacement whose boot takes
-longer than d steps joins when it is ready; WorkerPool counts by how much it was late.
+step: a replacement asked for in step s (a reclaim, a notice; for a lost worker, the last step
+polled) is started at once, node and worker, and takes part from step s + d + 1
+(Machine.ready_step; WorkerPool.admit holds a worker that is ready before its step) -- the
+slot is empty for exactly d steps, as in the planner's `slot_availability(q, steps, wait=d,
+start=0)`. A replacement whose boot takes longer than d steps holds the step clock before its
+step until it is ready, so that it is drawn in that step like every working machine
+(WorkerPool.wait_for_due, at most cloud.join_wait_s; the wall time this adds is the summary's
+clock_held_s); with cloud.join_wait_s=0, or past it, it joins late instead, and WorkerPool
+counts by how much.
 
 Preemption follows cloud.preempt_prob (each spot machine independently in each step, the
 volatile-instances model) or a price trace against a bid (a machine lives while price <= bid;
@@ -41,7 +45,8 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cloud.config import JobSpec, SimulatedCloudConfig
-from cloud.pool import Machine, PollResult, Pool, spot_rng
+from cloud.draws import spot_rng
+from cloud.pool import Machine, PollResult, Pool
 from cloud.traces import PriceTrace, load_trace
 from conf.schema import ConfigError
 
@@ -170,7 +175,6 @@ class SimulatedPool(Pool):
     def poll(self, step: int) -> PollResult:
         self._step = step
         result = super().poll(step)
-        self._keep_warm()  # in place of those the replacements took
         now = time.monotonic()
         for machine in self.alive.values():  # replacements whose step has come
             if machine.ready_step is not None and machine.ready_step <= step and \
@@ -180,17 +184,37 @@ class SimulatedPool(Pool):
             if machine.reclaim_at is not None and machine.reclaim_at <= now:
                 self._reclaim(machine)
         for machine in self._doomed(step, now):
+            machine.doomed_step = step
             if self.cloud.notice_s > 0:
                 machine.reclaim_at = now + self.cloud.notice_s
                 result.noticed.append(machine)
-                self._request(machine.market)  # the replacement is asked for at the notice
+                self._request(machine.market, step)  # asked for at the notice
             else:
                 result.reclaim_now.append(machine)
         return result
 
+    def arrivals(self) -> list[Machine]:
+        joined = super().arrivals()
+        self._keep_warm()  # in place of those the replacements took
+        return joined
+
+    def due_steps(self) -> list[int]:
+        if self.delay_steps is None:
+            return []
+        asked = [step for steps in self._due_steps.values() for step in steps]
+        booting = [m.ready_step for m in self._booting if m.ready_step is not None]
+        going = [m.doomed_step + self.delay_steps + 1 for m in self.alive.values()
+                 if m.doomed_step is not None and m.reclaim_at is None]  # reclaims under way
+        return asked + booting + going
+
+    @property
+    def join_wait_s(self) -> float:
+        return self.cloud.join_wait_s if self.delay_steps is not None else 0.0
+
     def _doomed(self, step: int, now: float) -> list[Machine]:
         """Spot machines without a notice yet that the preemption model takes in this step."""
-        spot = [m for m in self.alive.values() if m.market == "spot" and m.reclaim_at is None]
+        spot = [m for m in self.alive.values() if m.market == "spot" and m.reclaim_at is None
+                and m.doomed_step is None]
         if self.trace is None:  # each working spot worker independently, with probability q
             rng = spot_rng(self.job.seed, step)
             # a worker takes part from its machine's ready step: drawn from then on
@@ -242,13 +266,15 @@ class SimulatedPool(Pool):
     def _replace_delay(self) -> float:
         return 0.0 if self.delay_steps is not None else self.cloud.replace_delay_s
 
-    def _request(self, market: str) -> None:
+    def _request(self, market: str, step: int | None = None) -> None:
         """With cloud.replace_delay_steps, the request remembers the step its machine's worker
-        takes part from (requests of a market are launched in order)."""
+        takes part from: d + 1 after `step`, the step its predecessor was taken in (else the
+        last polled one); requests of a market are launched in order."""
         asked = len(self._requests)
-        super()._request(market)
+        super()._request(market, step)
         if self.delay_steps is not None and len(self._requests) > asked:  # (not over max_nodes)
-            self._due_steps.setdefault(market, []).append(self._step + self.delay_steps + 1)
+            taken = step if step is not None else self._step
+            self._due_steps.setdefault(market, []).append(taken + self.delay_steps + 1)
 
     def _launch(self, markets: list[str]) -> list[Machine]:
         machines = super()._launch(markets)

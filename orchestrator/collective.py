@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,33 @@ if TYPE_CHECKING:
     from orchestrator.workload import DataInfo, Workload
 
 log = logging.getLogger(__name__)
+
+
+# A step's phases on the workers (metrics.jsonl, the mean over the members): forward and
+# backward; the collectives (including the wait for the slowest member); the rule on this
+# member's block (the robust path); the optimizer.
+PHASES = ("compute_s", "exchange_s", "rule_s", "update_s")
+
+
+class PhaseClock:
+    """Time stamps of a step's phases: perf_counter on the CPU; on a GPU, CUDA events, read
+    (the one wait for the device) when the step's times are taken."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
 
 
 def to_cpu(state: Any) -> Any:
@@ -99,6 +127,8 @@ class CollectiveWorker(Worker):
         self.timeout = timedelta(seconds=cfg.worker.step_timeout_s)
         self.backend = "gloo"  # the group's (see group_backend)
         self.extra_bytes = 0  # this step's traffic beyond the gradient's (see summed)
+        self.clock = PhaseClock(self.device)
+        self.rule_spans: list[tuple[Any, Any]] = []  # this step's time in the rule
 
     def enter(self, state: dict | None, host: str, port: int, prefix: str,
               members: list[int], backend: str = "gloo") -> str:
@@ -141,13 +171,15 @@ class CollectiveWorker(Worker):
         step leaves no trace in this worker's state), `too_few` when strategy.on_too_few=fail
         stopped the steps."""
         out: dict[str, Any] = {"losses": [], "updated": [], "rejected": [], "extra_bytes": [],
-                               "error": "", "too_few": ""}
+                               "phases": [], "error": "", "too_few": ""}
         for step in range(first, stop):
-            self.extra_bytes = 0
+            self.extra_bytes, self.rule_spans = 0, []
             saved = self.buffers.clone()  # the forward pass moves BatchNorm statistics
             rejected = self.aggregation.rejected if self.aggregation else 0
+            t0 = self.clock.now()
             self.grad.zero_()
             loss = self.backward(step)
+            t1 = self.clock.now()
             try:
                 updated = self.exchange(step)
             except TooFewWorkers as e:
@@ -158,10 +190,15 @@ class CollectiveWorker(Worker):
                 self.leave()  # closing our connections frees members still waiting on us
                 out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 break
+            t2 = self.clock.now()
             if updated:
                 self.apply(step)
             else:  # a skipped step: the statistics stay as the model's were
                 self.buffers.copy_(saved)
+            rule = sum(self.clock.seconds(a, b) for a, b in self.rule_spans)
+            out["phases"].append((self.clock.seconds(t0, t1),
+                                  self.clock.seconds(t1, t2) - rule, rule,
+                                  self.clock.seconds(t2, self.clock.now())))
             out["losses"].append(float(loss))
             out["updated"].append(updated)
             out["rejected"].append((self.aggregation.rejected if self.aggregation else 0)
@@ -202,9 +239,11 @@ class CollectiveWorker(Worker):
         whole = self.aggregation.state
         self.aggregation.state = per_coordinate(
             whole, where.d, lambda t: t[where.start:where.start + width].to(block.device))
+        t0 = self.clock.now()
         try:
             update = self.aggregation(block, self.members, step, agree=agreed_rows)
             ours = self.aggregation.state
+            self.rule_spans.append((t0, self.clock.now()))
         finally:
             self.aggregation.state = whole  # a failed step leaves no trace
         if update is not None:
@@ -429,9 +468,12 @@ class CollectivePlane:
             losses = [r["losses"][i] for r in results.values() if len(r["losses"]) > i]
             traffic = self._traffic(len(losses)) + longest["extra_bytes"][i]
             self.rejected += longest["rejected"][i]
+            phases = np.mean([r["phases"][i] for r in results.values()
+                              if len(r["phases"]) > i], axis=0)
             outcomes.append(StepOutcome(answered=len(losses), loss=float(np.mean(losses)),
                                         updated=longest["updated"][i], bytes_sent=traffic,
-                                        bytes_up=traffic, bytes_down=traffic))
+                                        bytes_up=traffic, bytes_down=traffic,
+                                        metrics=dict(zip(PHASES, map(float, phases)))))
         return outcomes, lost
 
     def _traffic(self, members: int) -> int:

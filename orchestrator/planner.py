@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud.draws import spot_rng
 from cloud.traces import PriceTrace
 from orchestrator.config import ConfigError, load_config
 from orchestrator.metrics import format_table, read_metrics
@@ -149,6 +150,27 @@ def slot_availability(q: float, steps: int, wait: int, start: int) -> tuple[np.n
         if hi > lo:
             billed[j] += reclaimed[lo:hi].sum()
     return working * (1 - q), billed
+
+
+def replay_live_workers(seed: int, q: float, d: int, n: int, steps: int) -> list[int]:
+    """The model of slot_availability(q, steps, wait=d, start=0) played on the simulated
+    pool's own draws (cloud.draws.spot_rng; cloud.preempt_prob=q, cloud.replace_delay_steps=d,
+    workers=n): in each step every working worker, in the order of its machine's id, is
+    reclaimed with probability q and does not answer; its replacement, a new machine, works
+    from step reclaim + d + 1. Returns the workers that answer in steps 1..steps: what such a
+    run must log, step for step."""
+    working, waiting, next_id, answered = list(range(n)), [], n, []
+    for step in range(1, steps + 1):
+        working = sorted(working + [i for due, i in waiting if due <= step])
+        waiting = [(due, i) for due, i in waiting if due > step]
+        rng = spot_rng(seed, step)
+        gone = [i for i in working if rng.random() < q]
+        for _ in gone:
+            waiting.append((step + d + 1, next_id))
+            next_id += 1
+        working = [i for i in working if i not in gone]
+        answered.append(len(working))
+    return answered
 
 
 # --------------------------------------------------------------------------- one phase

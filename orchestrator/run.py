@@ -255,10 +255,12 @@ def next_due(every: int, step: int) -> float:
 def call_end(cfg: Config, training: TrainingStep, workers: WorkerPool, step: int) -> int:
     """The last step of the call that starts at `step`: at most steps_per_call steps (2
     while a replacement starts, so that it joins within 2 steps of being ready), ending at
-    the next evaluation or checkpoint step and at the last step."""
+    the next evaluation or checkpoint step, before the step a replacement takes part from,
+    and at the last step."""
     most = min(training.steps_per_call, 2) if workers.joining() else training.steps_per_call
+    joins = [due - 1 for due in workers.due_steps() if due > step]  # a replacement's step
     return int(min(step + most - 1, cfg.steps, next_due(cfg.eval.every, step),
-                   next_due(cfg.checkpoint.every_steps, step)))
+                   next_due(cfg.checkpoint.every_steps, step), *joins))
 
 
 class Pace:
@@ -372,6 +374,7 @@ def run_training(cfg: Config, run_dir: Path, given: dict[str, Any]) -> dict:
         last_save = time.monotonic()
         step = progress.step + 1
         while step <= cfg.steps:
+            progress.joins += workers.wait_for_due(step)  # replacements due: the clock waits
             t0 = time.perf_counter()
             events = clock.at(step)  # machines that joined, got a notice, or go this step
             take_events(events, step, workers, training, progress, checkpoint)

@@ -212,6 +212,8 @@ class WorkerPool:
         # one entry per replacement that joined: (latency_s, late_steps, late_s); the late
         # figures are None for a machine without a ready step
         self.join_log: list[tuple[float, int | None, float | None]] = []
+        self.held_s = 0.0  # wall time the step clock waited for replacements (wait_for_due)
+        self.given_up = 0  # replacements due by this step are no longer waited for
 
     def start(self, machines: list[Machine]) -> None:
         """Start the first workers and wait until all of them are ready."""
@@ -314,6 +316,33 @@ class WorkerPool:
             self.join_log.append((ready_at - machine.joined_at, late_steps, late_s))
         return joined
 
+    def due_steps(self) -> list[int]:
+        """The steps from which the replacements on their way take part
+        (cloud.replace_delay_steps): asked for or booting in the pool, or their worker
+        starting or waiting here."""
+        here = [m.ready_step for _, _, m in self.starting.values()]
+        here += [m.ready_step for _, m in self.booted.values()]
+        return self.pool.due_steps() + [s for s in here if s is not None]
+
+    def wait_for_due(self, step: int) -> int:
+        """Before `step` is polled: hold the step clock until every replacement due by it
+        is ready to take part (a boot that outlasts its d steps), for at most the pool's
+        join_wait_s; those still missing then join late, unwaited for. Returns how many
+        joined; the wait is summed in held_s."""
+        limit = self.pool.join_wait_s
+        start = time.monotonic()
+        joined = 0
+        while limit > 0 and any(self.given_up < due <= step for due in self.due_steps()):
+            if time.monotonic() - start >= limit:
+                self.given_up = step
+                break
+            time.sleep(0.01)
+            for machine in self.pool.arrivals():
+                self.add(machine)
+            joined += self.admit(step)
+        self.held_s += time.monotonic() - start
+        return joined
+
     def _setup_failed(self, actor: ray.actor.ActorHandle, machine: Machine, error: str) -> None:
         """A replacement whose workload failed to load: logged once per message, its machine
         given back like a lost one (the pool replaces it)."""
@@ -328,14 +357,16 @@ class WorkerPool:
         join_latency_s_mean, from the machine's launch to its worker being ready (node start,
         worker process, imports, data); and with cloud.replace_delay_steps, joins_late (how
         many took part after their step), join_late_steps_mean and join_late_s_mean (steps and
-        seconds beyond the step, 0 for one on time)."""
+        seconds beyond the step, 0 for one on time), and clock_held_s (the wall time the step
+        clock waited for them, cloud.join_wait_s)."""
         log = self.join_log
         late = [(steps, s) for _, steps, s in log if steps is not None]
         out = {"join_latency_s_mean": float(np.mean([t for t, _, _ in log])) if log else 0.0}
         if late or getattr(self.pool, "delay_steps", None) is not None:
             out.update(joins_late=sum(1 for steps, _ in late if steps > 0),
                        join_late_steps_mean=float(np.mean([n for n, _ in late])) if late else 0.0,
-                       join_late_s_mean=float(np.mean([s for _, s in late])) if late else 0.0)
+                       join_late_s_mean=float(np.mean([s for _, s in late])) if late else 0.0,
+                       clock_held_s=self.held_s)
         return out
 
     def drain(self, machines: list[Machine]) -> int:

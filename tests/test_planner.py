@@ -29,6 +29,7 @@ from orchestrator.planner import (
     fit_step_time,
     parse_plan_args,
     price_below,
+    replay_live_workers,
     slot_availability,
     steps_for_target,
 )
@@ -71,6 +72,17 @@ def test_slot_availability_matches_a_simulation_of_the_pool(q, wait, start):
     got_answer, got_billed = slot_availability(q, steps, wait, start)
     np.testing.assert_allclose(got_answer, answered, atol=0.012)
     np.testing.assert_allclose(got_billed, billed, atol=0.012)
+
+
+@pytest.mark.parametrize("q, d", [(0.05, 0), (0.05, 4), (0.2, 2)])
+def test_the_replay_on_the_pools_draws_averages_to_slot_availability(q, d):
+    """replay_live_workers (the model on the pool's per-step draws, what a held-clock run
+    logs) has slot_availability's expectation, step by step, over many seeds."""
+    n, steps, seeds = 4, 40, 2000
+    runs = np.array([replay_live_workers(seed, q, d, n, steps) for seed in range(seeds)])
+    answer, _ = slot_availability(q, steps, wait=d, start=0)
+    np.testing.assert_allclose(runs.mean(axis=0), n * answer, atol=0.06)
+    assert runs.max() <= n and runs[:, 0].mean() == pytest.approx(n * (1 - q), abs=0.03)
 
 
 def test_without_repair_delay_the_pool_is_the_papers_model():
