@@ -208,8 +208,13 @@ def join_table(rows: list[dict], imports_s: float, warm: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- the grid
-def run_cell(q: float, d: int, seed: int, steps: int, out: Path, warm_nodes: int = 0) -> dict:
+def run_cell(q: float, d: int, seed: int, steps: int, out: Path, warm_nodes: int = 0,
+             reuse: bool = False) -> dict:
+    """One run of the grid (`reuse`: a finished run of the same cell in `out` is read
+    instead, e.g. after an interrupted pass)."""
     name = f"q{q:g}-d{d}-s{seed}"
+    if reuse and (out / name / "summary.json").exists():
+        return read_cell(q, d, seed, steps, out / name, seconds=float("nan"))
     cmd = [sys.executable, "-m", "orchestrator", "train", "cloud=simulated",
            f"cloud.preempt_prob={q:g}", f"cloud.replace_delay_steps={d}", "workers=4",
            "model=mlp", f"steps={steps}", f"seed={seed}", f"run.dir={out}", f"run.name={name}",
@@ -217,11 +222,16 @@ def run_cell(q: float, d: int, seed: int, steps: int, out: Path, warm_nodes: int
            f"cloud.warm_nodes={warm_nodes}"]
     t = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / name / "summary.json").read_text())
-    live = [json.loads(line)["live_workers"] for line in open(out / name / "metrics.jsonl")]
+    return read_cell(q, d, seed, steps, out / name, time.perf_counter() - t)
+
+
+def read_cell(q: float, d: int, seed: int, steps: int, run: Path, seconds: float) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    if summary["steps_done"] != steps:
+        raise SystemExit(f"{run}: {summary['steps_done']} steps, not {steps}")
+    live = [json.loads(line)["live_workers"] for line in open(run / "metrics.jsonl")]
     replay = replay_live_workers(seed, q, d, 4, steps)
-    return {"live": live, "replay": replay, "summary": summary,
-            "seconds": time.perf_counter() - t}
+    return {"live": live, "replay": replay, "summary": summary, "seconds": seconds}
 
 
 def grid_table(cells: dict, steps: int, warmup: int, n: int) -> str:
@@ -279,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--joins", type=int, default=3, help="replacements timed (0: skip)")
     ap.add_argument("--warm-nodes", type=int, default=0, help="cloud.warm_nodes of the grid")
     ap.add_argument("--out", default="/tmp/squall-availability")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the finished runs of a cell found in --out instead of rerunning")
     args = ap.parse_args(argv)
     grid = [(float(q), int(d)) for q, d in (c.split(":") for c in args.cells.split(",") if c)]
     seeds = [int(x) for x in args.seeds.split(",") if x]
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: dict = {}
     for q, d in grid:
         for seed in seeds:
-            r = run_cell(q, d, seed, args.steps, out, args.warm_nodes)
+            r = run_cell(q, d, seed, args.steps, out, args.warm_nodes, args.reuse)
             cells.setdefault((q, d), []).append(r)
             print(f"q={q:g} d={d} seed={seed}: live {np.mean(r['live'][args.warmup:]):.3f} "
                   f"(E[y] {expected_live(q, d, args.steps, args.warmup, 4):.3f}, replay "
