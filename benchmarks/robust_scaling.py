@@ -159,7 +159,7 @@ def measure(args: argparse.Namespace) -> dict:
                 sharded_ms, update, wire = sharded[(rule, d)]
                 same = difference(rule, update, expected)
                 rows.setdefault((rule, n, d), []).append((driver_ms, sharded_ms, same, wire))
-                print(f"round {rnd + 1} {rule} n={n} d={d:.0e}: driver {driver_ms:.1f} ms, "
+                print(f"round {rnd + 1} {rule} n={n} d={d:.2g}: driver {driver_ms:.1f} ms, "
                       f"sharded {sharded_ms:.1f} ms, difference {same:.1e}", file=sys.stderr,
                       flush=True)
     return rows
@@ -207,7 +207,7 @@ def table(rows: dict) -> tuple[list[str], list[str]]:
         worst = max(r[2] for r in rounds)
         same = ("yes" if worst == 0 else f"yes ({worst:.1e})") if agrees(worst) else \
             f"NO ({worst:.1e})"
-        lines.append(f"| {rule} | {n} | {d:.0e} | {statistics.median(driver):.1f} | "
+        lines.append(f"| {rule} | {n} | {d:.2g} | {statistics.median(driver):.1f} | "
                      f"{fmt(driver)} | {statistics.median(sharded):.1f} | {fmt(sharded)} | "
                      f"{statistics.median(driver) / statistics.median(sharded):.2f}x | "
                      f"{drv_mb:.1f} | {mem_mb:.1f} | "
@@ -248,6 +248,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="n 5, d 1e5, 1 round; prints only")
+    p.add_argument("--part", default="scaling", help="the block of the .md it writes (another "
+                   "name adds a block beside the default grid's)")
     args = p.parse_args()
     if args.quick:
         args.n, args.d, args.rounds, args.rules = [5], [1e5], 1, ["median"]
@@ -255,7 +257,7 @@ def main() -> None:
     text = report(args, measure(args), time.perf_counter() - t0)
     print(text)
     if not args.quick:
-        write_part(MD, TITLE, "scaling", text)
+        write_part(MD, TITLE, args.part, text)
         print(f"wrote {MD}")
 
 
