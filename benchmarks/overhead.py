@@ -187,8 +187,12 @@ def collective_round(rule: str, workers: int, steps: int, tmp: str, cluster: boo
     args = [*job_args("cnn", workers, tmp), f"steps={steps}", "eval.every=0",
             "checkpoint.every_steps=0", f"run.name={name}", "worker.plane=collective",
             f"strategy={rule}", *(["cloud=simulated"] if cluster else [])]
+    # Compiled kernels off: a worker compiles its (rule, n) kernel on a helper thread in its
+    # first seconds, which on 2 shared cores fills most of a short run (see the notes of
+    # 2026-12-07 12:20 UTC); at n = 3 the compiled median is no faster than the eager one.
+    env = {**os.environ, "SQUALL_COMPILE": "0"}
     subprocess.run([sys.executable, "-m", "orchestrator", "train", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=env)
     rows = [r for r in read_metrics(Path(tmp) / name) if r["step"] > 5]
     out = {key: statistics.median(r[key] for r in rows)
            for key in ("step_s", *(key for _, key in PHASE_ROWS[:-1]))}
@@ -232,7 +236,8 @@ def collective_part(workers: int, steps: int, rounds: int, cluster: bool) -> str
         f"load average {os.getloadavg()[0]:.1f} at the end (this benchmark included), "
         f"torch {torch.__version__}, Ray {ray.__version__}",
         f"- `squall train model=cnn data=digits workers={workers} worker.plane=collective "
-        f"strategy=RULE steps={steps}` (byzantine.f=0), {rounds} runs per rule, rules "
+        f"strategy=RULE steps={steps}` (byzantine.f=0) with SQUALL_COMPILE=0 (eager rules, "
+        f"no kernel compiling during the run), {rounds} runs per rule, rules "
         f"interleaved; per run the median over steps 6-{steps} of each field of its "
         "metrics.jsonl (the workers' phases are the mean over the members of a step); the "
         f"table shows the median over the {rounds} runs; shares are of step_s, so they need "
