@@ -128,25 +128,29 @@ class Settings:
     quick: bool
     variants: tuple[str, ...] = tuple(VARIANTS)  # --shipped: SHIPPED
     faults: bool = True  # the membership-change runs (not with --shipped)
+    device: str = "cpu"  # --device cuda: the shipped variants on the GPU (with --shipped)
 
 
 # =========================================================================== the job
-def job(workers: int) -> Config:
-    """squall's default job with `workers` workers (cnn, digits, batch 32, SGD 0.05 m 0.9)."""
-    return load_config([f"workers={workers}", "log.progress=false"])
+def job(workers: int, device: str = "cpu") -> Config:
+    """squall's default job with `workers` workers (cnn, digits, batch 32, SGD 0.05 m 0.9)
+    on `device` (cuda: every worker on the machine's GPU, which they share)."""
+    return load_config([f"workers={workers}", "log.progress=false", f"worker.device={device}"])
 
 
-def replica(workers: int, rank: int) -> tuple[Config, Workload, torch.nn.Module, StepBatches]:
-    """What a squall worker of `rank` builds: the seeded model and its shard's batches."""
+def replica(workers: int, rank: int, device: str = "cpu"
+            ) -> tuple[Config, Workload, torch.nn.Module, StepBatches]:
+    """What a squall worker of `rank` builds: the seeded model (on `device`) and its shard's
+    batches."""
     torch.set_num_threads(1)
-    cfg = job(workers)
+    cfg = job(workers, device)
     workload = resolve_workload(cfg)
     info = data_info(workload.dataset("test"))  # as squall's driver: from the test split
     train_set = workload.dataset("train")
     shard = shard_of(train_set, rank, workers, cfg.data, cfg.seed)
     batches = StepBatches(train_set, shard, cfg.data, cfg.seed, rank)
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
-    return cfg, workload, workload.model(info), batches
+    return cfg, workload, workload.model(info).to(device), batches
 
 
 class FlatReplica:
@@ -233,11 +237,15 @@ def emit(result: dict) -> None:
 
 
 # =========================================================================== (a) DDP
-def child_ddp_rank(workers: int, rank: int, port: int, steps: int) -> dict:
-    """One rank of bare DDP: forward/backward with DDP's bucketed all-reduce, SGD."""
+def child_ddp_rank(workers: int, rank: int, port: int, steps: int, device: str = "cpu") -> dict:
+    """One rank of bare DDP: forward/backward with DDP's bucketed all-reduce, SGD (gloo on
+    cuda too: the ranks share one GPU, which NCCL refuses). A step ends when its work on the
+    device has."""
     from torch.nn.parallel import DistributedDataParallel
 
-    cfg, workload, model, batches = replica(workers, rank)
+    from orchestrator.workload import to_device
+
+    cfg, workload, model, batches = replica(workers, rank, device)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=workers, timeout=timedelta(seconds=60))
     ddp = DistributedDataParallel(model)
@@ -245,9 +253,11 @@ def child_ddp_rank(workers: int, rank: int, port: int, steps: int) -> dict:
     ends, losses = [], []
     for step in range(1, steps + 1):
         optimizer.zero_grad()
-        loss = workload.loss(ddp, batches(step)[0])
+        loss = workload.loss(ddp, to_device(batches(step)[0], torch.device(device)))
         loss.backward()
         optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         ends.append(time.perf_counter())
         losses.append(float(loss))
     dist.destroy_process_group()
@@ -258,7 +268,8 @@ def run_ddp(workers: int, s: Settings) -> dict:
     """The DDP ranks as plain processes; rank 0's clock, the ranks' mean loss."""
     port = free_port()
     procs = [spawn(["--child", "ddp-rank", "--workers", str(workers), "--rank", str(r),
-                    "--port", str(port), "--steps", str(s.steps)]) for r in range(workers)]
+                    "--port", str(port), "--steps", str(s.steps), "--device", s.device])
+             for r in range(workers)]
     results = [collect(p) for p in procs]
     if failed := [r for r in results if "error" in r]:
         return failed[0]
@@ -267,7 +278,7 @@ def run_ddp(workers: int, s: Settings) -> dict:
 
 
 # =========================================================================== (b) squall
-def child_squall(workers: int, steps: int, plane: str) -> dict:
+def child_squall(workers: int, steps: int, plane: str, device: str = "cpu") -> dict:
     """squall's loop end to end on worker.plane=`plane`; step completion times from
     metrics.jsonl's wall_s (the collective plane's calls of worker.steps_per_call steps
     share their time evenly: the timed window is long, so only its edges are smoothed)."""
@@ -277,7 +288,7 @@ def child_squall(workers: int, steps: int, plane: str) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="dataplane-") as tmp:
         summary = train([f"workers={workers}", f"steps={steps}", "eval.every=0",
-                         f"worker.plane={plane}",
+                         f"worker.plane={plane}", f"worker.device={device}",
                          "checkpoint.every_steps=0", "log.progress=false", f"run.dir={tmp}",
                          "run.name=squall"])
         rows = read_metrics(Path(summary["run_dir"]))
@@ -685,7 +696,7 @@ def child_collective_fault(workers: int, warmup: int, driver_store: bool) -> dic
 
 
 # =========================================================================== shipped plane
-def child_shipped_membership(workers: int, warmup: int) -> dict:
+def child_shipped_membership(workers: int, warmup: int, device: str = "cpu") -> dict:
     """squall's collective plane as the run loop drives it (CollectivePlane and WorkerPool on
     cloud=local): the wall time of one call of worker.steps_per_call steps as it is, with a
     member SIGKILLed just before it (its all-reduce fails, the group re-forms over the
@@ -697,7 +708,7 @@ def child_shipped_membership(workers: int, warmup: int) -> dict:
     from orchestrator.run import start_workers
 
     torch.set_num_threads(1)
-    cfg = load_config([f"workers={workers}", "log.progress=false"])
+    cfg = job(workers, device)
     workload = resolve_workload(cfg)
     info = data_info(workload.dataset("test"))
     torch.manual_seed(cfg.seed)
@@ -773,10 +784,10 @@ def membership_table(runs: list[dict], workers: int) -> list[str]:
 
 # =========================================================================== children
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "ddp-rank": lambda a: child_ddp_rank(a.workers, a.rank, a.port, a.steps),
-    "squall": lambda a: child_squall(a.workers, a.steps, "driver"),
-    "squall-collective": lambda a: child_squall(a.workers, a.steps, "collective"),
-    "shipped-membership": lambda a: child_shipped_membership(a.workers, a.warmup),
+    "ddp-rank": lambda a: child_ddp_rank(a.workers, a.rank, a.port, a.steps, a.device),
+    "squall": lambda a: child_squall(a.workers, a.steps, "driver", a.device),
+    "squall-collective": lambda a: child_squall(a.workers, a.steps, "collective", a.device),
+    "shipped-membership": lambda a: child_shipped_membership(a.workers, a.warmup, a.device),
     "cgraph": lambda a: child_cgraph(a.workers, a.steps),
     "cgraph-agg": lambda a: child_cgraph_agg(a.workers, a.steps),
     "collective": lambda a: child_collective(a.workers, a.steps),
@@ -825,7 +836,7 @@ def run_variant(kind: str, workers: int, s: Settings) -> dict:
     if kind == "ddp":
         return run_ddp(workers, s)
     args = ["--child", kind, "--workers", str(workers), "--steps", str(s.steps),
-            "--warmup", str(s.warmup)]
+            "--warmup", str(s.warmup), "--device", s.device]
     return collect(spawn(args))
 
 
@@ -996,7 +1007,8 @@ def group_block(w: int, group: dict[str, list[Round]], faults: dict[str, list[di
         *([""] + membership_table(faults["shipped-membership"], w) if not s.faults else [])])
 
 
-def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float) -> str:
+def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float,
+                 device: str = "cpu") -> str:
     after = os.getloadavg()
     return "\n".join([
         f"Last written {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmd}` from the repository "
@@ -1010,7 +1022,10 @@ def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float) -> 
         "- ms/step: wall time of the timed steps / their number, per round (a fresh process "
         "each); ratio: the variant's step rate / DDP's in the same round (above 1: faster "
         "than DDP); vs (b): (b)'s median ms / the variant's; final loss: mean over "
-        f"the last {LOSS_TAIL} steps (sanity: every variant trains the same job)"])
+        f"the last {LOSS_TAIL} steps (sanity: every variant trains the same job)",
+        *([f"- device: {torch.cuda.get_device_name(0)}, shared by every worker; DDP on gloo "
+           "(NCCL refuses two ranks on one GPU), squall's group backend as it picks it"]
+          if device == "cuda" else [])])
 
 
 def write_blocks(blocks: dict[str, str]) -> None:
@@ -1040,19 +1055,27 @@ def parse_args() -> argparse.Namespace:
                         "shipped-<workers> blocks")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 workers, 1 round, 60 steps; prints, writes no markdown")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda (with --shipped): DDP and squall's planes on the machine's GPU, "
+                   "written to the shipped-cuda-<workers> blocks")
     p.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.device == "cuda" and not (args.shipped or args.child):
+        p.error("--device cuda needs --shipped (the prototypes run on CPU only)")
+    return args
 
 
 def settings(args: argparse.Namespace) -> Settings:
     if args.quick:
-        return Settings(steps=60, warmup=20, rounds=1, workers=(2,), quick=True)
+        return Settings(steps=60, warmup=20, rounds=1, workers=(2,), quick=True,
+                        variants=SHIPPED if args.shipped else tuple(VARIANTS),
+                        faults=not args.shipped, device=args.device)
     workers = tuple(int(w) for w in args.workers.split(","))
     if args.shipped:
         return Settings(args.steps, args.warmup, args.rounds, workers, quick=False,
-                        variants=SHIPPED, faults=False)
+                        variants=SHIPPED, faults=False, device=args.device)
     return Settings(args.steps, args.warmup, args.rounds, workers, quick=False)
 
 
@@ -1066,8 +1089,9 @@ def main() -> None:
     cmd = "python -m benchmarks.dataplane" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     load_before, t0 = os.getloadavg(), time.perf_counter()
     rounds, faults = measure(s)
-    prefix = "workers" if s.faults else "shipped"
-    blocks = {f"{prefix}-header": header_block(cmd, load_before, time.perf_counter() - t0)}
+    prefix = "workers" if s.faults else "shipped" if s.device == "cpu" else f"shipped-{s.device}"
+    blocks = {f"{prefix}-header": header_block(cmd, load_before, time.perf_counter() - t0,
+                                               s.device)}
     blocks |= {f"{prefix}-{w}": group_block(w, rounds[w], faults[w], s, cmd)
                for w in s.workers}
     text = "\n\n".join(blocks.values())
