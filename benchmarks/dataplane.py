@@ -992,7 +992,8 @@ def group_block(w: int, group: dict[str, list[Round]], faults: dict[str, list[di
     meets = [k for k in found if k != "ddp" and found[k] >= TARGET]
     summary = (f"Fastest prototype: **{best}** at {found[best]:.2f}x DDP; meeting the "
                f">= {TARGET}x target: {', '.join(meets) or 'none'}." if best else "")
-    heading = f"## {w} workers" + (": squall as shipped" if not s.faults else "")
+    heading = f"## {w} workers" + (": squall as shipped" if not s.faults else "") + (
+        f", on {s.device}" if s.device != "cpu" else "")
     fault_part = [
         f"### Membership change: rank {VICTIM} of {w} SIGKILLed {KILL_AFTER_S:g} s into "
         "the run", "", f"Median over {s.rounds} rounds (every round in brackets); the "
@@ -1024,7 +1025,8 @@ def header_block(cmd: str, load_before: tuple[float, ...], elapsed_s: float,
         "than DDP); vs (b): (b)'s median ms / the variant's; final loss: mean over "
         f"the last {LOSS_TAIL} steps (sanity: every variant trains the same job)",
         *([f"- device: {torch.cuda.get_device_name(0)}, shared by every worker; DDP on gloo "
-           "(NCCL refuses two ranks on one GPU), squall's group backend as it picks it"]
+           "(NCCL refuses two ranks on one GPU), squall's collective plane on gloo with host "
+           "copies (`group_backend`: its workers share the GPU)"]
           if device == "cuda" else [])])
 
 

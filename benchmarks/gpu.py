@@ -1,23 +1,32 @@
 """Robust rules on the GPU against the read-once memory floor of their input (issue 17).
 
-    python -m benchmarks.gpu                       # on a CUDA machine: writes gpu.md beside this
-    python -m benchmarks.gpu --device cpu --quick  # smoke run of the same code here; prints only
+    python3 -m benchmarks.gpu                       # on a CUDA machine: writes gpu.md beside this
+    python3 -m benchmarks.gpu --device cpu --quick  # smoke run of the same code; prints only
 
-Each rule runs as the driver plane runs it (`Aggregation`: the finite check, then the rule,
-tolerating f = 1) on an n x d float32 matrix of fake gradients on the device. Its time is set
-against the floor: one `G.sum(0)`, which reads every value of G once and so runs at the
-device's memory bandwidth. A rule at 1x the floor costs one read of its input; the table also
-gives the bandwidth the floor reached. Every time is the median of --reps calls, after one
-untimed call (compiles, allocator), synchronised with the device; --rounds rounds, each round
-a fresh matrix; the median over rounds and every round are shown.
+Each rule runs as the strategy layer defines it (`strategies.rules.build_rule`, pure torch:
+this needs neither Ray nor the config, only torch), tolerating f = 1, on an n x d float32
+matrix of fake gradients on the device. Its time is set against the floor: one `G.sum(0)`,
+which reads every value of G once and so runs at the device's memory bandwidth. A rule at 1x
+the floor costs one read of its input. (The driver plane adds a finite check before the
+rule, one more read; it is not timed here.) The table also gives the bandwidth the floor
+reached. Every time is the median of --reps calls after one untimed call, each ended on the
+device; --rounds rounds, each a fresh matrix; the median over rounds and every round are
+shown. The distance rules' Gram matrix and sign_vote's packing go in chunks sized for CPU
+caches, so on a GPU their ratios include one kernel launch per chunk.
 
-The device run, as one prepared script (the CUDA tests, this, then squall against DDP on the
-GPU; about 6 minutes on an H100):
+The device run for issue 17. Step 1 needs only torch, so it runs on the device image as it is:
 
-    python -m pytest -q -rs tests/test_collective.py tests/test_train.py \
+    python3 -m benchmarks.gpu 2>&1 | tail -40; (cd benchmarks && cp gpu.md "$OUT"/)
+
+Steps 2 and 3 need squall's own dependencies on the device: Ray, omegaconf and antlr4, and
+Ray's own needs that the image lacks. They travel as wheels, and Ray's wheel (79 MB for
+2.60) is over one call's 64 MiB, so it must come in two parts over two calls. Then, with
+PYTHONPATH holding the wheels and the repository root:
+
+    python3 -m pytest -q -rs tests/test_collective.py tests/test_train.py \
         tests/test_aggregators.py -k "cuda or gpu or CUDA"
-    python -m benchmarks.gpu
-    python -m benchmarks.dataplane --shipped --device cuda --workers 2 --rounds 3
+    python3 -m benchmarks.dataplane --shipped --device cuda --workers 2 --rounds 3 \
+        > "$OUT"/dataplane.log 2>&1; cp benchmarks/dataplane.md /tmp/dataplane-child-* "$OUT"/
 """
 
 from __future__ import annotations
@@ -36,13 +45,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.md_parts import write_part
-from benchmarks.robust_scaling import aggregation
+from strategies.rules import build_rule, check_workers
 
 MD = Path(__file__).with_suffix(".md")
 TITLE = "squall: robust rules on the GPU against the read-once memory floor (issue 17)"
 RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geomed",
          "centered_clip", "sign_vote")
-SIZES = ((8, 10**6), (8, 10**7), (16, 10**7), (32, 10**7), (16, 25 * 10**6))
+F = 1  # the Byzantine workers each rule tolerates
+# From 320 MB up: well past the GPU's L2 (50 MB on an H100), so the floor is HBM's
+SIZES = ((8, 10**7), (16, 10**7), (32, 10**7), (16, 25 * 10**6), (32, 25 * 10**6))
 QUICK_SIZES = ((8, 10**5),)
 
 
@@ -75,10 +86,13 @@ def measure_round(sizes: tuple[tuple[int, int], ...], rules: tuple[str, ...], se
     out: dict[tuple[int, int], dict[str, float]] = {}
     for n, d in sizes:
         G = fake_gradients(n, d, seed, device)
-        ranks = list(range(n))
         cell = {"floor": timed_ms(partial(torch.sum, G, 0), device, reps)}
         for rule in rules:
-            cell[rule] = timed_ms(partial(aggregation(rule, n), G, ranks, 1), device, reps)
+            if reason := check_workers(rule, n, F):
+                raise ValueError(reason)
+            transform = build_rule(rule)
+            cell[rule] = timed_ms(partial(transform.update, G, F, transform.init()), device,
+                                  reps)
             print(f"round seed {seed} n={n} d={d:.2g} {rule}: {cell[rule]:.2f} ms "
                   f"(floor {cell['floor']:.2f} ms)", flush=True)
         out[(n, d)] = cell
@@ -101,7 +115,8 @@ def report(rounds: list[dict], rules: tuple[str, ...], device: torch.device, cmd
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmd}` in {elapsed_s / 60:.1f} min;"
         f" device: {device_line(device)}; torch {torch.__version__}.", "",
         f"- {len(rounds)} rounds (a fresh N(0, 1) float32 matrix each), each cell the median "
-        "of its round's timed calls; f = 1; ratio = the rule's time / the floor's (a read of "
+        f"of its round's timed calls; the rule alone (strategies' transform), f = {F}; "
+        "ratio = the rule's time / the floor's (a read of "
         "G once: `G.sum(0)`)", "",
         "| n | d | floor ms (GB/s) | " + " | ".join(f"{r} ms (x floor)" for r in rules) + " |",
         "|---" * (3 + len(rules)) + "|"]
