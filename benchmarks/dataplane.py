@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.dataplane --quick          # smoke run: prints, writes nothing
     .venv/bin/python -m benchmarks.dataplane --workers 2 --rounds 5 --steps 600
     .venv/bin/python -m benchmarks.dataplane --shipped       # DDP vs squall's two planes only
+    .venv/bin/python -m benchmarks.dataplane --shipped --device cuda  # the same on the GPU
 
 Every variant trains squall's default job (model=cnn on data=digits, batch 32 per worker,
 SGD lr 0.05 momentum 0.9, seed 0: `load_config(["workers=N"])`) with the same model
