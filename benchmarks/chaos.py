@@ -47,6 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.md_parts import invocation
+
 SQUALL = [sys.executable, "-m", "orchestrator", "train"]
 OUT = Path(__file__).with_suffix(".md")
 TITLE = "# Chaos benchmark: preemption storms, SIGKILLs, malformed invocations, attacks " \
@@ -941,7 +943,7 @@ def main() -> None:
     settings = QUICK if args.quick else FULL
     if args.storm_steps:
         settings = dataclasses.replace(settings, storm_steps=args.storm_steps)
-    cmd = "python -m benchmarks.chaos" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    cmd = invocation("benchmarks.chaos")
     t_start = time.perf_counter()
     verdicts = {}
     for key in [k for k in SECTIONS if k in chosen]:

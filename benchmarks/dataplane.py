@@ -58,7 +58,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import signal
 import socket
 import statistics
@@ -86,6 +85,7 @@ import torch.distributed as dist  # noqa: E402
 from benchmarks.md_parts import (  # noqa: E402
     END_GENERATED,
     GENERATED,
+    invocation,
     write_generated,
     write_part,
 )
@@ -1089,7 +1089,7 @@ def main() -> None:
         child_main(args)
         return
     s = settings(args)
-    cmd = "python -m benchmarks.dataplane" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    cmd = invocation("benchmarks.dataplane")
     load_before, t0 = os.getloadavg(), time.perf_counter()
     rounds, faults = measure(s)
     prefix = "workers" if s.faults else "shipped" if s.device == "cpu" else f"shipped-{s.device}"

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -44,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.md_parts import write_part
+from benchmarks.md_parts import invocation, write_part
 from strategies.rules import build_rule, check_workers
 
 MD = Path(__file__).with_suffix(".md")
@@ -150,7 +148,7 @@ def main() -> None:
     device = torch.device(args.device)
     sizes = QUICK_SIZES if args.quick else SIZES
     rounds_n = 1 if args.quick else args.rounds
-    cmd = "python -m benchmarks.gpu" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    cmd = invocation("benchmarks.gpu")
     t0 = time.perf_counter()
     rounds = [measure_round(sizes, tuple(args.rules), seed, device, args.reps)
               for seed in range(rounds_n)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -32,3 +34,8 @@ def write_generated(md: Path, title: str, text: str, notes: str = "") -> None:
         first, _, rest = old.partition("\n")
         new = f"{first}\n\n{block}\n\n{rest.lstrip()}"
     md.write_text(new.rstrip("\n") + "\n")
+
+
+def invocation(module: str) -> str:
+    """The command line that ran this benchmark, as `python -m MODULE ARGS` (for its md)."""
+    return f"python -m {module}" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])

@@ -24,8 +24,6 @@ import argparse
 import os
 import platform
 import re
-import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks.md_parts import invocation
 from orchestrator.config import Config, load_config
 from orchestrator.data import batch_indices, shard_of
 from orchestrator.models import float_buffers
@@ -283,7 +282,7 @@ def main() -> None:
         grid = Grid(5, ["mean", "median"], ["none", "ipm"], ["krum"], ["median"], [0.0])
     else:
         grid = Grid(args.steps, RULES, list(ATTACKS), COORD_RULES, NOISE_RULES, NOISES)
-    cmd = "python -m benchmarks.robustness" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    cmd = invocation("benchmarks.robustness")
     todo = [c for c in grid.cells.values() if re.search(args.only, " ".join(c.overrides))]
     print(f"{len(todo)} runs; each is `squall train {' '.join(BASE)} <overrides>`", flush=True)
 
