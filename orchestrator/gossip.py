@@ -27,6 +27,7 @@ measure consensus_dist. Not counted: object references, the row of W, bookkeepin
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from strategies.consensus import (
     control_message,
     control_nbytes,
     read_control,
+    theta_breached,
     theta_message,
 )
 from strategies.topology import gossip_weights
@@ -51,6 +53,8 @@ from strategies.topology import gossip_weights
 if TYPE_CHECKING:
     from cloud.pool import Machine
     from orchestrator.workers import WorkerPool
+
+log = logging.getLogger(__name__)
 
 
 class GossipWorker(Replica):
@@ -144,6 +148,7 @@ class GossipRound(OneStepAtATime):
         self.saved_average: np.ndarray | None = None  # a resumed run's average
         self.members: list[int] | None = None  # the live ranks W was built over
         self.wraps = 0
+        self.theta_breaches = 0  # measurements that found neighbours further apart than theta
 
     def actor_kwargs(self, rank: int, workers: WorkerPool | None) -> dict[str, Any]:
         """A (re)starting worker begins from its saved replica, else from a live one's model,
@@ -198,7 +203,27 @@ class GossipRound(OneStepAtATime):
             outcome.bytes_measure = sum(s.nbytes for s in states.values())
             outcome.metrics["consensus_dist"] = float(np.mean(
                 [np.linalg.norm(s - avg) for s in states.values()] or [0.0]))
+            if self.control:
+                self._check_theta(states, step)
+                outcome.metrics["theta_breaches"] = self.theta_breaches
         return outcome
+
+    def _check_theta(self, states: dict[int, np.ndarray], step: int) -> None:
+        """Count a measurement whose replicas break the bound of the next round's messages
+        (strategies.consensus.theta_breached), and say so once: the decodes are no longer
+        guaranteed, and a wrap the workers cannot see would pass silently."""
+        st = self.cfg.strategy
+        pairs = [(r, j) for r in self.members
+                 for j in gossip_weights(self.members, st.topology, r, step + 1) if j != r]
+        if not theta_breached(self.theta_state.theta, states, pairs, st.bits, st.rounding,
+                              st.block_size):
+            return
+        self.theta_breaches += 1
+        if self.theta_breaches == 1:
+            log.warning("step %d: neighbouring replicas differ by more than Moniqua's theta "
+                        "(%d bits): decodes may wrap unseen; theta_breaches in metrics.jsonl "
+                        "counts such steps (more bits, a smaller strategy.gamma or a larger "
+                        "strategy.theta_margin keep the replicas within it)", step, st.bits)
 
     def _membership(self, step: int, workers: WorkerPool) -> tuple[int, int]:
         """After a membership change: rebuild W, reset the workers' neighbour state and (Moniqua)
@@ -245,6 +270,7 @@ class GossipRound(OneStepAtATime):
             return None
         keep = self.cfg.checkpoint.replicas == "all"
         return {"average": torch.from_numpy(avg), "wraps": self.wraps,
+                "theta_breaches": self.theta_breaches,
                 "replicas": {str(rank): torch.tensor(s) for rank, s in states.items()}  # s:
                 if keep else {},  # read-only (Ray): torch.tensor copies it
                 **self.controller.state_dict(self.theta_state)}
@@ -255,6 +281,7 @@ class GossipRound(OneStepAtATime):
         unflatten_into(state["average"], self.params)
         self.theta_state = self.controller.load_state_dict(state)
         self.wraps = int(state.get("wraps", 0))
+        self.theta_breaches = int(state.get("theta_breaches", 0))
 
     def eval_model(self, workers: WorkerPool | None) -> torch.nn.Module | None:
         """The driver's model holding the average of the live replicas (workers=None: the
@@ -274,4 +301,5 @@ class GossipRound(OneStepAtATime):
     def summary(self) -> dict[str, Any]:
         return {"wraps": self.wraps, "final_theta": float(self.theta_state.theta.max())
                 if self.control else None,
+                "theta_breaches": self.theta_breaches if self.control else None,
                 "rejected_updates": 0, "byzantine_ranks": []}

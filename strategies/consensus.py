@@ -65,6 +65,7 @@ from strategies.compression import (
     bound_codes,
     choco_compress,
     code_bounds,
+    code_thetas,
     dense_encode,
     moniqua_decode,
     moniqua_delta,
@@ -337,6 +338,23 @@ def read_control(message: Mapping[str, Any]) -> dict[str, Any]:
 def control_nbytes(message: Mapping[str, Any]) -> int:
     """Bytes of a ``control_message`` on the wire (its arrays)."""
     return sum(int(np.asarray(v).nbytes) for v in message.values())
+
+
+def theta_breached(theta: np.ndarray, replicas: Mapping[int, np.ndarray],
+                   pairs: Sequence[tuple[int, int]], bits: int, rounding: str,
+                   block_size: int) -> bool:
+    """Whether two neighbours' replicas differ, in some block, by more than the theta their
+    next messages are quantized for (as the workers read theta_message's codes). Moniqua's
+    decode is exact only within theta: past it a decode can wrap by a multiple of B, which
+    the workers cannot always see (at 1 bit their jump check is off). `pairs` are
+    (rank, neighbour) of the next round; ranks missing from `replicas` are skipped."""
+    bound = code_thetas(torch.from_numpy(theta_message(theta, bits, rounding)), bits, rounding)
+    for i, j in pairs:
+        if i in replicas and j in replicas:
+            diff = torch.from_numpy(np.asarray(replicas[i]) - np.asarray(replicas[j]))
+            if bool((block_max(diff, block_size or diff.numel()) > bound).any()):
+                return True
+    return False
 
 
 # -------------------------------------------------------------- theta controller

@@ -39,6 +39,7 @@ from strategies.consensus import (
     control_nbytes,
     mixing_gap,
     read_control,
+    theta_breached,
     theta_message,
 )
 from strategies.registry import COMPRESSORS
@@ -431,3 +432,33 @@ def test_control_stats_travel_coded_and_only_loosen_theta() -> None:
     state = ctl.init()
     theta, _, resync = ctl.update(state, [broken], [0, 1], "ring", 1)
     assert theta is state.theta and not resync
+
+
+def test_a_theta_breach_is_a_neighbour_pair_further_apart_than_the_coded_theta() -> None:
+    """theta_breached against its definition: some block of some neighbour pair's difference
+    beyond the theta that block's code stands for; pairs that are not neighbours do not
+    count. Past that bound Moniqua's decode is off by a whole modulus B; within it, by at most
+    its quantization error delta B."""
+    theta, bits, rounding = np.array([0.01, 0.04]), 2, "nearest"
+    bound = code_thetas(torch.from_numpy(theta_message(theta, bits, rounding)), bits, rounding)
+    x0 = torch.randn(8, dtype=F64, generator=torch.Generator().manual_seed(SEED))
+    within = x0.clone()
+    within[:4] += 0.99 * bound[0]
+    within[4:] -= 0.99 * bound[1]
+    beyond = within.clone()
+    beyond[6] = x0[6] + 1.5 * bound[1]
+    far = x0 + 100.0
+    rows = {0: x0.numpy(), 1: within.numpy(), 2: far.numpy(), 3: beyond.numpy()}
+    assert not theta_breached(theta, rows, [(0, 1), (1, 0)], bits, rounding, 4)
+    assert not theta_breached(theta, rows, [(0, 1), (0, 7)], bits, rounding, 4)  # 7: not live
+    assert theta_breached(theta, rows, [(0, 1), (0, 3)], bits, rounding, 4)
+    assert theta_breached(theta, rows, [(1, 2)], bits, rounding, 4)
+
+    B = block_moduli(torch.from_numpy(theta_message(theta, bits, rounding)[1:]))  # block 1's
+
+    def decoded(x: torch.Tensor) -> torch.Tensor:
+        msg = moniqua_encode(x, bound, bits, rounding, block=4)
+        return moniqua_decode(msg, x0)
+
+    assert (decoded(within) - within).abs().max() <= moniqua_delta(bits, rounding) * B.max()
+    assert abs(float(decoded(beyond)[6] - beyond[6])) > 0.5 * float(B)

@@ -64,6 +64,7 @@ def test_moniqua_8_bits_matches_dpsgd_with_a_quarter_of_the_bytes(dpsgd, make_co
     assert moniqua["bytes_sent"] == 100 * 4 * (D_MLP + HEADER)  # 1 byte per value + header
     assert abs(moniqua["test_acc"] - dense["test_acc"]) <= 0.02
     assert moniqua["wraps"] == 0 and rows[-1]["theta"] > 0
+    assert moniqua["theta_breaches"] == 0
 
 
 def test_moniqua_2_bits_keeps_replicas_together_with_15x_fewer_bytes(dpsgd, make_config):
@@ -76,6 +77,20 @@ def test_moniqua_2_bits_keeps_replicas_together_with_15x_fewer_bytes(dpsgd, make
     late = lambda rows: sum(r["consensus_dist"] for r in rows[-20:]) / 20  # noqa: E731
     assert late(rows) < 5 * late(dense_rows), (late(rows), late(dense_rows))
     assert summary["wraps"] == 0
+    assert summary["theta_breaches"] == 0 and rows[-1]["theta_breaches"] == 0  # within theta
+
+
+def test_one_bit_moniqua_reports_replicas_further_apart_than_theta(make_config, caplog):
+    """At 1 bit the workers' jump check is off, so their decodes cannot flag a wrap; the
+    driver's consensus measurement finds the neighbours further apart than theta (here from
+    about step 16 on) and counts it, with one warning."""
+    summary, rows = gossip(make_config, "strategy.compress=moniqua", "strategy.bits=1",
+                           "run.name=onebit")
+    assert summary["wraps"] == 0 and summary["theta_breaches"] > 0
+    counts = [r["theta_breaches"] for r in rows]
+    assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == summary["theta_breaches"]
+    warned = [r for r in caplog.records if "differ by more than Moniqua's theta" in r.message]
+    assert len(warned) == 1
 
 
 def test_gossip_resumes_from_its_checkpoint(ray_session, make_config):
