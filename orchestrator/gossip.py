@@ -213,8 +213,9 @@ class GossipRound(OneStepAtATime):
         (strategies.consensus.theta_breached), and say so once: the decodes are no longer
         guaranteed, and a wrap the workers cannot see would pass silently."""
         st = self.cfg.strategy
-        pairs = [(r, j) for r in self.members
-                 for j in gossip_weights(self.members, st.topology, r, step + 1) if j != r]
+        pairs = sorted({(min(r, j), max(r, j)) for r in self.members  # each pair once
+                        for j in gossip_weights(self.members, st.topology, r, step + 1)
+                        if j != r})
         if not theta_breached(self.theta_state.theta, states, pairs, st.bits, st.rounding,
                               st.block_size):
             return
