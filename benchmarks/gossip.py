@@ -83,6 +83,7 @@ class Run:
     consensus: list[tuple[int, float]] = field(default_factory=list)  # (step, distance)
     wall_s: float = 0.0
     wraps: int = 0
+    theta_breaches: int | None = None  # Moniqua's bound checks that failed (None: no theta)
     gamma: float = float("nan")
     load: float = float("nan")  # 1-minute load average when the run ended
     error: str = ""
@@ -140,6 +141,7 @@ def run_one(workers: int, method: str, seed: int, steps: int, tmp: str) -> Run:
                                  / max(1.0, worker_steps))
     run.acc = float(summary.get("test_acc", float("nan")))
     run.wraps = int(summary.get("wraps", 0))
+    run.theta_breaches = summary.get("theta_breaches")
     run.consensus = [(m["step"], m["consensus_dist"] if math.isfinite(m["consensus_dist"])
                       else math.inf)  # a diverged replica
                      for m in read_metrics(summary["run_dir"]) if "consensus_dist" in m]
@@ -170,7 +172,7 @@ def run_all(sizes: list[int], seeds: list[int], steps: int, raw: Path, cmd: str)
 def progress_line(r: Run) -> str:
     return (f"ring-{r.workers} seed {r.seed} {r.method}: acc {r.acc:.4f} consensus "
             f"{r.final_consensus:.3g} bytes/worker/step {r.bytes_per_worker_step:,.0f} wraps "
-            f"{r.wraps} {r.wall_s:.1f} s load {r.load:.1f} {r.error}")
+            f"{alarms(r)} {r.wall_s:.1f} s load {r.load:.1f} {r.error}")
 
 
 def save_runs(path: Path, cmd: str, steps: int, runs: list[Run]) -> None:
@@ -214,13 +216,18 @@ def checkpoints(steps: int) -> list[int]:
                   | {steps})
 
 
+def alarms(run: Run) -> str:
+    """'3 (12)': the run's wrap alarms and, for Moniqua, its theta breaches."""
+    return str(run.wraps) if run.theta_breaches is None else f"{run.wraps} ({run.theta_breaches})"
+
+
 def result_table(group: dict[str, Cell]) -> list[str]:
     base = group[DPSGD]
     acc0, bytes0 = base.median("acc"), base.median("bytes_per_worker_step")
     cons0 = base.median("final_consensus")
     lines = ["| method | gamma | test acc % median (min-max) | each seed | vs D-PSGD "
              "(points) | bytes/worker/step | fewer bytes | consensus final median (min-max) "
-             "| vs D-PSGD | wraps per seed | wall s median |",
+             "| vs D-PSGD | wraps (theta breaches) per seed | wall s median |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in group.items():
         lo, hi = c.spread("acc")
@@ -234,7 +241,7 @@ def result_table(group: dict[str, Cell]) -> list[str]:
             f"{100 * (c.median('acc') - acc0):+.1f} | {nbytes:,.0f} | "
             f"{bytes0 / nbytes:.1f}x | {c.median('final_consensus'):.3g} "
             f"({clo:.3g}-{chi:.3g}) | {times(c.median('final_consensus') / cons0)} | "
-            f"{', '.join(str(r.wraps) for r in c.runs)} | {c.median('wall_s'):.0f} |")
+            f"{', '.join(alarms(r) for r in c.runs)} | {c.median('wall_s'):.0f} |")
     return lines
 
 
@@ -370,7 +377,9 @@ def header(cmd: str, steps: int, seeds: list[int], elapsed_s: float,
         "- consensus distance: mean ||x_i - x_bar|| over the replicas, every 10 steps; final "
         "= last step, median over seeds (min-max); vs D-PSGD = ratio of medians",
         "- gamma: the consensus step size the run used (squall's default for the method unless "
-        "set); wraps: Moniqua's wrap-around alarms per seed",
+        "set); wraps: Moniqua's wrap-around alarms per seed; theta breaches: the consensus "
+        "measurements that found two neighbours further apart than theta (summary "
+        "theta_breaches)",
         "- the before variant: 2 bits, one theta for the whole model (block_size=0), nearest "
         "rounding, gamma 1, theta margin 2 (Moniqua's settings before the fix; known broken)",
         f"- plot: {PNG.name} (consensus distance over steps, median over seeds, min-max shaded)",
