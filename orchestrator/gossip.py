@@ -223,8 +223,8 @@ class GossipRound(OneStepAtATime):
         if self.theta_breaches == 1:
             log.warning("step %d: neighbouring replicas differ by more than Moniqua's theta "
                         "(%d bits): decodes may wrap unseen; theta_breaches in metrics.jsonl "
-                        "counts such steps (more bits, a smaller strategy.gamma or a larger "
-                        "strategy.theta_margin keep the replicas within it)", step, st.bits)
+                        "counts the measurements that found this (more bits or a larger "
+                        "strategy.theta_margin widen the bound)", step, st.bits)
 
     def _membership(self, step: int, workers: WorkerPool) -> tuple[int, int]:
         """After a membership change: rebuild W, reset the workers' neighbour state and (Moniqua)

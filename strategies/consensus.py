@@ -345,9 +345,10 @@ def theta_breached(theta: np.ndarray, replicas: Mapping[int, np.ndarray],
                    block_size: int) -> bool:
     """Whether two neighbours' replicas differ, in some block, by more than the theta their
     next messages are quantized for (as the workers read theta_message's codes). Moniqua's
-    decode is exact only within theta: past it a decode can wrap by a multiple of B, which
-    the workers cannot always see (at 1 bit their jump check is off). `pairs` are
-    (rank, neighbour) of the next round; ranks missing from `replicas` are skipped."""
+    decode is within delta B of the sender's value only within theta: past it a decode can
+    wrap by a multiple of B, which the workers cannot always see (at 1 bit their jump check
+    is off). `pairs` are (rank, neighbour) of the next round; ranks missing from `replicas`
+    are skipped."""
     bound = code_thetas(torch.from_numpy(theta_message(theta, bits, rounding)), bits, rounding)
     for i, j in pairs:
         if i in replicas and j in replicas:
