@@ -80,7 +80,8 @@ def test_moniqua_2_bits_keeps_replicas_together_with_15x_fewer_bytes(dpsgd, make
     assert summary["theta_breaches"] == 0 and rows[-1]["theta_breaches"] == 0  # within theta
 
 
-def test_one_bit_moniqua_reports_replicas_further_apart_than_theta(make_config, caplog):
+def test_one_bit_moniqua_reports_replicas_further_apart_than_theta(ray_session, make_config,
+                                                                  caplog):
     """At 1 bit the workers' jump check is off, so their decodes cannot flag a wrap; the
     driver's consensus measurement finds the neighbours further apart than theta (here from
     about step 16 on) and counts it, with one warning."""
