@@ -52,7 +52,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from benchmarks.md_parts import write_part  # noqa: E402
+from benchmarks.md_parts import invocation, write_part  # noqa: E402
 from orchestrator.collective import agreed_rows, sharded_update  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.parameter_server import Aggregation  # noqa: E402
@@ -225,7 +225,7 @@ def table(rows: dict) -> tuple[list[str], list[str]]:
 
 def report(args: argparse.Namespace, rows: dict, elapsed_s: float) -> str:
     lines, verdicts = table(rows)
-    cmd = "python -m benchmarks.robust_scaling" + "".join(f" {a}" for a in sys.argv[1:])
+    cmd = invocation("benchmarks.robust_scaling")
     return "\n".join([
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} by `{cmd}` in {elapsed_s / 60:.1f} "
         f"min; machine: {os.cpu_count()} cores ({platform.machine()}), torch "

@@ -48,7 +48,7 @@ from strategies.consensus import (
     theta_breached,
     theta_message,
 )
-from strategies.topology import gossip_weights
+from strategies.topology import gossip_weights, neighbours
 
 if TYPE_CHECKING:
     from cloud.pool import Machine
@@ -213,9 +213,10 @@ class GossipRound(OneStepAtATime):
         (strategies.consensus.theta_breached), and say so once: the decodes are no longer
         guaranteed, and a wrap the workers cannot see would pass silently."""
         st = self.cfg.strategy
-        pairs = sorted({(min(r, j), max(r, j)) for r in self.members  # each pair once
-                        for j in gossip_weights(self.members, st.topology, r, step + 1)
-                        if j != r})
+        ranks = self.members  # W's positions, in order
+        pairs = [(ranks[i], ranks[j])  # each edge of the next round's graph once
+                 for i, js in enumerate(neighbours(st.topology, len(ranks), step + 1))
+                 for j in js if i < j]
         if not theta_breached(self.theta_state.theta, states, pairs, st.bits, st.rounding,
                               st.block_size):
             return
